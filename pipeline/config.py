@@ -1,0 +1,125 @@
+"""Config: load, fill defaults and validate against workflow/schemas/, naming the key at fault.
+
+The schema is one file per config section: `config.schema.yaml` holds the top-level keys
+(`run`, `results`, `inputs`) and `<section>.schema.yaml` each stage's section, so the description
+and the default of every key live next to each other, once. The Snakefile validates `config`
+with `validate_config` before building the DAG; stage code gets only its own slice.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from pipeline.cli import ConfigError
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "workflow" / "schemas"
+WET_SUFFIXES = (".warc.wet.gz", ".wet.gz", ".warc.gz", ".gz", ".wet")
+URL_SCHEMES = ("http://", "https://")
+
+
+def load_schema(schema_dir: Path = SCHEMA_DIR) -> dict[str, Any]:
+    schema = yaml.safe_load((schema_dir / "config.schema.yaml").read_text(encoding="utf-8"))
+    for section_file in sorted(schema_dir.glob("*.schema.yaml")):
+        section = section_file.name.removesuffix(".schema.yaml")
+        if section != "config":
+            schema["properties"][section] = yaml.safe_load(section_file.read_text(encoding="utf-8"))
+    return schema
+
+
+def _with_defaults(validator_class):
+    """A validator that fills in `default` for missing properties before checking them (the
+    recipe from the jsonschema FAQ), so a user's config file need only name what it changes."""
+    check_properties = validator_class.VALIDATORS["properties"]
+
+    def fill_then_check(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = _copy(subschema["default"])
+        yield from check_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": fill_then_check})
+
+
+def _copy(value: Any) -> Any:
+    return yaml.safe_load(yaml.safe_dump(value))
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties":
+        # the offending key is in the message, not in the path
+        extra = re.findall(r"'([^']+)' was unexpected", error.message)
+        return ".".join(parts + extra[:1]) or "<top level>"
+    if error.validator == "required":
+        missing = re.findall(r"'([^']+)' is a required property", error.message)
+        return ".".join(parts + missing[:1])
+    return ".".join(parts) or "<top level>"
+
+
+def _validate(instance: Any, schema: dict[str, Any], prefix: str = "") -> None:
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"config key '{prefix}{_key_path(e)}': {e.message}" for e in errors]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+
+
+def validate_config(config: dict[str, Any], schema_dir: Path = SCHEMA_DIR) -> dict[str, Any]:
+    """Fill defaults into `config` in place and validate it; raise ConfigError naming the key."""
+    _validate(config, load_schema(schema_dir))
+    return config
+
+
+def section_config(section: str, value: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate one section's slice (as a stage gets it on its command line), defaults filled."""
+    value = _copy(value or {})
+    _validate(value, load_schema()["properties"][section], prefix=f"{section}.")
+    return value
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    for key, value in (overrides or {}).items():
+        config[key] = value
+    return validate_config(config)
+
+
+def shard_name(path: str) -> str:
+    """CC-MAIN-...-00404.warc.wet.gz -> CC-MAIN-...-00404 (safe for file names and wildcards)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    for suffix in WET_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def wet_shards(patterns: list[str], base: str | os.PathLike = ".") -> dict[str, str]:
+    """Expand `inputs.wet` (paths, globs, or http(s) URLs) into {shard name: path or URL}.
+
+    A pattern matching nothing, or two inputs with the same shard name, is a config error."""
+    shards: dict[str, str] = {}
+    for pattern in patterns:
+        if pattern.startswith(URL_SCHEMES):
+            matches = [pattern]
+        else:
+            matches = sorted(glob.glob(os.path.join(base, pattern)))
+            if not matches:
+                raise ConfigError(f"config key 'inputs.wet': {pattern!r} matches no file")
+        for match in matches:
+            name = shard_name(match)
+            if name in shards and shards[name] != match:
+                raise ConfigError(f"config key 'inputs.wet': {shards[name]!r} and {match!r} "
+                                  f"both make shard {name!r}; rename one")
+            shards[name] = match
+    if not shards:
+        raise ConfigError("config key 'inputs.wet': no input WET files")
+    return shards

@@ -1,0 +1,119 @@
+"""What every document stage shares: the funnel count, and read -> decide -> write -> manifest.
+
+A stage is a `decide` function: given the shard's documents it yields, for each one in order,
+the document (perhaps changed, e.g. lines removed) and `None` to keep it or a reason string to
+drop it. `run_doc_stage` does the rest, the same way for every stage: it counts documents and
+bytes in and out and drops per reason, writes the kept and the removed documents, and writes the
+job's manifest. `docs_in == docs_out + sum(dropped)` holds by construction and is checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+from tqdm import tqdm
+
+from pipeline.artifacts import write_manifest
+from pipeline.data.docs import REMOVED_COLUMNS, Doc, doc_schema, read_docs, text_bytes, write_docs
+
+log = logging.getLogger(__name__)
+
+Decision = tuple[Doc, str | None]
+Decide = Callable[[list[Doc]], Iterable[Decision]]
+
+
+@dataclass
+class Funnel:
+    """Documents and bytes in and out of one stage, and drops per reason."""
+
+    docs_in: int = 0
+    docs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    dropped_bytes: Counter = field(default_factory=Counter)
+    errors: list[dict[str, Any]] = field(default_factory=list)  # e.g. a damaged input file
+
+    def take(self, nbytes: int) -> None:
+        self.docs_in += 1
+        self.bytes_in += nbytes
+
+    def keep(self, nbytes: int) -> None:
+        self.docs_out += 1
+        self.bytes_out += nbytes
+
+    def drop(self, reason: str, nbytes: int) -> None:
+        self.dropped[reason] += 1
+        self.dropped_bytes[reason] += nbytes
+
+    def counts(self) -> dict[str, Any]:
+        if self.docs_in != self.docs_out + sum(self.dropped.values()):
+            raise AssertionError(f"funnel does not add up: {self.docs_in} in != {self.docs_out} out "
+                                 f"+ {sum(self.dropped.values())} dropped")
+        return {
+            "docs_in": self.docs_in, "docs_out": self.docs_out,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "dropped": dict(sorted(self.dropped.items())),
+            "dropped_bytes": dict(sorted(self.dropped_bytes.items())),
+            "errors": self.errors,
+        }
+
+
+def write_stage_outputs(stage: str, *, kept: list[Doc], removed: list[Doc], funnel: Funnel,
+                        docs_out: str | os.PathLike, removed_out: str | os.PathLike,
+                        manifest: str | os.PathLike, config: Any, inputs: list[str | os.PathLike],
+                        kept_schema: dict[str, pl.DataType],
+                        removed_schema: dict[str, pl.DataType] = REMOVED_COLUMNS,
+                        metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write kept and removed documents, then the job manifest (last, so it never names a file
+    that is not complete)."""
+    n_kept = write_docs(docs_out, kept, kept_schema)
+    n_removed = write_docs(removed_out, removed, removed_schema)
+    counts = funnel.counts()
+    log.info("%s: %d in, %d kept, %d dropped %s", stage, counts["docs_in"], counts["docs_out"],
+             n_removed, counts["dropped"])
+    return write_manifest(manifest, stage=stage, config=config, inputs=inputs,
+                          outputs={docs_out: n_kept, removed_out: n_removed},
+                          counts=counts, metrics=metrics)
+
+
+def run_doc_stage(stage: str, decide: Decide, *, docs_in: str | os.PathLike,
+                  docs_out: str | os.PathLike, removed_out: str | os.PathLike,
+                  manifest: str | os.PathLike, config: Any,
+                  removed_schema: dict[str, pl.DataType] = REMOVED_COLUMNS,
+                  metrics: dict[str, Any] | None = None,
+                  extra_inputs: list[str | os.PathLike] = ()) -> dict[str, Any]:
+    """Run `decide` over the documents of `docs_in` and write everything the stage owes."""
+    docs = read_docs(docs_in)
+    funnel, kept, removed = Funnel(), [], []
+    for doc in docs:
+        funnel.take(text_bytes(doc))
+    decisions = tqdm(decide(docs), total=len(docs), desc=stage, unit="doc", disable=None)
+    for doc, reason in decisions:
+        if reason is None:
+            funnel.keep(text_bytes(doc))
+            kept.append(doc)
+        else:
+            funnel.drop(reason, text_bytes(doc))
+            removed.append({**doc, "reason": reason})
+    return write_stage_outputs(stage, kept=kept, removed=removed, funnel=funnel, docs_out=docs_out,
+                               removed_out=removed_out, manifest=manifest, config=config,
+                               inputs=[docs_in, *extra_inputs],
+                               kept_schema=doc_schema(kept or docs),
+                               removed_schema=removed_schema, metrics=metrics)
+
+
+def add_stage_arguments(parser, *, config_help: str) -> None:
+    """The arguments every per-shard document stage takes."""
+    from pipeline.cli import json_arg
+    parser.add_argument("--input", required=True, help="input documents (parquet)")
+    parser.add_argument("--output", required=True, help="kept documents (parquet)")
+    parser.add_argument("--removed", required=True, help="dropped documents with their reason (parquet)")
+    parser.add_argument("--manifest", required=True, help="this job's manifest (json)")
+    parser.add_argument("--config", type=json_arg, default={}, help=config_help)

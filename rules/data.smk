@@ -1,0 +1,191 @@
+# The web-data half: per WET file (one job each, so a cluster spreads them over nodes)
+#   ingest -> langid -> quality -> dedup_signatures
+# then one global dedup (clusters) job, then dedup_filter per file -> clean/, and the report.
+# Every per-file stage writes <shard>.manifest.json; `seal` merges them into the stage folder's
+# manifest.json.
+
+STAGE_FOLDERS = ["ingest", "langid", "quality", "dedup/signatures", "clean"]
+
+
+def wet_input(wildcards):
+    """A local WET file as is; a URL comes through the fetch_wet rule into the run folder."""
+    source = WET[wildcards.shard]
+    if source.startswith(("http://", "https://")):
+        return f"{RUN}/downloads/{wildcards.shard}.warc.wet.gz"
+    return source
+
+
+rule fetch_wet:
+    output:
+        f"{RUN}/downloads/{{shard}}.warc.wet.gz",
+    log:
+        f"{LOGS}/fetch_wet/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/fetch_wet/{{shard}}.tsv"
+    params:
+        url=lambda wc: WET[wc.shard],
+    retries: 3
+    shell:
+        "{PY} -m pipeline fetch {params.url:q} {output:q} --log {log:q}"
+
+
+rule ingest:
+    input:
+        wet=wet_input,
+    output:
+        docs=f"{DATA}/ingest/{{shard}}.parquet",
+        removed=f"{DATA}/removed/ingest/{{shard}}.parquet",
+        manifest=f"{DATA}/ingest/{{shard}}.manifest.json",
+    log:
+        f"{LOGS}/ingest/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/ingest/{{shard}}.tsv"
+    resources:
+        mem_mb=4000,
+    params:
+        config=section("ingest"),
+    shell:
+        "{PY} -m pipeline ingest --input {input.wet:q} --output {output.docs:q}"
+        " --removed {output.removed:q} --manifest {output.manifest:q}"
+        " --config {params.config:q} --log {log:q}"
+
+
+rule langid:
+    input:
+        docs=rules.ingest.output.docs,
+    output:
+        docs=f"{DATA}/langid/{{shard}}.parquet",
+        removed=f"{DATA}/removed/langid/{{shard}}.parquet",
+        manifest=f"{DATA}/langid/{{shard}}.manifest.json",
+    log:
+        f"{LOGS}/langid/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/langid/{{shard}}.tsv"
+    resources:
+        mem_mb=4000,
+    params:
+        config=section("langid"),
+    shell:
+        "{PY} -m pipeline langid --input {input.docs:q} --output {output.docs:q}"
+        " --removed {output.removed:q} --manifest {output.manifest:q}"
+        " --config {params.config:q} --log {log:q}"
+
+
+rule quality:
+    input:
+        docs=rules.langid.output.docs,
+    output:
+        docs=f"{DATA}/quality/{{shard}}.parquet",
+        removed=f"{DATA}/removed/quality/{{shard}}.parquet",
+        manifest=f"{DATA}/quality/{{shard}}.manifest.json",
+    log:
+        f"{LOGS}/quality/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/quality/{{shard}}.tsv"
+    resources:
+        mem_mb=4000,
+    params:
+        config=section("quality"),
+    shell:
+        "{PY} -m pipeline quality --input {input.docs:q} --output {output.docs:q}"
+        " --removed {output.removed:q} --manifest {output.manifest:q}"
+        " --config {params.config:q} --log {log:q}"
+
+
+rule dedup_signatures:
+    input:
+        docs=rules.quality.output.docs,
+    output:
+        signatures=f"{DATA}/dedup/signatures/{{shard}}.parquet",
+        manifest=f"{DATA}/dedup/signatures/{{shard}}.manifest.json",
+    log:
+        f"{LOGS}/dedup_signatures/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/dedup_signatures/{{shard}}.tsv"
+    resources:
+        mem_mb=4000,
+    params:
+        config=section("dedup"),
+    shell:
+        "{PY} -m pipeline dedup signatures --input {input.docs:q} --output {output.signatures:q}"
+        " --manifest {output.manifest:q} --config {params.config:q} --log {log:q}"
+
+
+rule dedup:
+    input:
+        signatures=expand(rules.dedup_signatures.output.signatures, shard=WET),
+    output:
+        clusters=f"{DATA}/dedup/clusters.parquet",
+        manifest=f"{DATA}/dedup/manifest.json",
+    log:
+        f"{LOGS}/dedup/clusters.log",
+    benchmark:
+        f"{BENCH}/dedup/clusters.tsv"
+    resources:
+        mem_mb=8000,
+    params:
+        config=section("dedup"),
+    shell:
+        "{PY} -m pipeline dedup clusters --input {input.signatures:q} --output {output.clusters:q}"
+        " --manifest {output.manifest:q} --config {params.config:q} --log {log:q}"
+
+
+rule dedup_filter:
+    input:
+        docs=rules.quality.output.docs,
+        clusters=rules.dedup.output.clusters,
+    output:
+        docs=f"{DATA}/clean/{{shard}}.parquet",
+        removed=f"{DATA}/removed/dedup/{{shard}}.parquet",
+        manifest=f"{DATA}/clean/{{shard}}.manifest.json",
+    log:
+        f"{LOGS}/dedup_filter/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/dedup_filter/{{shard}}.tsv"
+    resources:
+        mem_mb=4000,
+    params:
+        config=section("dedup"),
+    shell:
+        "{PY} -m pipeline dedup filter --input {input.docs:q} --clusters {input.clusters:q}"
+        " --output {output.docs:q} --removed {output.removed:q} --manifest {output.manifest:q}"
+        " --config {params.config:q} --log {log:q}"
+
+
+rule seal:
+    input:
+        lambda wc: expand(f"{DATA}/{wc.folder}/{{shard}}.manifest.json", shard=WET),
+    output:
+        f"{DATA}/{{folder}}/manifest.json",
+    wildcard_constraints:
+        folder="|".join(STAGE_FOLDERS),
+    log:
+        f"{LOGS}/seal/{{folder}}.log",
+    benchmark:
+        f"{BENCH}/seal/{{folder}}.tsv"
+    shell:
+        "{PY} -m pipeline seal {output:q} {input:q} --log {log:q}"
+
+
+rule data_report:
+    input:
+        manifests=[f"{DATA}/{folder}/manifest.json" for folder in STAGE_FOLDERS],
+        clusters=rules.dedup.output.manifest,
+    output:
+        json=f"{DATA}/drop_report.json",
+        md=f"{DATA}/drop_report.md",
+        funnel=report(f"{DATA}/plots/funnel.png", caption="../workflow/report/funnel.rst", category="Data"),
+        reasons=report(f"{DATA}/plots/drop_reasons.png", caption="../workflow/report/drop_reasons.rst", category="Data"),
+        languages=report(f"{DATA}/plots/languages.png", caption="../workflow/report/languages.rst", category="Data"),
+    log:
+        f"{LOGS}/data_report.log",
+    benchmark:
+        f"{BENCH}/data_report.tsv"
+    shell:
+        "{PY} -m pipeline data-report --data {DATA:q} --log {log:q}"
+
+
+rule data:
+    input:
+        rules.data_report.output,
+        expand(rules.dedup_filter.output.docs, shard=WET),
