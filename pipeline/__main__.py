@@ -15,6 +15,7 @@ from pipeline.cli import configure_logging
 # command -> module; each module has `add_arguments(parser)` and `run(args) -> int`, and its
 # docstring is the command's description.
 COMMANDS: dict[str, str] = {
+    "fetch": "pipeline.data.fetch",
     "ingest": "pipeline.data.ingest",
     "langid": "pipeline.data.langid",
     "quality": "pipeline.data.quality",

@@ -64,11 +64,17 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(parts) or "<top level>"
 
 
+def _qualified(prefix: str, key: str) -> str:
+    if key == "<top level>" and prefix:
+        return prefix.rstrip(".")
+    return prefix + key
+
+
 def _validate(instance: Any, schema: dict[str, Any], prefix: str = "") -> None:
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"config key '{prefix}{_key_path(e)}': {e.message}" for e in errors]
+        lines = [f"config key '{_qualified(prefix, _key_path(e))}': {e.message}" for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
 
 

@@ -158,7 +158,7 @@ rule seal:
     output:
         f"{DATA}/{{folder}}/manifest.json",
     wildcard_constraints:
-        folder="|".join(STAGE_FOLDERS),
+        folder="|".join(STAGE_FOLDERS),  # not dedup/: the clusters job writes its own manifest
     log:
         f"{LOGS}/seal/{{folder}}.log",
     benchmark:
@@ -173,10 +173,11 @@ rule data_report:
         clusters=rules.dedup.output.manifest,
     output:
         json=f"{DATA}/drop_report.json",
-        md=f"{DATA}/drop_report.md",
+        md=report(f"{DATA}/drop_report.md", caption="../workflow/report/drop_report.rst", category="Data"),
         funnel=report(f"{DATA}/plots/funnel.png", caption="../workflow/report/funnel.rst", category="Data"),
         reasons=report(f"{DATA}/plots/drop_reasons.png", caption="../workflow/report/drop_reasons.rst", category="Data"),
         languages=report(f"{DATA}/plots/languages.png", caption="../workflow/report/languages.rst", category="Data"),
+        manifest=f"{DATA}/manifest.json",
     log:
         f"{LOGS}/data_report.log",
     benchmark:

@@ -23,3 +23,37 @@ def shared_file(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared/data is not beside this checkout)")
     return path
+
+
+def write_wet(path: Path, bodies: list[bytes], gzip: bool = True, with_warcinfo: bool = True) -> Path:
+    """Write a real WET file with warcio: one `conversion` record per body (digests computed by
+    warcio), each gzip-compressed as its own member when `gzip`, as Common Crawl does."""
+    from io import BytesIO
+
+    from warcio.warcwriter import WARCWriter
+
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=gzip)
+        if with_warcinfo:
+            writer.write_record(writer.create_warcinfo_record(path.name, {"software": "wetstone-tests"}))
+        for i, body in enumerate(bodies):
+            record = writer.create_warc_record(
+                f"http://example.com/{i}", "conversion", payload=BytesIO(body),
+                warc_headers_dict={"Content-Type": "text/plain", "WARC-Record-ID": f"<urn:uuid:doc-{i:04d}>"})
+            writer.write_record(record)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories() -> list[str]:
+    """Real English documents: the first stories of the bundled TinyStories sample."""
+    import gzip
+
+    text = gzip.decompress((RESOURCES / "tinystories" / "TinyStories-valid.head1.5M.txt.gz").read_bytes()).decode()
+    parts = [s.strip() for s in text.split("<|endoftext|>")[1:]]  # [0] is a truncated opening
+    return [s for s in parts if len(s.split()) > 120][:60]
+
+
+def make_docs(texts: list[str], source: str = "s", **extra) -> list[dict]:
+    return [{"id": f"<urn:uuid:{source}-{i:04d}>", "url": f"http://{source}.example/{i}", "date": "2020-11-30",
+             "source": source, "text": t, **extra} for i, t in enumerate(texts)]

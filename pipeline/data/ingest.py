@@ -97,7 +97,7 @@ def _check(doc: Doc, body: bytes, length: int, headers, check_digests: bool, sta
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return "invalid_utf8"
-    text = text.removeprefix("\ufeff")  # a BOM from the source page is not text
+    text = text.lstrip("\ufeff")  # BOMs from the source page (sometimes several) are not text
     if not text.strip():
         return "empty"
     doc["text"] = text

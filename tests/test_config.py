@@ -1,0 +1,64 @@
+"""Config: defaults fill in, and every bad key or value fails naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from pipeline.cli import ConfigError
+from pipeline.config import load_config, section_config, validate_config, wet_shards
+
+
+def test_default_config_is_valid_and_complete():
+    config = load_config(ROOT / "config.yaml")
+    assert config["langid"]["languages"] == ["en"] and config["dedup"]["bands"] * config["dedup"]["rows"] == 112
+
+
+def test_missing_sections_take_schema_defaults():
+    config = validate_config({"run": "x"})
+    assert config["ingest"]["max_doc_bytes"] == 1_000_000 and config["langid"]["min_score"] == 0.65
+
+
+@pytest.mark.parametrize("config, key", [
+    ({"langid": {"min_scor": 0.5}}, "langid.min_scor"),
+    ({"langid": {"min_score": 1.5}}, "langid.min_score"),
+    ({"dedup": {"bands": "14"}}, "dedup.bands"),
+    ({"run": "has space"}, "run"),
+    ({"inputs": {"wet": []}}, "inputs.wet"),
+    ({"colour": "blue"}, "colour"),
+])
+def test_bad_key_or_value_names_the_key(config, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        validate_config(config)
+
+
+def test_section_slice_is_validated_with_its_prefix():
+    with pytest.raises(ConfigError, match="config key 'ingest.max_doc_bytes'"):
+        section_config("ingest", {"max_doc_bytes": 0})
+
+
+def test_wet_globs_expand_and_a_pattern_matching_nothing_fails(tmp_path):
+    for name in ["b.warc.wet.gz", "a.warc.wet.gz"]:
+        (tmp_path / name).write_bytes(b"")
+    assert list(wet_shards(["*.warc.wet.gz"], base=tmp_path)) == ["a", "b"]
+    assert wet_shards(["https://data.commoncrawl.org/x/CC-1.warc.wet.gz"]) == {
+        "CC-1": "https://data.commoncrawl.org/x/CC-1.warc.wet.gz"}
+    with pytest.raises(ConfigError, match="inputs.wet.*nothing.gz"):
+        wet_shards(["nothing.gz"], base=tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.warc.wet.gz").write_bytes(b"")
+    with pytest.raises(ConfigError, match="both make shard 'a'"):
+        wet_shards(["*.gz", "sub/*.gz"], base=tmp_path)
+
+
+def test_snakemake_refuses_a_bad_configfile_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"quality": {"no_such_group": {}}}))
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(bad)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "config key 'quality.no_such_group'" in result.stdout + result.stderr

@@ -1,0 +1,91 @@
+"""ingest: every bad record is dropped with its reason; a damaged stream keeps what came before."""
+
+from __future__ import annotations
+
+import gzip
+
+import polars as pl
+import pytest
+
+from conftest import write_wet
+from pipeline.data.ingest import DamagedInput, ingest
+
+GOOD = "A perfectly ordinary paragraph of English text about gardens.\n".encode() * 3
+
+
+def run_ingest(tmp_path, wet, **config):
+    out = tmp_path / "out"
+    manifest = ingest(str(wet), output=str(out / "docs.parquet"), removed=str(out / "removed.parquet"),
+                      manifest=str(out / "m.json"), config=config)
+    kept = pl.read_parquet(out / "docs.parquet")
+    removed = pl.read_parquet(out / "removed.parquet")
+    return manifest["counts"], kept, removed
+
+
+def test_sample_wet_all_records_accounted_for(tmp_path, sample_wet):
+    counts, kept, removed = run_ingest(tmp_path, sample_wet)
+    assert counts["docs_in"] == 318  # the PROVENANCE count of conversion records
+    assert counts["docs_in"] == counts["docs_out"] + sum(counts["dropped"].values())
+    assert kept.height == counts["docs_out"] and removed.height == sum(counts["dropped"].values())
+    assert kept["id"].str.starts_with("<urn:uuid:").all()
+    assert not kept["text"].str.starts_with("\ufeff").any()  # BOMs stripped
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"\xff\xfe not utf-8 \xc3\x28", "invalid_utf8"),
+    (b"  \n\t \n", "empty"),
+    (b"x" * 5000, "oversize"),
+])
+def test_bad_record_dropped_with_reason(tmp_path, body, reason):
+    wet = write_wet(tmp_path / "t.warc.wet.gz", [GOOD, body, GOOD])
+    counts, kept, removed = run_ingest(tmp_path, wet, max_doc_bytes=4096)
+    assert counts["dropped"] == {reason: 1}
+    assert kept["id"].to_list() == ["<urn:uuid:doc-0000>", "<urn:uuid:doc-0002>"]
+    assert removed.row(0, named=True)["reason"] == reason and removed["id"][0] == "<urn:uuid:doc-0001>"
+
+
+def test_truncated_record_is_dropped_not_kept_half(tmp_path):
+    wet = write_wet(tmp_path / "t.warc.wet", [GOOD, GOOD * 10], gzip=False)
+    data = wet.read_bytes()
+    wet.write_bytes(data[: len(data) - 200])  # cut inside the last record's body
+    counts, kept, removed = run_ingest(tmp_path, wet)
+    assert counts["dropped"] == {"truncated": 1}
+    assert kept["text"].to_list() == [GOOD.decode()]
+
+
+def test_digest_mismatch_is_dropped(tmp_path):
+    wet = write_wet(tmp_path / "t.warc.wet", [GOOD, GOOD], gzip=False)
+    data = wet.read_bytes()
+    at = data.rindex(b"gardens")
+    wet.write_bytes(data[:at] + b"Gardens" + data[at + 7:])  # same length, one byte changed
+    counts, kept, _ = run_ingest(tmp_path, wet)
+    assert counts["dropped"] == {"digest_mismatch": 1} and kept.height == 1
+    counts, kept, _ = run_ingest(tmp_path, wet, check_digests=False)
+    assert counts["dropped"] == {} and kept.height == 2
+
+
+def damaged_gzip(tmp_path):
+    """Three records, one gzip member each; the third member's deflate data is overwritten."""
+    wet = write_wet(tmp_path / "t.warc.wet.gz", [GOOD, GOOD, GOOD], with_warcinfo=False)
+    data = bytearray(wet.read_bytes())
+    members = [i for i in range(len(data) - 2) if data[i:i + 3] == b"\x1f\x8b\x08"]
+    assert len(members) == 3
+    data[members[2] + 20: members[2] + 60] = b"\x00" * 40
+    wet.write_bytes(bytes(data))
+    with pytest.raises(Exception):
+        gzip.decompress(bytes(data))
+    return wet
+
+
+def test_damaged_gzip_keeps_records_before_and_names_file(tmp_path):
+    wet = damaged_gzip(tmp_path)
+    counts, kept, _ = run_ingest(tmp_path, wet)
+    assert kept.height == 2
+    assert len(counts["errors"]) == 1 and counts["errors"][0]["file"] == str(wet)
+    assert counts["docs_in"] == counts["docs_out"] + sum(counts["dropped"].values())
+
+
+def test_damaged_gzip_fails_when_config_says_so(tmp_path):
+    wet = damaged_gzip(tmp_path)
+    with pytest.raises(DamagedInput, match="t.warc.wet.gz"):
+        run_ingest(tmp_path, wet, fail_on_damaged=True)
