@@ -15,6 +15,9 @@ from pipeline.config import validate_config, wet_shards
 configfile: "config.yaml"
 
 
+conda: "envs/wetstone.yaml"  # used with --software-deployment-method conda
+
+
 validate_config(config)  # fills defaults; a bad key or value stops here, naming the key
 
 RUN = f"{config['results']}/{config['run']}"
