@@ -45,8 +45,8 @@ def only(group: str, **overrides) -> list:
     return filters(**({name: None for name in NAMES} | {group: overrides}))
 
 
-def reason(filters: list, text: str) -> str | None:
-    return judge(filters, {"text": text})[1]
+def reason(chain: list, text: str) -> str | None:
+    return judge(chain, {"text": text})[1]
 
 
 def dup_ngram_doc(n: int, frac: float, copies: int = 12) -> str:
@@ -54,7 +54,8 @@ def dup_ngram_doc(n: int, frac: float, copies: int = 12) -> str:
     do not repeat, so that the repeats hold just over `frac` of the characters. Many copies keep
     the top 2- to 4-gram fractions (which count the first copy and spaces too) under theirs."""
     phrase = " ".join(f"repeated{c}{c}" for c in "abcdefghij"[:n])
-    head = "".join(f"Line{i} {phrase} end{i}.\n" for i in range(copies))  # unique words around each copy: no longer n-gram repeats
+    # a unique word on each side of every copy, so that no longer n-gram repeats
+    head = "".join(f"Line{i} {phrase} end{i}.\n" for i in range(copies))
     total = round((copies - 1) * n * 10 / (frac + 0.003))
     filler = " ".join(f"filler{i:04d}" for i in range((total - len(head)) // 11 + 1))
     return (head + filler)[:total]

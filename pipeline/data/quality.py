@@ -116,10 +116,11 @@ def top_ngram_chars(words: list[str], n: int) -> int:
 def dup_ngram_chars(words: list[str], n: int) -> int:
     """Characters (without spaces) in n-grams that repeat an earlier n-gram, scanning left to
     right and jumping past a repeat so that overlapping repeats are not counted twice."""
+    grams = ngrams(words, n)
     seen: set[tuple[str, ...]] = set()
     chars, i = 0, 0
-    while i <= len(words) - n:
-        gram = tuple(words[i:i + n])
+    while i < len(grams):
+        gram = grams[i]
         if gram in seen:
             chars += sum(map(len, gram))
             i += n
