@@ -73,13 +73,17 @@ CASES = [
      "dup_line_frac", None, None),
     ("gopher_repetition", "dup_line_char_frac", PROSE + "\n\n" + "\n".join([LINES[1], LINES[2], "That is all."]),
      "dup_line_char_frac", None, "dup_5_gram_char_frac"),  # ... and so do their n-grams
-    ("gopher_repetition", "top_2_gram_char_frac", PROSE + "\n".join(f"Offer {i}: buy now, buy now, buy now!" for i in range(30)),
+    ("gopher_repetition", "top_2_gram_char_frac",
+     PROSE + "\n".join(f"Offer {i}: buy now, buy now, buy now!" for i in range(30)),
      "top_2_gram_char_frac", None, "top_3_gram_char_frac"),
-    ("gopher_repetition", "top_3_gram_char_frac", PROSE + "\n".join(f"see the supercalifragilistic {i}" for i in range(20)),
+    ("gopher_repetition", "top_3_gram_char_frac",
+     PROSE + "\n".join(f"see the supercalifragilistic {i}" for i in range(20)),
      "top_3_gram_char_frac", None, None),
-    ("gopher_repetition", "top_4_gram_char_frac", PROSE + "\n".join(f"go to the supercalifragilistic {i}" for i in range(20)),
+    ("gopher_repetition", "top_4_gram_char_frac",
+     PROSE + "\n".join(f"go to the supercalifragilistic {i}" for i in range(20)),
      "top_4_gram_char_frac", None, None),
-    *[("gopher_repetition", f"dup_{n}_gram_char_frac", dup_ngram_doc(n, frac), f"dup_{n}_gram_char_frac", None, None)
+    *[("gopher_repetition", f"dup_{n}_gram_char_frac", dup_ngram_doc(n, frac),
+       f"dup_{n}_gram_char_frac", None, None)
       for n, frac in [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]],
     # --- gopher_quality
     ("gopher_quality", "too_few_words", "The cat sat with the dog and the bird.", "min_doc_words", None, None),
@@ -87,16 +91,19 @@ CASES = [
     ("gopher_quality", "mean_word_length_too_short", "To be or not to be, so it is. " * 10,
      "min_avg_word_length", None, None),
     ("gopher_quality", "mean_word_length_too_long",
-     "Internationalization telecommunications infrastructure and standardization interoperability requirements. " * 8,
+     "Internationalization telecommunications infrastructure and standardization "
+     "interoperability requirements. " * 8,
      "max_avg_word_length", None, None),
-    ("gopher_quality", "too_many_hashes", "We love writing code with the team and sharing it #python #coding\n" * 5,
+    ("gopher_quality", "too_many_hashes",
+     "We love writing code with the team and sharing it #python #coding\n" * 5,
      "max_symbol_word_ratio", None, None),
     ("gopher_quality", "too_many_ellipses",
      "We waited for the bus ... and then we waited for the train ... until night came at last\n" * 4,
      "max_symbol_word_ratio", None, None),
     ("gopher_quality", "too_many_bullet_lines", "- the cat sat on the mat and that was good\n" * 6,
      "max_bullet_lines_ratio", None, None),
-    ("gopher_quality", "too_many_ellipsis_lines", "It was the best of times and the worst of times and then it ended ...\n" * 4,
+    ("gopher_quality", "too_many_ellipsis_lines",
+     "It was the best of times and the worst of times and then it ended ...\n" * 4,
      "max_ellipsis_lines_ratio", None, None),
     ("gopher_quality", "too_few_alpha_words", "The prices of the items were 1200 3400 5600 7800 9000 1100 2200 "
      "3300 4400 5500 and 6600 7700 8800 9900 1000\n" * 4, "min_alpha_words_ratio", None, None),
@@ -112,8 +119,9 @@ CASES = [
     ("c4", "too_few_sentences", "Home\nAbout us\nOur bakery opens at seven every morning.\n"
      "We sell bread and cakes.\nCall us today.", "min_num_sentences", None, None),
     # --- fineweb
-    ("fineweb", "too_few_punct_lines", "\n".join([f"Handmade ceramic mug number {i} in glazed blue" for i in range(9)]
-                                                 + ["All mugs ship within two working days."]),
+    ("fineweb", "too_few_punct_lines",
+     "\n".join([f"Handmade ceramic mug number {i} in glazed blue" for i in range(9)]
+               + ["All mugs ship within two working days."]),
      "line_punct_thr", None, None),
     ("fineweb", "too_many_short_lines", "It rained all day.\nWe stayed in.\nMum made soup.\nDad read a book.\n"
      "The cat slept.\nNobody went out.\nThen the sun came out and everyone ran into the garden at once.",
@@ -256,7 +264,8 @@ def test_stage_end_to_end_counts_add_up_and_same_bytes_twice(tmp_path):
         "<urn:uuid:lorem>": "c4:lorem_ipsum"}
     assert removed[2]["text"] == stage_docs()[4]["text"]  # dropped documents are kept as they came
     assert counts["docs_in"] == 5 == counts["docs_out"] + sum(counts["dropped"].values())
-    assert counts["bytes_in"] == counts["bytes_out"] + sum(counts["dropped_bytes"].values()) + metrics["bytes_cleaned"]
+    dropped_bytes = sum(counts["dropped_bytes"].values())
+    assert counts["bytes_in"] == counts["bytes_out"] + dropped_bytes + metrics["bytes_cleaned"]
     assert metrics["c4_lines"]["removed_by_rule"] == {"javascript": 1, "too_few_words": 2 + 2 * 4}
 
 

@@ -194,7 +194,8 @@ class GopherQualityFilter:
         self.min_doc_words, self.max_doc_words = min_doc_words, max_doc_words
         self.min_avg_word_length, self.max_avg_word_length = min_avg_word_length, max_avg_word_length
         self.max_symbol_word_ratio = max_symbol_word_ratio
-        self.max_bullet_lines_ratio, self.max_ellipsis_lines_ratio = max_bullet_lines_ratio, max_ellipsis_lines_ratio
+        self.max_bullet_lines_ratio = max_bullet_lines_ratio
+        self.max_ellipsis_lines_ratio = max_ellipsis_lines_ratio
         # DataTrove calls this `max_non_alpha_words_ratio` and uses it as a minimum; named for what it is.
         self.min_alpha_words_ratio = min_alpha_words_ratio
         self.min_stop_words = min_stop_words
@@ -224,11 +225,11 @@ class GopherQualityFilter:
                 return False, "too_many_ellipses"
         # "more than 90% of lines starting with a bullet point, or more than 30% ending with an ellipsis"
         lines = text.splitlines()
-        if (self.max_bullet_lines_ratio is not None and
-                ratio(sum(line.lstrip().startswith(BULLETS) for line in lines), len(lines)) > self.max_bullet_lines_ratio):
+        bullet_lines = ratio(sum(line.lstrip().startswith(BULLETS) for line in lines), len(lines))
+        if self.max_bullet_lines_ratio is not None and bullet_lines > self.max_bullet_lines_ratio:
             return False, "too_many_bullet_lines"
-        if (self.max_ellipsis_lines_ratio is not None and
-                ratio(sum(line.rstrip().endswith(ELLIPSES) for line in lines), len(lines)) > self.max_ellipsis_lines_ratio):
+        ellipsis_lines = ratio(sum(line.rstrip().endswith(ELLIPSES) for line in lines), len(lines))
+        if self.max_ellipsis_lines_ratio is not None and ellipsis_lines > self.max_ellipsis_lines_ratio:
             return False, "too_many_ellipsis_lines"
         # "80% of words in a document contain at least one alphabetic character"
         # (DataTrove counts over all tokens, punctuation included; so do we)
@@ -361,7 +362,8 @@ class FineWebQualityFilter:
                 ratio(dup_chars, len(text) - text.count("\n")) >= self.char_duplicates_ratio):
             return False, "too_many_dup_line_chars"
         # (code only) more than 0.3 newlines per word: a list, not prose
-        if self.new_line_ratio is not None and ratio(text.count("\n"), len(split_words(text))) > self.new_line_ratio:
+        if (self.new_line_ratio is not None and
+                ratio(text.count("\n"), len(split_words(text))) > self.new_line_ratio):
             return False, "too_many_newlines"
         return True
 
