@@ -42,13 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command])
-    parser = argparse.ArgumentParser(prog=f"python -m pipeline {command}",
+    # --log may stand anywhere, also after a sub-step (`dedup signatures ... --log x`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log", help="log file (the Snakemake rule's log:); stderr always gets a copy")
+    known, rest = common.parse_known_args(rest)
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline {command}", parents=[common],
                                      description=(module.__doc__ or "").strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log", help="log file (the Snakemake rule's log:); stderr always gets a copy")
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    configure_logging(args.log)
+    configure_logging(known.log)
     return int(module.run(args) or 0)
 
 

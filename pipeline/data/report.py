@@ -77,7 +77,8 @@ def markdown(report: dict[str, Any]) -> str:
                   for e in report["input_errors"]]
         lines.append("")
     dedup = report["dedup"]
-    lines += ["## Dedup", "", f"{dedup['clusters']} clusters; removed {dedup['removed'] or 'nothing'}.", "",
+    removed = ", ".join(f"{reason}: {n}" for reason, n in dedup["removed"].items()) or "nothing"
+    lines += ["## Dedup", "", f"{dedup['clusters']} clusters; removed {removed}.", "",
               "| cluster size | clusters |", "| ---: | ---: |"]
     lines += [f"| {size} | {n} |" for size, n in dedup["cluster_sizes"].items()]
     if dedup["example_pairs"]:
@@ -100,7 +101,7 @@ def plot_funnel(report: dict[str, Any], path: Path) -> None:
     labels = ["ingested records"] + [f"after {r['name']}" for r in rows]
     docs = [rows[0]["docs_in"]] + [r["docs_out"] for r in rows]
     mbytes = [rows[0]["bytes_in"] / 1e6] + [r["bytes_out"] / 1e6 for r in rows]
-    fig, (ax_docs, ax_bytes) = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, (ax_docs, ax_bytes) = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
     for ax, values, unit in ((ax_docs, docs, "documents"), (ax_bytes, mbytes, "MB of text")):
         bars = ax.barh(labels[::-1], values[::-1], color="#4C72B0")
         ax.bar_label(bars, fmt="%.0f" if unit == "documents" else "%.2f", padding=3)
