@@ -182,8 +182,10 @@ rule data_report:
         f"{LOGS}/data_report.log",
     benchmark:
         f"{BENCH}/data_report.tsv"
+    params:
+        data=DATA,
     shell:
-        "{PY} -m pipeline data-report --data {DATA:q} --log {log:q}"
+        "{PY} -m pipeline data-report --data {params.data:q} --log {log:q}"
 
 
 rule data:

@@ -17,9 +17,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import re
+import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator
@@ -47,10 +49,17 @@ _DIGIT = re.compile(r"\d")
 # ---------------------------------------------------------------------------------------------
 # text -> shingles -> signature
 
+@functools.cache
+def _combining_marks() -> dict[int, None]:
+    """str.translate table deleting every combining mark (category Mn), built once (~0.3 s)."""
+    return dict.fromkeys(cp for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)) == "Mn")
+
+
 def normalize(text: str) -> str:
     """Lowercase, strip accents and punctuation, fold digits to 0, collapse whitespace."""
-    text = unicodedata.normalize("NFD", text.lower())
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Mn")
+    text = text.lower()
+    if not text.isascii():
+        text = unicodedata.normalize("NFD", text).translate(_combining_marks())
     text = _DIGIT.sub("0", _NON_WORD.sub(" ", text))
     return " ".join(text.split())
 
