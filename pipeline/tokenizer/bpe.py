@@ -310,32 +310,28 @@ class BPETokenizer:
         (GPT-2 has one, <|endoftext|> = 50256). The files must agree that merge n makes id 256 + n,
         which is what makes ids usable as ranks (tiktoken checks the same)."""
         encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
-        lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
-        merge_lines = [line for line in lines[1:] if line]  # line 0 is '#version: 0.2'
-        where = f"{encoder_json}"
-        token_ids = {str_to_token(s, where) if _is_byte_level(s) else s: i for s, i in encoder.items()}
-        mergeable = {bytes([b]) for b in range(256)}
-        merges_bytes = []
-        for n, line in enumerate(merge_lines):
-            left, _, right = line.partition(" ")
-            pair = (str_to_token(left, f"{vocab_bpe} line {n + 2}"), str_to_token(right, f"{vocab_bpe} line {n + 2}"))
-            merges_bytes.append(pair)
-            mergeable.add(pair[0] + pair[1])
-        specials = {s: i for s, i in encoder.items() if not (_is_byte_level(s) and str_to_token(s, where) in mergeable)}
-        ordinary = {token_ids[t]: t for t in mergeable if t in token_ids}
-        if len(ordinary) != len(mergeable):
-            raise ValueError(f"{encoder_json}: {len(mergeable) - len(ordinary)} merge results of {vocab_bpe} "
-                             f"have no id")
-        if sorted(ordinary) != list(range(len(ordinary))):
-            raise ValueError(f"{encoder_json}: ordinary token ids are not 0..{len(ordinary) - 1}")
-        vocab = [ordinary[i] for i in range(len(ordinary))]
-        ranks = {t: i for i, t in enumerate(vocab)}
+        lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")[1:]  # line 1 is '#version: 0.2'
+        pairs = [tuple(str_to_token(part, f"{vocab_bpe} line {n + 2}") for part in line.split(" "))
+                 for n, line in enumerate(lines) if line]
+        mergeable = {bytes([b]) for b in range(256)} | {left + right for left, right in pairs}
+        ids: dict[bytes, int] = {}
+        specials: dict[str, int] = {}
+        for text, i in encoder.items():
+            token = str_to_token(text, str(encoder_json)) if _is_byte_level(text) else None
+            if token in mergeable:
+                ids[token] = i
+            else:
+                specials[text] = i
+        if len(ids) != len(mergeable) or sorted(ids.values()) != list(range(len(ids))):
+            raise ValueError(f"{encoder_json}: its byte and merge tokens should have ids 0..{len(mergeable) - 1}; "
+                             f"is {vocab_bpe} its merges file?")
+        vocab = sorted(ids, key=ids.__getitem__)
         merges = []
-        for n, (left, right) in enumerate(merges_bytes):
-            if ranks[left + right] != 256 + n:
-                raise ValueError(f"{vocab_bpe} line {n + 2}: merge makes id {ranks[left + right]}, not its rank "
+        for n, (left, right) in enumerate(pairs):
+            if ids[left + right] != 256 + n:
+                raise ValueError(f"{vocab_bpe} line {n + 2}: merge makes id {ids[left + right]}, not its rank "
                                  f"{256 + n}; the files do not belong together")
-            merges.append((ranks[left], ranks[right]))
+            merges.append((ids[left], ids[right]))
         return cls(vocab, merges, "gpt2", specials)
 
     def to_tiktoken(self, name: str = "wetstone"):
