@@ -11,13 +11,14 @@ TOKENS = f"{RUN}/tokens"
 # OpenAI's GPT-2 files: the compression report's yardstick (bundled, with provenance and license)
 GPT2_FILES = [os.path.join(workflow.basedir, "resources", "gpt2", name) for name in ("encoder.json", "vocab.bpe")]
 # {source name: Source}: every clean web shard, then every inputs.text corpus
-SOURCES = {shard: web_source(shard, f"{DATA}/clean/{shard}.parquet") for shard in WET}
-SOURCES |= text_sources(config["inputs"]["text"], base=workflow.basedir, taken=SOURCES)
+TEXT = text_sources(config["inputs"]["text"], base=workflow.basedir, taken=WET)
+SOURCES = {shard: web_source(shard, f"{DATA}/clean/{shard}.parquet") for shard in WET} | TEXT
 
 
 rule tokenizer:
     input:
-        sources=[source.path for source in SOURCES.values()],
+        clean=expand(f"{DATA}/clean/{{shard}}.parquet", shard=WET),
+        text=[source.path for source in TEXT.values()],
         gpt2=GPT2_FILES,
     output:
         tokenizer=f"{TOKENIZER}/tokenizer.json",
@@ -32,9 +33,9 @@ rule tokenizer:
         mem_mb=8000,
     params:
         config=section("tokenizer"),
-        sources=json.dumps([vars(source) for source in SOURCES.values()], sort_keys=True),
+        text=json.dumps([vars(source) for source in TEXT.values()], sort_keys=True),
     shell:
-        "{PY} -m pipeline tokenizer --sources {params.sources:q} --gpt2 {input.gpt2:q}"
+        "{PY} -m pipeline tokenizer --clean {input.clean:q} --text {params.text:q} --gpt2 {input.gpt2:q}"
         " --tokenizer {output.tokenizer:q} --compression {output.compression:q} --report {output.report:q}"
         " --manifest {output.manifest:q} --config {params.config:q} --log {log:q}"
 

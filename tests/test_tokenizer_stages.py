@@ -58,8 +58,9 @@ def inputs(tmp_path_factory) -> dict[str, Source]:
 def run_stages(inputs: dict[str, Source], out: Path, config: dict = CONFIG) -> Path:
     """The three commands as the rules call them; returns the results folder."""
     tok = out / "tokenizer"
-    sources = json.dumps([vars(s) for s in inputs.values()])
-    assert main(["tokenizer", "--sources", sources, "--gpt2", *GPT2, "--tokenizer", str(tok / "tokenizer.json"),
+    clean = [s.path for s in inputs.values() if s.format == "parquet"]
+    text = json.dumps([vars(s) for s in inputs.values() if s.format != "parquet"])
+    assert main(["tokenizer", "--clean", *clean, "--text", text, "--gpt2", *GPT2, "--tokenizer", str(tok / "tokenizer.json"),
                  "--compression", str(tok / "compression.json"), "--report", str(tok / "compression.md"),
                  "--manifest", str(tok / "manifest.json"), "--config", json.dumps(config)]) == 0
     for name, source in inputs.items():

@@ -61,16 +61,17 @@ def web_source(shard: str, clean_parquet: str) -> Source:
 
 def text_sources(specs: list[dict[str, Any]], base: str | os.PathLike = ".",
                  taken: Iterable[str] = ()) -> dict[str, Source]:
-    """`inputs.text` entries as {name: Source}, paths resolved against `base` (the workflow folder).
-
-    A missing file, or a name used twice (or by a web shard, in `taken`), is a config error."""
+    """`inputs.text` entries as {name: Source}. A path is resolved against `base` (the workflow
+    folder), then written relative to the current (Snakemake's working) directory, so a moved
+    checkout does not change the rule's params. A missing file, or a name used twice (or by a web
+    shard, in `taken`), is a config error."""
     sources: dict[str, Source] = {}
     taken = set(taken)
     for i, spec in enumerate(specs):
         name = spec["name"]
         if name in sources or name in taken:
             raise ConfigError(f"config key 'inputs.text[{i}].name': {name!r} is already a source name; rename it")
-        path = os.path.join(base, spec["path"])
+        path = os.path.relpath(os.path.join(base, spec["path"]))
         if not os.path.isfile(path):
             raise ConfigError(f"config key 'inputs.text[{i}].path': {path!r} is not a file")
         sources[name] = Source(name=name, path=path, format=spec.get("format", "text"),

@@ -15,13 +15,15 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import atomic_write_json, atomic_write_text, sha256_file, write_manifest
 from pipeline.cli import json_arg
 from pipeline.config import section_config
 from pipeline.tokenizer.bpe import ENDOFTEXT, BPETokenizer
-from pipeline.tokenizer.sources import Source, copies, is_val, read_documents, smallest_until, unit_hash
+from pipeline.tokenizer.sources import (Source, copies, is_val, read_documents, smallest_until, unit_hash,
+                                        web_source)
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +114,9 @@ def train_tokenizer(sources: list[Source], gpt2_files: tuple[str, str], *, token
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sources", required=True, type=json_arg,
-                        help="JSON list of sources ({name, path, format, separator, field, weight})")
+    parser.add_argument("--clean", nargs="*", default=[], help="clean web shards (<shard>.parquet)")
+    parser.add_argument("--text", type=json_arg, default=[],
+                        help="JSON list of inputs.text sources ({name, path, format, separator, field, weight})")
     parser.add_argument("--gpt2", nargs=2, required=True, metavar=("ENCODER_JSON", "VOCAB_BPE"),
                         help="OpenAI's GPT-2 files, the compression report's reference")
     parser.add_argument("--tokenizer", required=True, help="output tokenizer.json")
@@ -125,9 +128,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = section_config("tokenizer", args.config)
-    sources = [Source.from_json(s) for s in args.sources]
+    sources = [web_source(Path(p).name.removesuffix(".parquet"), p) for p in args.clean]
+    sources += [Source.from_json(s) for s in args.text]
     if not sources:
-        raise ValueError("--sources: no sources to train the tokenizer on")
+        raise ValueError("no sources to train the tokenizer on: give --clean shards and/or --text corpora")
     manifest = train_tokenizer(sources, tuple(args.gpt2), tokenizer_out=args.tokenizer,
                                compression_out=args.compression, report_out=args.report,
                                manifest_out=args.manifest, config=config)
