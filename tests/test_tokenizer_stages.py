@@ -99,6 +99,12 @@ def test_jsonl_reads_the_field_and_names_a_bad_line(inputs, tmp_path):
         list(read_documents(Source("bad", str(bad), format="jsonl", field="content")))
 
 
+def test_a_parquet_without_text_names_the_file(tmp_path):
+    write_docs(tmp_path / "x.parquet", [{"id": "a", "reason": "empty"}], {"id": DOC_COLUMNS["id"], "reason": DOC_COLUMNS["id"]})
+    with pytest.raises(ValueError, match=r"x.parquet: not a document parquet"):
+        list(read_documents(Source("x", str(tmp_path / "x.parquet"))))
+
+
 def test_text_sources_config_errors_name_the_key(tmp_path):
     (tmp_path / "a.txt").write_text("x", encoding="utf-8")
     assert text_sources([{"name": "a", "path": "a.txt"}], base=tmp_path)["a"].format == "text"

@@ -94,7 +94,10 @@ def read_documents(source: Source, dropped: Counter | None = None) -> Iterator[t
     is not a JSON object with a string `field` stops with an error naming the file and line."""
     dropped = dropped if dropped is not None else Counter()
     if source.format == "parquet":
-        frame = pl.read_parquet(source.path, columns=["id", "text"])
+        try:
+            frame = pl.read_parquet(source.path, columns=["id", "text"])
+        except (OSError, pl.exceptions.PolarsError) as e:
+            raise ValueError(f"{source.path}: not a document parquet with `id` and `text` columns ({e})") from e
         docs: Iterable[tuple[str, str]] = zip(frame["id"].to_list(), frame["text"].to_list())
     elif source.format == "text":
         docs = ((f"{source.name}:{i}", text) for i, text in enumerate(_split_text(source)))
