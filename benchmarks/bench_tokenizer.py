@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import glob
-import json
 import multiprocessing
 import os
 import platform

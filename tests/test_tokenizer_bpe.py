@@ -4,6 +4,7 @@ hand-checkable training, determinism, and clear errors on bad input."""
 from __future__ import annotations
 
 import gzip
+import json
 import random
 from collections import Counter
 
@@ -290,7 +291,7 @@ def test_training_merges_match_huggingface_tokenizers():
     hf.train_from_iterator(texts, tk.trainers.BpeTrainer(
         vocab_size=512, special_tokens=["<|endoftext|>"], show_progress=False,
         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
-    hf_merges = {" ".join(m) if isinstance(m, list) else m for m in __import__("json").loads(hf.to_str())["model"]["merges"]}
+    hf_merges = {" ".join(m) if isinstance(m, list) else m for m in json.loads(hf.to_str())["model"]["merges"]}
     assert set(ours.to_dict()["merges"]) == hf_merges
 
 

@@ -4,6 +4,7 @@ arithmetic, the tokens manifest, determinism, and bad input."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -133,7 +134,7 @@ def test_split_and_weights_are_hashes_of_the_id():
     assert all(copies(i, 1.0) == 1 for i in ids)
     assert {copies(i, 2.5) for i in ids} == {2, 3} and 2.4 < sum(copies(i, 2.5) for i in ids) / 4000 < 2.6
     assert 0.45 < sum(copies(i, 0.5) for i in ids) / 4000 < 0.55
-    assert unit_hash("x") == int.from_bytes(__import__("hashlib").sha256(b"x").digest()[:8], "big") / 2**64
+    assert unit_hash("x") == int.from_bytes(hashlib.sha256(b"x").digest()[:8], "big") / 2**64
 
 
 def test_split_is_stable_when_a_shard_changes(tmp_path):
