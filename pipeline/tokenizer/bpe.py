@@ -15,8 +15,9 @@ plus a pre-tokenization regex and a few special tokens after the ordinary ids:
   frequent adjacent pair, updating pair counts incrementally: only words that hold the merged pair
   are touched. Ties between equally frequent pairs go to the smallest (left id, right id), i.e. the
   pair of older tokens (for two byte pairs: the lower byte values), as in HuggingFace `tokenizers`.
-  A merge whose bytes already form a token (made earlier from a different split) reuses that token,
-  so every id has distinct bytes (tiktoken requires it); the vocabulary then grows by one less.
+  A merge whose bytes already formed a token (from a different split) would reuse that token, as
+  HuggingFace's trainer does, so every id keeps distinct bytes (tiktoken requires it). We have not
+  seen it happen (30,000 random small corpora never produced one); the guard is one dict lookup.
 
 GPT-2 detail: its ids are ranks too, but its 256 byte tokens are numbered in the order of GPT-2's
 byte-to-unicode table (printable bytes first), so id 0 is `!`, not byte 0. Keeping bytes per id
