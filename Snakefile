@@ -38,9 +38,12 @@ wildcard_constraints:
 
 
 include: "rules/data.smk"
+include: "rules/tokenizer.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.data.input,
+        rules.tokenizer.output,
+        rules.tokens.output,

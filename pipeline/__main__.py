@@ -21,6 +21,9 @@ COMMANDS: dict[str, str] = {
     "quality": "pipeline.data.quality",
     "dedup": "pipeline.data.dedup",
     "data-report": "pipeline.data.report",
+    "tokenizer": "pipeline.tokenizer.train_stage",
+    "tokenize": "pipeline.tokenizer.tokenize_stage",
+    "tokens": "pipeline.tokenizer.gather_stage",
     "seal": "pipeline.seal",
     "verify": "pipeline.verify",
 }
