@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "quality": "pipeline.data.quality",
     "dedup": "pipeline.data.dedup",
     "data-report": "pipeline.data.report",
+    "pretrain": "pipeline.train.pretrain",
     "seal": "pipeline.seal",
     "verify": "pipeline.verify",
 }
