@@ -35,9 +35,11 @@ wildcard_constraints:
 
 
 include: "rules/data.smk"
+include: "rules/pretrain.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.data.input,
+        expand(rules.pretrain.output.manifest, size=config["pretrain"]["sizes"]),

@@ -276,9 +276,10 @@ def test_val_loss_falls_well_below_the_unigram_entropy(byte_tokens, tmp_path):
 # --- DDP and FSDP2 under torchrun ---------------------------------------------------------------------------
 
 def torchrun(tokens: Path, out: Path, parallel: str, *extra: str) -> None:
+    """The launch the Snakemake rule makes (`--` ends torchrun's options, so `--log` reaches us)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "pipeline", "pretrain", "--data", str(tokens), "--out", str(out), "--size", "nano",
-               "--parallel", parallel, "--config", json.dumps(TEST_CONFIG), *extra]
+               "-m", "pipeline", "--", "pretrain", "--data", str(tokens), "--out", str(out), "--size", "nano",
+               "--parallel", parallel, "--config", json.dumps(TEST_CONFIG), "--log", str(out / "log"), *extra]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -297,6 +298,8 @@ def test_ddp_and_fsdp2_on_two_processes_match_one_process(byte_tokens, reference
     for mode in ("ddp", "fsdp"):
         assert step_losses(tmp_path / mode) == pytest.approx(reference, abs=1e-5), mode
     assert events(tmp_path / "fsdp", "resume")[0]["checkpoint"] == "step_000004"
+    assert "val loss" in (tmp_path / "ddp" / "log").read_text()  # rank 0 logs to --log,
+    assert "val loss" not in (tmp_path / "ddp" / "log.rank1").read_text()  # rank 1 beside it
 
     def bytes_per_rank(mode: str) -> list[int]:
         manifest = json.loads((tmp_path / mode / "manifest.json").read_text())

@@ -1,7 +1,7 @@
 """Compute setup: process group, device and dtype, the peak FLOP/s behind MFU, and `parallelize`.
 
 `parallel: none` runs one process. `ddp` and `fsdp` run under torchrun (`python -m
-torch.distributed.run --nproc_per_node=N -m pipeline pretrain ...`), which sets RANK, LOCAL_RANK
+torch.distributed.run --nproc_per_node=N -m pipeline -- pretrain ...`), which sets RANK, LOCAL_RANK
 and WORLD_SIZE; the process group uses nccl on GPUs and gloo on CPUs.
 
 Mixed precision follows torchtitan: with FSDP the wrapper's MixedPrecisionPolicy casts parameters
@@ -59,7 +59,7 @@ def init_distributed(parallel: str, device: str) -> Dist:
                           f"processes: set ddp or fsdp, or nproc 1")
     if parallel != "none" and "RANK" not in os.environ:
         raise ConfigError(f"config key 'pretrain.parallel' is {parallel}: launch under torchrun "
-                          f"(python -m torch.distributed.run --nproc_per_node=N -m pipeline pretrain ...)")
+                          f"(python -m torch.distributed.run --nproc_per_node=N -m pipeline -- pretrain ...)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError("config key 'pretrain.device' is cuda but no CUDA device is visible")

@@ -7,7 +7,8 @@ checkpoints/ (rerunning the same command resumes from the newest good one).
 
 One process:           python -m pipeline pretrain --data results/sample/tokens --out runs/tiny --size tiny
 N processes (DDP/FSDP): python -m torch.distributed.run --standalone --nproc_per_node=N \\
-                         -m pipeline pretrain ... --parallel fsdp
+                         -m pipeline -- pretrain ... --parallel fsdp
+(the `--` ends torchrun's own options; without it torchrun reads --log as its --log-dir)
 
 The settings are the `pretrain` config section (workflow/schemas/pretrain.schema.yaml), given as
 --config JSON; the flags below override single keys. W&B logs offline under <out>/wandb unless
