@@ -4,10 +4,10 @@ It runs the real loop (data loader, accumulation, clipping, watchdog, metrics) f
 random tokens (or on --data) and reports the median tokens/s and MFU over the steps after the
 first --warmup ones (compilation, allocator warm-up), with the peak FLOP/s assumed for the device.
 
-    CPU, the default tiny model:  python benchmarks/bench_pretrain.py --size tiny
-    one GPU, GPT-2 124M shape:    python benchmarks/bench_pretrain.py --size gpt2-124m --compile
+    CPU, the default tiny model:  python -m benchmarks.bench_pretrain --size tiny
+    one GPU, GPT-2 124M shape:    python -m benchmarks.bench_pretrain --size gpt2-124m --compile
     8 GPUs, FSDP2:                python -m torch.distributed.run --standalone --nproc_per_node=8 \\
-                                    benchmarks/bench_pretrain.py --size gpt2-124m --compile --parallel fsdp
+                                    -m benchmarks.bench_pretrain --size gpt2-124m --compile --parallel fsdp
 
 On CUDA the loop runs bf16 (autocast, or FSDP's mixed-precision policy), fused AdamW, and
 attention restricted to the flash kernel (`sdpa_kernel(FLASH_ATTENTION)` fails loudly if it cannot
@@ -48,7 +48,7 @@ SHAPES = {
 def random_tokens(folder: Path, vocab_size: int, n_tokens: int) -> Path:
     """A tokens folder of uniform random ids (throughput does not depend on the text)."""
     rng = np.random.default_rng(0)
-    for split, n in (("train", n_tokens), ("val", n_tokens // 8)):
+    for split, n in (("train", n_tokens), ("val", n_tokens)):
         docs = np.array_split(rng.integers(0, vocab_size - 1, n), max(1, n // 1000))
         write_shard(folder / split / "part-000.bin", [np.append(d, vocab_size - 1) for d in docs], vocab_size)
     write_manifest(folder / "manifest.json", stage="bench tokens", config={}, inputs=[], outputs={},
@@ -102,7 +102,8 @@ def main() -> int:
             "mfu": float(np.median(mfus)) if mfus else None,
             "peak_flops_per_device": metrics["peak_flops"], "peak_flops_source": metrics["peak_flops_source"],
             "peak_mem_gib": metrics["peak_mem_bytes"] / 2 ** 30, "timed_steps": len(timed),
-            "torch": torch.__version__, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "state_bytes_per_rank": metrics["state_bytes_per_rank"],  # params, grads, optimizer
+            "torch": torch.__version__, "command": " ".join(["python -m benchmarks.bench_pretrain", *sys.argv[1:]]),
         }
         print(json.dumps(result, indent=2))
         mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"

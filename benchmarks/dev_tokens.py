@@ -7,7 +7,7 @@ TinyStories text (~1.5 MB), encoded with a 4096-token byte-level BPE trained her
 `tokenizers` (a dev dependency). The vocabulary is also written as a `.tiktoken` rank file, named
 among the manifest's inputs, so the pretrain stage's samples decode to text.
 
-    python benchmarks/dev_tokens.py results/sample/tokens
+    python -m benchmarks.dev_tokens results/sample/tokens   (from the repository root)
 """
 
 from __future__ import annotations

@@ -111,17 +111,24 @@ class TrainLoader:
         self.position = int(state["position"])
 
 
-def val_batches(windows: TokenWindows, eval_tokens: int, micro_batch: int, rank: int, world_size: int):
-    """This rank's share of the first eval_tokens of the val split, in order, as micro batches of
-    windows. Every rank gets the same number of batches (the total is rounded down to a multiple
-    of world_size * B), so averaging the per-batch losses over ranks gives the mean over all."""
+def val_rounds(windows: TokenWindows, eval_tokens: int, micro_batch: int, world_size: int) -> int:
+    """Eval rounds (one micro batch per rank each) in the first eval_tokens of the val split;
+    checked when the run starts, not at its first evaluation."""
     per_round = world_size * micro_batch
     rounds = min(eval_tokens // windows.seq_len, len(windows)) // per_round
     if rounds == 0:
         raise ValueError(f"val split has {len(windows)} windows and eval_tokens allows "
                          f"{eval_tokens // windows.seq_len}; one eval round needs {per_round} "
                          f"(processes x micro_batch): raise pretrain.eval_tokens or add val data")
-    for r in range(rounds):
+    return rounds
+
+
+def val_batches(windows: TokenWindows, eval_tokens: int, micro_batch: int, rank: int, world_size: int):
+    """This rank's share of the first eval_tokens of the val split, in order, as micro batches of
+    windows. Every rank gets the same number of batches (the total is rounded down to a multiple
+    of world_size * B), so averaging the per-batch losses over ranks gives the mean over all."""
+    per_round = world_size * micro_batch
+    for r in range(val_rounds(windows, eval_tokens, micro_batch, world_size)):
         first = r * per_round + rank * micro_batch
         yield np.stack([windows[i] for i in range(first, first + micro_batch)])
 

@@ -29,7 +29,7 @@ from pipeline.cli import ConfigError
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.train import checkpoint
 from pipeline.train.data import (TokenWindows, TrainLoader, read_tokens_manifest, split_shards, to_device,
-                                 unigram_entropy, val_batches)
+                                 unigram_entropy, val_batches, val_rounds)
 from pipeline.train.parallel import (Dist, all_reduce_mean, autocast, init_distributed, parallelize,
                                      peak_flops, peak_memory_bytes, resolve_dtype, set_grad_sync, state_bytes,
                                      unwrap)
@@ -117,6 +117,7 @@ def train(cfg: dict[str, Any], *, data: Path, out: Path, size: str, stop_at: int
     if accum == 0 or remainder:
         raise ConfigError(f"config key 'pretrain.global_batch_tokens' = {cfg['global_batch_tokens']} is not a "
                           f"multiple of micro_batch x seq_len x processes = {B} x {T} x {d.world_size}")
+    val_rounds(val_windows, cfg["eval_tokens"], B, d.world_size)  # fail now, not at the first eval
     loader = TrainLoader(train_windows, B, d.rank, d.world_size, cfg["seed"])
 
     # --- model: the same initial weights on every rank ----------------------------------------------
