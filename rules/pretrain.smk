@@ -7,11 +7,8 @@
 # pretrain.device: cuda and pretrain.nproc: <GPUs per node> so the job asks for the GPUs.
 
 PRETRAIN = config["pretrain"]
-
-
-def pretrain_params():
-    """The pretrain section without `sizes`: adding a size must not rerun the sizes already trained."""
-    return json.dumps({k: v for k, v in PRETRAIN.items() if k != "sizes"}, sort_keys=True)
+# the section without `sizes`, as the job's params: adding a size must not rerun the sizes trained
+PRETRAIN_PARAMS = json.dumps({k: v for k, v in PRETRAIN.items() if k != "sizes"}, sort_keys=True)
 
 
 rule pretrain:
@@ -36,7 +33,7 @@ rule pretrain:
         gpu=PRETRAIN["nproc"] if PRETRAIN["device"] == "cuda" else 0,
         mem_mb=8000 * PRETRAIN["nproc"],
     params:
-        config=pretrain_params(),
+        config=PRETRAIN_PARAMS,
         data=f"{RUN}/tokens",
         out=lambda wc: f"{RUN}/pretrain/{wc.size}",
     shell:
