@@ -263,6 +263,16 @@ def test_repeated_nans_restore_the_last_checkpoint_at_a_lower_lr(byte_tokens, tm
     assert (counts["skipped_steps"], counts["restores"], counts["steps"]) == (3, 1, 8)
 
 
+def test_wandb_offline_writes_under_the_run_folder_only(byte_tokens, tmp_path, monkeypatch):
+    """The default W&B mode (offline, ~2 s) logs into <out>/wandb, never the working directory."""
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.chdir(tmp_path)
+    run(byte_tokens, tmp_path / "out", max_steps=2, eval_every=2, samples=0, wandb_mode="offline")
+    assert os.environ["WANDB_MODE"] == "offline"  # set by the code, as the user had not
+    assert list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 # --- it learns ------------------------------------------------------------------------------------------------
 
 def test_val_loss_falls_well_below_the_unigram_entropy(byte_tokens, tmp_path):
