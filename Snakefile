@@ -39,6 +39,7 @@ wildcard_constraints:
 
 include: "rules/data.smk"
 include: "rules/tokenizer.smk"
+include: "rules/pretrain.smk"
 
 
 rule all:
@@ -47,3 +48,4 @@ rule all:
         rules.data.input,
         rules.tokenizer.output,
         rules.tokens.output,
+        expand(rules.pretrain.output.manifest, size=config["pretrain"]["sizes"]),

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "tokenizer": "pipeline.tokenizer.train_stage",
     "tokenize": "pipeline.tokenizer.tokenize_stage",
     "tokens": "pipeline.tokenizer.gather_stage",
+    "pretrain": "pipeline.train.pretrain",
     "seal": "pipeline.seal",
     "verify": "pipeline.verify",
 }

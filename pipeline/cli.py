@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ def configure_logging(log_file: str | None, verbose: bool = False) -> None:
     """Log to stderr and, when given, to `log_file` (the Snakemake rule's `log:`); uncaught
     exceptions land in both, so a failed job's log says why it failed."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    rank = os.environ.get("RANK", "0")  # set by torchrun: ranks past 0 log beside the rule's log
+    if log_file and rank != "0":
+        log_file = f"{log_file}.rank{rank}"
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))

@@ -1,0 +1,1 @@
+"""The GPT model (one readable file: `gpt.py`)."""

@@ -1,0 +1,44 @@
+# Pretraining: one job per model size in config pretrain.sizes, each a torchrun launch of
+# `python -m pipeline pretrain` with pretrain.nproc processes (GPUs per node on a cluster).
+# Checkpoints under {RUN}/pretrain/{size}/checkpoints/ are not declared outputs, so Snakemake
+# leaves them when a job fails or is preempted, and the rerun resumes from them.
+#
+# On SLURM (--executor slurm): `gpu` becomes --gpus=N, `threads` --cpus-per-task; set
+# pretrain.device: cuda and pretrain.nproc: <GPUs per node> so the job asks for the GPUs.
+
+PRETRAIN = config["pretrain"]
+# the section without `sizes`, as the job's params: adding a size must not rerun the sizes trained
+PRETRAIN_PARAMS = json.dumps({k: v for k, v in PRETRAIN.items() if k != "sizes"}, sort_keys=True)
+
+
+rule pretrain:
+    input:
+        tokens=rules.tokens.output[0],
+        tokenizer=rules.tokenizer.output.tokenizer,
+    output:
+        model=f"{RUN}/pretrain/{{size}}/final.pt",
+        metrics=f"{RUN}/pretrain/{{size}}/metrics.jsonl",
+        loss=report(f"{RUN}/pretrain/{{size}}/loss.png", caption="../workflow/report/pretrain_loss.rst",
+                    category="Pretrain", subcategory="{size}"),
+        samples=f"{RUN}/pretrain/{{size}}/samples.md",
+        manifest=f"{RUN}/pretrain/{{size}}/manifest.json",
+    log:
+        f"{LOGS}/pretrain/{{size}}.log",
+    benchmark:
+        f"{BENCH}/pretrain/{{size}}.tsv"
+    wildcard_constraints:
+        size="[A-Za-z0-9.-]+",
+    threads: 8 * PRETRAIN["nproc"]  # clamped to --cores on a workstation; a few cores per GPU on a cluster
+    resources:
+        nproc=PRETRAIN["nproc"],
+        gpu=PRETRAIN["nproc"] if PRETRAIN["device"] == "cuda" else 0,
+        mem_mb=8000 * PRETRAIN["nproc"],
+    params:
+        config=PRETRAIN_PARAMS,
+        data=f"{RUN}/tokens",
+        out=lambda wc: f"{RUN}/pretrain/{wc.size}",
+    shell:
+        # `--` ends torchrun's options: its argparse would take `--log` for its own `--log-dir`
+        "{PY} -m torch.distributed.run --standalone --nproc_per_node={resources.nproc}"
+        " -m pipeline -- pretrain --data {params.data:q} --out {params.out:q} --size {wildcards.size}"
+        " --tokenizer {input.tokenizer:q} --config {params.config:q} --log {log:q}"

@@ -1,0 +1,329 @@
+"""Pretraining: schedule, data order, resume, checkpoints, watchdog, parity over DDP and FSDP2.
+
+The data is the bundled TinyStories sample as bytes (ids 0-255, EOS 256), written as token shards
+the way the tokenize stage writes them, so nothing here needs ../shared or a trained tokenizer.
+The model is `nano` (2 layers, width 32) on 32-token sequences. Runs are in-process (parallel
+none) except the DDP/FSDP ones, which go through torchrun like the Snakemake rule.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.artifacts import verify, write_manifest
+from pipeline.cli import ConfigError
+from pipeline.config import section_config
+from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.token_shards import write_shard
+from pipeline.train.data import (TokenWindows, TrainLoader, read_tokens_manifest, split_shards,
+                                 unigram_entropy, val_batches)
+from pipeline.train.loop import lr_at, train
+from pipeline.train.watchdog import OK, RESTORE, SKIP, TrainingDiverged, Watchdog
+
+from conftest import RESOURCES, ROOT
+
+VOCAB, EOS = 257, 256
+TEST_CONFIG = dict(seq_len=32, micro_batch=4, global_batch_tokens=256, max_steps=8, lr=0.01, warmup_steps=2,
+                   eval_every=4, eval_tokens=1024, checkpoint_every=2, keep=2, samples=1, sample_tokens=8,
+                   peak_flops=1e12, wandb_mode="disabled")  # 2 accumulation steps in one process
+REFERENCE_LOSSES = ROOT / "tests" / "assets" / "losses" / "nano_cpu.txt"
+
+
+@pytest.fixture(autouse=True)
+def no_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def byte_tokens(tmp_path_factory) -> Path:
+    """tokens/ with manifest.json, train/ (two shards) and val/, from TinyStories as bytes."""
+    out = tmp_path_factory.mktemp("tokens")
+    text = gzip.open(RESOURCES / "tinystories" / "TinyStories-valid.head1.5M.txt.gz", "rt", encoding="utf-8").read()
+    docs = [list(d.strip().encode("utf-8")) + [EOS] for d in text.split("<|endoftext|>") if d.strip()]
+    write_shard(out / "val" / "part-0.bin", docs[:40], VOCAB)
+    write_shard(out / "train" / "part-0.bin", docs[40:190], VOCAB)
+    write_shard(out / "train" / "part-1.bin", docs[190:340], VOCAB)
+    write_manifest(out / "manifest.json", stage="tokenize", config={}, inputs=[],
+                   outputs={p: None for p in sorted(out.rglob("*.bin"))}, metrics={"vocab_size": VOCAB, "eos_id": EOS})
+    return out
+
+
+def run(tokens: Path, out: Path, stop_at: int | None = None, inject_nan_at=(), **overrides) -> dict:
+    cfg = section_config("pretrain", {**TEST_CONFIG, **overrides})
+    return train(cfg, data=tokens, out=out, size="nano", stop_at=stop_at, inject_nan_at=inject_nan_at)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(out: Path) -> list[float]:
+    return [r["loss"] for r in records(out) if r.get("loss") is not None and "event" not in r]
+
+
+def events(out: Path, kind: str) -> list[dict]:
+    return [r for r in records(out) if r.get("event") == kind]
+
+
+@pytest.fixture(scope="session")
+def reference_run(byte_tokens, tmp_path_factory) -> Path:
+    """One uninterrupted 8-step run, the baseline the other runs must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "disabled")
+        run(byte_tokens, out)
+    return out
+
+
+# --- schedule and data -------------------------------------------------------------------------------
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    schedule = dict(lr=1.0, warmup=4, max_steps=20, min_lr_ratio=0.1)
+    lrs = [lr_at(s, **schedule) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # non-increasing after warmup
+    assert lrs[-1] == pytest.approx(0.1)
+    assert lrs[11] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 7 / 15)))
+
+
+def small_windows(tmp_path: Path, n_tokens: int = 100, seq_len: int = 9) -> TokenWindows:
+    write_shard(tmp_path / "a.bin", [list(range(n_tokens))], VOCAB)
+    return TokenWindows([tmp_path / "a.bin"], VOCAB, seq_len)
+
+
+def test_windows_overlap_by_one_token_and_stay_inside_a_shard(tmp_path):
+    windows = small_windows(tmp_path)
+    assert len(windows) == 11  # (100 - 1) // 9
+    assert windows[0].tolist() == list(range(10))
+    assert windows[1][0] == windows[0][-1] == 9  # the last target is the next window's first input
+    assert windows[10][-1] == 99
+
+
+def test_one_process_with_accumulation_reads_the_same_batch_as_two_ranks(byte_tokens):
+    windows = TokenWindows(split_shards(byte_tokens, "train"), VOCAB, 32)
+    single = TrainLoader(windows, 4, rank=0, world_size=1, seed=3)
+    one = torch.cat([single.next_batch(torch.device("cpu"))[0] for _ in range(2)])
+    ranks = [TrainLoader(windows, 4, rank=r, world_size=2, seed=3) for r in range(2)]
+    two = torch.cat([loader.next_batch(torch.device("cpu"))[0] for loader in ranks])
+    assert torch.equal(one, two)
+    assert single.position == ranks[0].position == ranks[1].position == 8
+
+
+def test_loader_position_resumes_exactly_and_each_epoch_visits_every_window_once(tmp_path):
+    windows = small_windows(tmp_path)
+    loader = TrainLoader(windows, 4, rank=0, world_size=1, seed=7)
+    seen = [loader.next_batch(torch.device("cpu"))[0][:, 0] for _ in range(11)]  # 44 windows = 4 epochs
+    firsts = torch.cat(seen).tolist()
+    for epoch in range(4):
+        assert sorted(firsts[epoch * 11:(epoch + 1) * 11]) == [9 * i for i in range(11)]
+    assert firsts[:11] != firsts[11:22]  # a fresh order per epoch
+    resumed = TrainLoader(windows, 4, rank=0, world_size=1, seed=7)
+    resumed.load_state_dict({"position": 20, "seed": 7})
+    assert resumed.next_batch(torch.device("cpu"))[0][:, 0].tolist() == firsts[20:24]
+
+
+def test_val_batches_share_the_same_windows_out_over_ranks(byte_tokens):
+    windows = TokenWindows(split_shards(byte_tokens, "val"), VOCAB, 32)
+    single = np.concatenate(list(val_batches(windows, 2048, 2, rank=0, world_size=1)))
+    per_rank = [list(val_batches(windows, 2048, 2, rank=r, world_size=2)) for r in range(2)]
+    interleaved = np.concatenate([b for pair in zip(*per_rank) for b in pair])
+    assert np.array_equal(single, interleaved) and len(single) == 2048 // 32
+    with pytest.raises(ValueError, match="pretrain.eval_tokens"):
+        list(val_batches(windows, 32, 4, rank=0, world_size=2))
+
+
+def test_unigram_entropy_by_hand(tmp_path):
+    write_shard(tmp_path / "a.bin", [[1, 1, 2, 3]], VOCAB)  # p = 1/2, 1/4, 1/4
+    windows = TokenWindows([tmp_path / "a.bin"], VOCAB, 2)
+    assert unigram_entropy(windows, VOCAB) == pytest.approx(1.5 * np.log(2))
+
+
+def test_a_tokens_manifest_without_vocab_size_is_named(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"metrics": {"eos_id": 0}}))
+    with pytest.raises(ValueError, match="metrics.vocab_size"):
+        read_tokens_manifest(tmp_path)
+
+
+def test_a_global_batch_that_does_not_divide_names_the_key(byte_tokens, tmp_path):
+    with pytest.raises(ConfigError, match="pretrain.global_batch_tokens"):
+        run(byte_tokens, tmp_path, global_batch_tokens=200)
+
+
+# --- one run and its outputs ---------------------------------------------------------------------------
+
+def test_a_run_writes_verified_outputs_and_a_loadable_model(reference_run):
+    manifest = json.loads((reference_run / "manifest.json").read_text())
+    assert verify(reference_run) == (4, [])  # final.pt, metrics.jsonl, loss.png, samples.md
+    assert manifest["counts"]["steps"] == 8 and manifest["counts"]["tokens"] == 8 * 256
+    metrics = manifest["metrics"]
+    assert metrics["params"] > metrics["params_non_embedding"] > 0
+    assert [r["step"] for r in records(reference_run) if "val_loss" in r] == [4, 8]
+    assert (reference_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "greedy" in (reference_run / "samples.md").read_text()
+    final = torch.load(reference_run / "final.pt")
+    model = GPT(GPTConfig(**final["model_config"]))
+    model.load_state_dict(final["model"])
+    assert final["step"] == 8 and final["eos_id"] == EOS
+    # keep=2 newest, plus the best-by-val one
+    folders = sorted(p.name for p in (reference_run / "checkpoints").iterdir() if p.is_dir())
+    best = json.loads((reference_run / "checkpoints" / "best.json").read_text())
+    assert folders[-2:] == ["step_000006", "step_000008"] and f"step_{best['step']:06d}" in folders
+
+
+def test_reference_losses(reference_run):
+    """The per-step losses of the nano CPU run, against a committed file (torchtitan keeps one per
+    hardware type). A deliberate change to the model, loop or data order changes them: rewrite
+    the file with WETSTONE_WRITE_REFERENCE=1 pytest tests/test_train.py -k reference, and say why
+    in the commit."""
+    losses = step_losses(reference_run)
+    if os.environ.get("WETSTONE_WRITE_REFERENCE"):
+        REFERENCE_LOSSES.parent.mkdir(parents=True, exist_ok=True)
+        REFERENCE_LOSSES.write_text("".join(f"{loss!r}\n" for loss in losses))
+    expected = [float(line) for line in REFERENCE_LOSSES.read_text().split()]
+    assert losses == pytest.approx(expected, abs=1e-4), "the nano run's losses moved (see the docstring)"
+
+
+# --- resume and checkpoints ---------------------------------------------------------------------------
+
+def test_stopped_and_resumed_run_is_bit_identical(byte_tokens, reference_run, tmp_path):
+    assert run(byte_tokens, tmp_path, stop_at=3)["finished"] is False
+    assert len(step_losses(tmp_path)) == 3 and not (tmp_path / "final.pt").exists()
+    assert run(byte_tokens, tmp_path)["finished"] is True
+    assert step_losses(tmp_path) == step_losses(reference_run)  # exactly, not approximately
+    assert [r["step"] for r in records(tmp_path) if "loss" in r] == list(range(1, 9))  # no duplicates
+    assert events(tmp_path, "resume")[0]["checkpoint"] == "step_000003"
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(byte_tokens, reference_run, tmp_path, caplog):
+    run(byte_tokens, tmp_path, stop_at=6)
+    checkpoints = tmp_path / "checkpoints"
+    shard = next((checkpoints / "step_000006").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    shard.write_bytes(bytes(data))
+    half = checkpoints / ".tmp-step_000008"  # a save cut off mid-write: never loaded
+    half.mkdir()
+    (half / "extra.pt").write_bytes(b"half")
+    with caplog.at_level(logging.WARNING):
+        run(byte_tokens, tmp_path)
+    assert any("step_000006 is damaged" in r.getMessage() for r in caplog.records)
+    assert events(tmp_path, "resume")[0]["checkpoint"] == "step_000004"
+    assert step_losses(tmp_path) == step_losses(reference_run)
+
+
+def test_a_changed_config_starts_fresh_and_keeps_the_old_checkpoints(byte_tokens, tmp_path, caplog):
+    run(byte_tokens, tmp_path, stop_at=2)
+    with caplog.at_level(logging.WARNING):
+        run(byte_tokens, tmp_path, stop_at=2, lr=0.005)
+    assert any("different config" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "checkpoints.stale-1" / "step_000002").is_dir()
+    assert not events(tmp_path, "resume")
+
+
+# --- watchdog -----------------------------------------------------------------------------------------------
+
+def test_watchdog_skips_then_restores_then_gives_up():
+    dog = Watchdog(patience=2, lr_backoff=0.5, max_restores=1)
+    assert [dog.observe(f) for f in (True, False, True, False, False)] == [OK, SKIP, OK, SKIP, RESTORE]
+    assert (dog.skipped, dog.restores, dog.lr_scale) == (3, 1, 0.5)
+    dog.observe(False)
+    with pytest.raises(TrainingDiverged, match="nan_max_restores"):
+        dog.observe(False)
+
+
+def test_an_injected_nan_is_skipped_and_counted(byte_tokens, reference_run, tmp_path):
+    run(byte_tokens, tmp_path, inject_nan_at={3})
+    skips = events(tmp_path, "nonfinite_skip")
+    assert [e["step"] for e in skips] == [3] and skips[0]["loss"] is None
+    losses = step_losses(tmp_path)
+    assert len(losses) == 7 and all(np.isfinite(losses))
+    assert losses[:2] == step_losses(reference_run)[:2]
+    assert losses[2] != step_losses(reference_run)[3]  # step 4 ran on weights that missed step 3's update
+    assert json.loads((tmp_path / "manifest.json").read_text())["counts"]["skipped_steps"] == 1
+
+
+def test_repeated_nans_restore_the_last_checkpoint_at_a_lower_lr(byte_tokens, tmp_path):
+    run(byte_tokens, tmp_path, inject_nan_at={5, 6, 7}, nan_patience=3)
+    assert [e["step"] for e in events(tmp_path, "nonfinite_skip")] == [5, 6, 7]
+    [restore] = events(tmp_path, "restore")
+    assert restore["to_step"] == 6 and restore["lr_scale"] == 0.5
+    last = {r["step"]: r for r in records(tmp_path) if r.get("loss") is not None}
+    assert last[8]["lr"] == pytest.approx(0.5 * lr_at(7, lr=0.01, warmup=2, max_steps=8, min_lr_ratio=0.1))
+    counts = json.loads((tmp_path / "manifest.json").read_text())["counts"]
+    assert (counts["skipped_steps"], counts["restores"], counts["steps"]) == (3, 1, 8)
+
+
+def test_wandb_offline_writes_under_the_run_folder_only(byte_tokens, tmp_path, monkeypatch):
+    """The default W&B mode (offline, ~2 s) logs into <out>/wandb, never the working directory."""
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.chdir(tmp_path)
+    run(byte_tokens, tmp_path / "out", max_steps=2, eval_every=2, samples=0, wandb_mode="offline")
+    assert os.environ["WANDB_MODE"] == "offline"  # set by the code, as the user had not
+    assert list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --- it learns ------------------------------------------------------------------------------------------------
+
+def test_val_loss_falls_well_below_the_unigram_entropy(byte_tokens, tmp_path):
+    """300 nano steps (150k byte tokens, ~5 s): the model must learn more than byte frequencies."""
+    summary = run(byte_tokens, tmp_path, max_steps=300, micro_batch=16, global_batch_tokens=512,
+                  warmup_steps=10, eval_every=300, eval_tokens=8192, checkpoint_every=300, samples=0)
+    metrics = summary["metrics"]
+    assert metrics["final_val_loss"] < 0.9 * metrics["unigram_entropy"], metrics
+
+
+# --- DDP and FSDP2 under torchrun ---------------------------------------------------------------------------
+
+def torchrun(tokens: Path, out: Path, parallel: str, *extra: str) -> None:
+    """The launch the Snakemake rule makes (`--` ends torchrun's options, so `--log` reaches us)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "pipeline", "--", "pretrain", "--data", str(tokens), "--out", str(out), "--size", "nano",
+               "--parallel", parallel, "--config", json.dumps(TEST_CONFIG), "--log", str(out / "log"), *extra]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp2_on_two_processes_match_one_process(byte_tokens, reference_run, tmp_path):
+    """Same global batch of 8 sequences (1 process x 2 micro steps of 4 = 2 processes x 2 micro
+    steps of 2, so gradient sync is skipped on the first micro step): the same loss curve within
+    1e-5. The FSDP2 run is also stopped and resumed (sharded DCP checkpoint, 2 ranks). And FSDP2
+    keeps half the parameter + gradient + optimizer bytes per rank that DDP keeps."""
+    torchrun(byte_tokens, tmp_path / "ddp", "ddp", "--micro-batch", "2")
+    torchrun(byte_tokens, tmp_path / "fsdp", "fsdp", "--micro-batch", "2", "--stop-at", "4")
+    torchrun(byte_tokens, tmp_path / "fsdp", "fsdp", "--micro-batch", "2")
+    reference = step_losses(reference_run)
+    for mode in ("ddp", "fsdp"):
+        assert step_losses(tmp_path / mode) == pytest.approx(reference, abs=1e-5), mode
+    assert events(tmp_path / "fsdp", "resume")[0]["checkpoint"] == "step_000004"
+    assert "val loss" in (tmp_path / "ddp" / "log").read_text()  # rank 0 logs to --log,
+    assert "val loss" not in (tmp_path / "ddp" / "log.rank1").read_text()  # rank 1 beside it
+
+    def bytes_per_rank(mode: str) -> list[int]:
+        manifest = json.loads((tmp_path / mode / "manifest.json").read_text())
+        return [sum(r.values()) for r in manifest["metrics"]["state_bytes_per_rank"]]
+    ddp, fsdp = bytes_per_rank("ddp"), bytes_per_rank("fsdp")
+    assert len(ddp) == len(fsdp) == 2 and ddp[0] == ddp[1]
+    assert all(0.45 < f / ddp[0] < 0.55 for f in fsdp), (ddp, fsdp)
+
+
+def test_pretrain_help_documents_the_flags_without_importing_torch():
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline", "pretrain", "--help"],
+                            cwd=ROOT, capture_output=True, text=True, check=True)
+    for flag in ("--data", "--out", "--size", "--max-steps", "--config", "--parallel", "--stop-at"):
+        assert flag in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    # (modules loaded by importlib.import_module are not listed; what they import is)
+    assert "pipeline.config" in imported and "torch" not in imported
