@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--compression-vocab-sizes", type=int, nargs="*", default=[1024, 4096, 16384])
     args = parser.parse_args()
     web = args.web if args.web is not None else sorted(glob.glob(str(ROOT / "results/sample/data/clean/*.parquet")))
-    web_note = "clean documents"
+    web_note = "given with --web" if args.web else "clean documents"
     if not web:
         web, web_note = [ingest_sample()], "no clean shards yet, so the WET sample's `ingest` output, all languages"
     train, val = load_corpus(web)
