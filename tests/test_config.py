@@ -62,3 +62,13 @@ def test_snakemake_refuses_a_bad_configfile_naming_the_key(tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     assert "config key 'quality.no_such_group'" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "workflow" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_are_valid(preset):
+    def merge(base, update):  # Snakemake's --configfile merges nested keys the same way
+        return {k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                for k, v in {**base, **update}.items()}
+
+    default = yaml.safe_load((ROOT / "config.yaml").read_text())
+    validate_config(merge(default, yaml.safe_load(preset.read_text())))
