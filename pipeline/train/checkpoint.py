@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -41,7 +40,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from pipeline.artifacts import atomic_write_json, canonical_json, sha256_file
+from pipeline.artifacts import atomic_write_json, canonical_json, fsync_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +80,6 @@ def _one_process_is_intended() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*assuming the intent is to (save|load) in a single process")
         yield
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- RNG states -----------------------------------------------------------------------------------
@@ -194,14 +185,14 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
         torch.save({**extra, "step": step, "rng": rng_states}, tmp / EXTRA)
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         for path in files:
-            _fsync(path)
+            fsync_path(path)
         atomic_write_json(tmp / META, {"step": step, "files": {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}})
-        _fsync(tmp)
+        fsync_path(tmp)
         if final.exists():  # the same step saved again (after a watchdog restore)
             shutil.rmtree(final)
         tmp.rename(final)
-        _fsync(root)
+        fsync_path(root)
         for old_step, folder in list_checkpoints(root)[keep:]:
             if old_step not in protect:
                 shutil.rmtree(folder)

@@ -31,8 +31,7 @@ from pipeline.train import checkpoint
 from pipeline.train.data import (TokenWindows, TrainLoader, read_tokens_manifest, split_shards, to_device,
                                  unigram_entropy, val_batches, val_rounds)
 from pipeline.train.parallel import (Dist, all_reduce_mean, autocast, init_distributed, parallelize,
-                                     peak_flops, peak_memory_bytes, resolve_dtype, set_grad_sync, state_bytes,
-                                     unwrap)
+                                     peak_flops, peak_memory_bytes, resolve_dtype, set_grad_sync, state_bytes)
 from pipeline.train.report import Metrics, finite_or_none, init_wandb, load_decoder, plot_losses, write_samples
 from pipeline.train.watchdog import OK, RESTORE, Watchdog
 

@@ -117,11 +117,6 @@ def parallelize(model: nn.Module, *, mode: str, dist_info: Dist, compile: bool,
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The GPT inside a DDP wrapper (FSDP2 and compile-in-place keep the module itself)."""
-    return getattr(model, "module", model)
-
-
 def set_grad_sync(model: nn.Module, mode: str, sync: bool):
     """Context for one micro step's backward: gradient all-reduce / reduce-scatter only on the
     last micro step of an accumulation, not on every one."""
