@@ -12,27 +12,27 @@ import sys
 
 from pipeline.cli import configure_logging
 
-# command -> module; each module has `add_arguments(parser)` and `run(args) -> int`, and its
-# docstring is the command's description.
-COMMANDS: dict[str, str] = {
-    "fetch": "pipeline.data.fetch",
-    "ingest": "pipeline.data.ingest",
-    "langid": "pipeline.data.langid",
-    "quality": "pipeline.data.quality",
-    "dedup": "pipeline.data.dedup",
-    "data-report": "pipeline.data.report",
-    "tokenizer": "pipeline.tokenizer.train_stage",
-    "tokenize": "pipeline.tokenizer.tokenize_stage",
-    "tokens": "pipeline.tokenizer.gather_stage",
-    "pretrain": "pipeline.train.pretrain",
-    "seal": "pipeline.seal",
-    "verify": "pipeline.verify",
+# command -> (module, one-line summary); each module has `add_arguments(parser)` and
+# `run(args) -> int`, and its docstring is the command's full description.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fetch": ("pipeline.data.fetch", "download one input file (a WET URL) atomically"),
+    "ingest": ("pipeline.data.ingest", "WET file -> documents (warcio), bad records dropped with a reason"),
+    "langid": ("pipeline.data.langid", "fastText lid.176 language ID; keep configured languages"),
+    "quality": ("pipeline.data.quality", "Gopher, C4 and FineWeb quality filters"),
+    "dedup": ("pipeline.data.dedup", "exact + MinHash-LSH dedup: signatures | clusters | filter"),
+    "data-report": ("pipeline.data.report", "drop report (json, md, plots) of the web-data stages"),
+    "tokenizer": ("pipeline.tokenizer.train_stage", "train our byte-level BPE; compression report"),
+    "tokenize": ("pipeline.tokenizer.tokenize_stage", "one source -> train/val token shards"),
+    "tokens": ("pipeline.tokenizer.gather_stage", "check and gather the shards into tokens/manifest.json"),
+    "pretrain": ("pipeline.train.pretrain", "pretrain a GPT (run under torchrun for DDP / FSDP2)"),
+    "seal": ("pipeline.seal", "merge per-shard manifests into a stage folder's manifest.json"),
+    "verify": ("pipeline.verify", "re-hash every artifact under a results folder against its manifest"),
 }
 
 
 def usage() -> str:
     lines = ["usage: python -m pipeline <command> [--help] [args]", "", "commands:"]
-    lines += [f"  {name}" for name in COMMANDS]
+    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command])
+    module = importlib.import_module(COMMANDS[command][0])
     # --log may stand anywhere, also after a sub-step (`dedup signatures ... --log x`)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log", help="log file (the Snakemake rule's log:); stderr always gets a copy")
