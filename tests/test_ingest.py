@@ -89,3 +89,27 @@ def test_damaged_gzip_fails_when_config_says_so(tmp_path):
     wet = damaged_gzip(tmp_path)
     with pytest.raises(DamagedInput, match="t.warc.wet.gz"):
         run_ingest(tmp_path, wet, fail_on_damaged=True)
+
+
+def random_text(n_bytes: int) -> bytes:
+    """Text that gzip cannot shrink much, so a cut near the end of a member lands in the body."""
+    import base64
+    import random
+    return base64.b64encode(random.Random(0).randbytes(n_bytes * 3 // 4))
+
+
+@pytest.mark.parametrize("cut, reasons", [
+    (100, ({"truncated": 1}, {})),   # inside the body: read short, or the stream breaks
+    (None, ({"bad_header": 1}, {})),  # inside the header block of a small member
+])
+def test_gzip_cut_mid_record_keeps_whole_records_only(tmp_path, cut, reasons):
+    last = random_text(5000) if cut else GOOD
+    wet = write_wet(tmp_path / "t.warc.wet.gz", [GOOD, last])
+    data = wet.read_bytes()
+    member = data.rindex(b"\x1f\x8b\x08")
+    cut_at = len(data) - cut if cut else member + (len(data) - member) // 2
+    wet.write_bytes(data[:cut_at])  # a download cut off inside the last gzip member
+    counts, kept, _ = run_ingest(tmp_path, wet)
+    assert kept["text"].to_list() == [GOOD.decode()]
+    assert counts["dropped"] in reasons
+    assert counts["dropped"] or len(counts["errors"]) == 1  # never silently lost

@@ -1,10 +1,11 @@
 """ingest: stream one WET file with warcio and turn its `conversion` records into documents.
 
 Each record's body is read whole and checked before it becomes a document. Dropped, with the
-reason recorded: `truncated` (fewer bytes than Content-Length: never kept half), `missing_id`
-(no WARC-Record-ID), `oversize` (Content-Length over `max_doc_bytes`; not read into memory),
-`digest_mismatch` (WARC-Block-Digest disagrees with the bytes), `invalid_utf8`, `empty` (nothing
-but whitespace). Other record types (warcinfo, request, ...) are counted, not documents.
+reason recorded, in this order: `oversize` (Content-Length over `max_doc_bytes`; not read into
+memory), `bad_header` (no WARC-Record-ID or no Content-Length, as when a file is cut inside a
+header), `truncated` (fewer bytes than Content-Length: never kept half), `digest_mismatch`
+(WARC-Block-Digest disagrees with the bytes), `invalid_utf8`, `empty` (nothing but whitespace).
+Other record types (warcinfo, request, ...) are counted, not documents.
 
 A damaged gzip stream (or any read error mid-file) keeps every good record before the damage;
 the job's counts name the file and the error, and the run goes on unless `fail_on_damaged`.
@@ -17,12 +18,14 @@ import base64
 import hashlib
 import logging
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
 from warcio.archiveiterator import ArchiveIterator
+from warcio.exceptions import ArchiveLoadFailed
 
 from pipeline.cli import json_arg
 from pipeline.config import section_config, shard_name
@@ -32,6 +35,9 @@ from pipeline.data.steps import Funnel, write_stage_outputs
 log = logging.getLogger(__name__)
 
 REMOVED_PREVIEW_BYTES = 4096  # what an oversize record keeps of its body, for inspection
+ERROR_CHARS = 200
+# what a damaged or cut file raises mid-stream: bad gzip data, bad WARC framing, a bad header value
+STREAM_ERRORS = (ArchiveLoadFailed, zlib.error, OSError, EOFError, ValueError)
 _DIGESTS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "md5": hashlib.md5}
 
 
@@ -64,7 +70,7 @@ def read_conversion_records(path: str, max_doc_bytes: int, check_digests: bool,
                     continue
                 records += 1
                 headers = record.rec_headers
-                length = int(headers.get_header("Content-Length") or 0)
+                length = int(headers.get_header("Content-Length") or -1)  # -1: missing (a cut header)
                 doc = {"id": headers.get_header("WARC-Record-ID"), "url": headers.get_header("WARC-Target-URI"),
                        "date": headers.get_header("WARC-Date"), "source": shard, "text": ""}
                 if length > max_doc_bytes:
@@ -75,18 +81,18 @@ def read_conversion_records(path: str, max_doc_bytes: int, check_digests: bool,
                 body = record.content_stream().read()
                 doc["text"] = body.decode("utf-8", errors="replace")
                 yield (doc, _check(doc, body, length, headers, check_digests, stats), len(body))
-    except Exception as e:  # warcio/zlib/OS errors all mean the same: the stream broke here
-        errors.append({"file": path, "error": f"{type(e).__name__}: {e}", "records_before": records})
-        log.warning("%s: stream damaged after %d conversion records (%s: %s); keeping those",
-                    path, records, type(e).__name__, e)
+    except STREAM_ERRORS as e:  # all mean the same: the stream broke here
+        error = f"{type(e).__name__}: {str(e)[:ERROR_CHARS]!r}"  # may quote binary garbage: escaped, cut
+        errors.append({"file": path, "error": error, "records_before": records})
+        log.warning("%s: stream damaged after %d conversion records (%s); keeping those", path, records, error)
 
 
 def _check(doc: Doc, body: bytes, length: int, headers, check_digests: bool, stats: Counter) -> str | None:
     """The first reason a record cannot become a document, or None. Sets doc['text'] when kept."""
+    if not doc["id"] or length < 0:
+        return "bad_header"
     if len(body) < length:
         return "truncated"
-    if not doc["id"]:
-        return "missing_id"
     digest = headers.get_header("WARC-Block-Digest")
     if check_digests and digest:
         ok = digest_matches(digest, body)
