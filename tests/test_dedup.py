@@ -87,3 +87,11 @@ def test_three_steps_across_two_shards_are_deterministic(tmp_path, stories):
     assert clean == len(docs) - 2
     for rel in ["clusters.parquet", "clean/a.parquet", "clean/b.parquet", "removed/b.parquet", "sig/a.parquet"]:
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+
+
+def test_shards_with_no_documents_cluster_to_nothing(stories):
+    empty = signatures([], "a", CONFIG)
+    removed, stats = cluster(pl.concat([empty, signatures(make_docs(stories[:3]), "b", CONFIG)]), CONFIG)
+    assert removed.height == 0 and stats["clusters"] == 3
+    removed, stats = cluster(empty, CONFIG)
+    assert removed.height == 0 and stats["docs"] == 0

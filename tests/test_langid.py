@@ -46,6 +46,7 @@ def test_stage_keeps_configured_languages_and_labels_every_doc(tmp_path):
     manifest, kept, removed = run_langid(tmp_path, list(TEXTS.values()), languages=["en", "fr"])
     assert kept["lang"].to_list() == ["en", "fr"] and kept["lang_score"].min() >= 0.65
     assert removed["reason"].to_list() == ["language_not_kept"] * 2
+    assert removed["lang"].to_list() == ["zh", "ru"]  # the audit shows what it was
     assert manifest["counts"]["dropped"] == {"language_not_kept": 2}
     assert manifest["metrics"]["languages_in"] == {"en": 1, "fr": 1, "ru": 1, "zh": 1}
 
@@ -59,3 +60,9 @@ def test_low_confidence_is_its_own_reason(tmp_path):
 def test_missing_model_path_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="langid.model"):
         load_model(str(tmp_path / "lid.176.bin"))
+
+
+def test_nothing_kept_still_writes_the_language_columns(tmp_path):
+    _, kept, removed = run_langid(tmp_path, [TEXTS["zh"], TEXTS["ru"]])
+    assert kept.height == 0 and {"lang", "lang_score"} <= set(kept.columns)
+    assert removed.height == 2

@@ -87,12 +87,12 @@ def signatures(docs: list[Doc], shard: str, config: dict[str, Any]) -> pl.DataFr
     minhashes = MinHash.bulk((s for s in shingle_sets), num_perm=num_perm, seed=config["seed"], scheme=SCHEME)
     values = np.stack([m.hashvalues for m in minhashes]).astype(np.uint32) if docs else np.zeros((0, num_perm), np.uint32)
     return pl.DataFrame({
-        "source": [shard] * len(docs),
+        "source": pl.Series([shard] * len(docs), dtype=pl.String),
         "row": np.arange(len(docs), dtype=np.int64),
-        "id": [d["id"] for d in docs],
-        "url": [d["url"] for d in docs],
-        "text_hash": [text_hash(t) for t in normalized],
-        "has_signature": [bool(s) for s in shingle_sets],
+        "id": pl.Series([d["id"] for d in docs], dtype=pl.String),
+        "url": pl.Series([d["url"] for d in docs], dtype=pl.String),
+        "text_hash": pl.Series([text_hash(t) for t in normalized], dtype=pl.String),
+        "has_signature": pl.Series([bool(s) for s in shingle_sets], dtype=pl.Boolean),
         "signature": pl.Series(values, dtype=pl.Array(pl.UInt32, num_perm)),
     })
 
@@ -199,9 +199,9 @@ def run_signatures(docs_in: str, *, output: str, manifest: str, config: dict[str
 
 def run_clusters(signature_files: list[str], *, output: str, manifest: str, config: dict[str, Any]) -> None:
     config = section_config("dedup", config)
-    table = pl.concat([pl.read_parquet(p) for p in sorted(signature_files)]) if signature_files else None
-    if table is None or table.height == 0:
-        raise ValueError("dedup clusters: no documents in the signature files " + ", ".join(signature_files))
+    table = pl.concat([pl.read_parquet(p) for p in sorted(signature_files)])
+    if table.height == 0:
+        log.warning("dedup: no documents reached dedup (every one was dropped upstream)")
     removed, stats = cluster(table, config)
     write_frame(output, removed)
     log.info("dedup: %d docs in %d clusters, removed %s", stats["docs"], stats["clusters"], stats["removed"])

@@ -38,13 +38,6 @@ def read_docs(path: str | os.PathLike) -> list[Doc]:
     return pl.read_parquet(path).to_dicts()
 
 
-def doc_schema(rows: list[Doc] | None = None, base: dict[str, pl.DataType] = DOC_COLUMNS) -> dict[str, pl.DataType]:
-    """DOC_COLUMNS plus the language columns once langid has run (seen on the first row)."""
-    if rows and "lang" in rows[0]:
-        return {**base, **LANG_COLUMNS}
-    return dict(base)
-
-
 def write_docs(path: str | os.PathLike, rows: Iterable[Doc], schema: dict[str, pl.DataType]) -> int:
     """Write `rows` (only the schema's columns, in its order) atomically; return the row count."""
     rows = list(rows)

@@ -22,7 +22,7 @@ import fasttext
 
 from pipeline.cli import ConfigError
 from pipeline.config import section_config
-from pipeline.data.docs import Doc
+from pipeline.data.docs import LANG_COLUMNS, REMOVED_COLUMNS, Doc
 from pipeline.data.steps import Decision, add_stage_arguments, run_doc_stage
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ def langid(docs_in: str, *, output: str, removed: str, manifest: str, config: di
         yield from label_and_decide(model, docs, set(config["languages"]), config["min_score"], language_mix)
 
     return run_doc_stage("langid", decide, docs_in=docs_in, docs_out=output, removed_out=removed,
-                         manifest=manifest, config=config, extra_inputs=[model_path],
+                         manifest=manifest, config=config, extra_inputs=[model_path], new_columns=LANG_COLUMNS,
+                         removed_schema={**REMOVED_COLUMNS, **LANG_COLUMNS},  # dropped ones show their label
                          metrics={"model": model_path.name, "languages_in": language_mix})
 
 

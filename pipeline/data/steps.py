@@ -20,7 +20,7 @@ import polars as pl
 from tqdm import tqdm
 
 from pipeline.artifacts import write_manifest
-from pipeline.data.docs import REMOVED_COLUMNS, Doc, doc_schema, read_docs, text_bytes, write_docs
+from pipeline.data.docs import REMOVED_COLUMNS, Doc, text_bytes, write_docs
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,15 @@ def run_doc_stage(stage: str, decide: Decide, *, docs_in: str | os.PathLike,
                   docs_out: str | os.PathLike, removed_out: str | os.PathLike,
                   manifest: str | os.PathLike, config: Any,
                   removed_schema: dict[str, pl.DataType] = REMOVED_COLUMNS,
+                  new_columns: dict[str, pl.DataType] | None = None,
                   metrics: dict[str, Any] | None = None,
                   extra_inputs: list[str | os.PathLike] = ()) -> dict[str, Any]:
-    """Run `decide` over the documents of `docs_in` and write everything the stage owes."""
-    docs = read_docs(docs_in)
+    """Run `decide` over the documents of `docs_in` and write everything the stage owes.
+
+    Kept documents have the input's columns plus `new_columns` (langid's labels), also when
+    none is kept, so every shard of a stage has one schema."""
+    frame = pl.read_parquet(docs_in)
+    docs = frame.to_dicts()
     funnel, kept, removed = Funnel(), [], []
     for doc in docs:
         funnel.take(text_bytes(doc))
@@ -105,7 +110,7 @@ def run_doc_stage(stage: str, decide: Decide, *, docs_in: str | os.PathLike,
     return write_stage_outputs(stage, kept=kept, removed=removed, funnel=funnel, docs_out=docs_out,
                                removed_out=removed_out, manifest=manifest, config=config,
                                inputs=[docs_in, *extra_inputs],
-                               kept_schema=doc_schema(kept or docs),
+                               kept_schema={**dict(frame.schema), **(new_columns or {})},
                                removed_schema=removed_schema, metrics=metrics)
 
 
