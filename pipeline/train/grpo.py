@@ -1,0 +1,166 @@
+"""GRPO's pure pieces, read top to bottom: rewards -> group-relative advantages -> the clipped
+policy loss and its accumulation weight.
+
+The objective is DeepSeekMath's GRPO (Shao et al., 2024, https://arxiv.org/abs/2402.03300) with
+the later corrections as options: Dr. GRPO (Liu et al., 2025, https://arxiv.org/abs/2503.20783)
+drops the std scaling of advantages and the per-completion length normalisation; DAPO (Yu et al.,
+2025, https://arxiv.org/abs/2503.14476) normalises by the batch's token count and clips
+asymmetrically (eps_low, eps_high). The KL penalty to a frozen reference is the k3 estimator
+(Schulman, http://joschu.net/blog/kl-approx.html), as DeepSeekMath.
+
+Shapes: a step has P prompts x G completions = B rows, consecutive rows sharing a prompt. Token
+tensors (`logp`, `old_logp`, `ref_logp`, `mask`) are [B, T], T the longest completion in the
+(micro) batch; `mask` is 1 on the completion tokens that count.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+# --- rewards ----------------------------------------------------------------------------------------
+
+# A parsable answer, for the format reward: a number somewhere in the completion (the arithmetic
+# and GSM8K verifiers read a number; "1,234", "-3" and "2.5" all count).
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def format_reward(text: str, ended: bool) -> float:
+    """1.0 when the completion closed its turn itself (sampled <|assistant_end|> before the length
+    limit) and contains a parsable answer (a number), else 0.0. It rewards the shape of an answer
+    whatever its value, so early on, when few answers are right, groups still differ."""
+    return float(ended and NUMBER.search(text) is not None)
+
+
+def score_completions(task: Any, texts: Sequence[str], answers: Sequence[str], ended: Sequence[bool],
+                      format_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of B completions: the task's verifier `task.reward(text, answer)` plus
+    `format_weight` x `format_reward`. Returns (rewards, task_rewards), both float32 [B]; the
+    mean of task_rewards is the accuracy for a 0/1 verifier."""
+    if not len(texts) == len(answers) == len(ended):
+        raise ValueError(f"{len(texts)} completions, {len(answers)} answers, {len(ended)} ended flags")
+    task_rewards = torch.tensor([float(task.reward(t, a)) for t, a in zip(texts, answers)], dtype=torch.float32)
+    formats = torch.tensor([format_reward(t, e) for t, e in zip(texts, ended)], dtype=torch.float32)
+    return task_rewards + format_weight * formats, task_rewards
+
+
+# --- advantages -------------------------------------------------------------------------------------
+
+SCALES = ("group", "batch", "none")
+STD_EPS = 1e-4  # DeepSeekMath / TRL: keeps a group whose rewards are all equal at advantage 0
+
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """rewards [P * G] -> [P, G], checked."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (P * G values), got shape {tuple(rewards.shape)}")
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"group_size {group_size} must be >= 2 and divide the {rewards.numel()} rewards")
+    return rewards.float().view(-1, group_size)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """Each completion's reward relative to its group (the G completions of one prompt).
+
+    scale "group": (r - group mean) / (group std + 1e-4), GRPO; "none": r - group mean, Dr. GRPO
+    (the std division up-weights prompts that are nearly always right or nearly always wrong);
+    "batch": (r - group mean) / (std of the whole batch's rewards + 1e-4), as TRL's
+    `scale_rewards="batch"`. The std is the sample std (Bessel-corrected), as TRL."""
+    if scale not in SCALES:
+        raise ValueError(f"scale {scale!r} is not one of {SCALES}")
+    groups = _groups(rewards, group_size)
+    # exactly 0 for a group of equal rewards: in float32 eight 0.3s have a mean 3e-8 off, which
+    # the group scale's 1 / (0 + 1e-4) would blow up to a spurious advantage of 3e-4
+    equal = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)
+    centred = torch.where(equal, 0.0, groups - groups.mean(dim=1, keepdim=True))
+    if scale == "none":
+        return centred.view(-1)
+    std = groups.std(dim=1, keepdim=True) if scale == "group" else groups.std()
+    return (centred / (std + STD_EPS)).view(-1)
+
+
+def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> int:
+    """How many groups got the same reward on every completion: their advantages are all 0, so
+    they teach nothing this step (DAPO's dynamic sampling would resample them; we count them)."""
+    groups = _groups(rewards, group_size)
+    return int((groups.amax(dim=1) == groups.amin(dim=1)).sum())
+
+
+# --- the loss ---------------------------------------------------------------------------------------
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+
+
+def loss_weight(mask: torch.Tensor, loss_type: str, max_completion_tokens: int | None = None) -> float:
+    """The denominator of `policy_loss` for this (micro) batch. Under gradient accumulation each
+    micro batch contributes loss x weight and the gradient is divided by the weights' global
+    sum, so the result equals one big batch's: dapo, masked tokens (DAPO's token-level mean over
+    the global batch); grpo, completions with at least one masked token (each is one term of the
+    mean over completions); dr_grpo, completions x max_completion_tokens (a constant per row)."""
+    if loss_type == "dapo":
+        return float(mask.sum())
+    if loss_type == "grpo":
+        return float((mask.sum(dim=1) > 0).sum())
+    if loss_type == "dr_grpo":
+        if max_completion_tokens is None:
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_tokens (its constant denominator)")
+        return float(mask.size(0) * max_completion_tokens)
+    raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
+                eps_high: float = 0.2, loss_type: str = "dapo",
+                max_completion_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped surrogate loss (negative objective) of a (micro) batch, and its stats.
+
+    Per token: ratio = exp(logp - old_logp); objective = min(ratio A, clip(ratio, 1 - eps_low,
+    1 + eps_high) A), minus beta x k3 when beta > 0, k3 = exp(ref - logp) - (ref - logp) - 1 >= 0.
+    Reduced by `loss_type` (see `loss_weight` for each denominator): grpo, mean over each
+    completion's tokens then over completions; dr_grpo, sum / (B x max_completion_tokens); dapo,
+    sum / masked tokens. Stats: `clip_frac` (masked tokens whose clipped term is the one taken,
+    so they pass no gradient), `kl` (mean k3 over masked tokens; 0 without a reference),
+    `tokens` (masked tokens) and `weight` (`loss_weight`)."""
+    if logp.dim() != 2 or not logp.shape == old_logp.shape == mask.shape:
+        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask {tuple(mask.shape)} "
+                         "must be the same [B, T]")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be [B] = [{logp.size(0)}]")
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"beta = {beta} > 0 needs ref_logp (the frozen reference's log-probs)")
+    if ref_logp is not None and ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp {tuple(ref_logp.shape)} must be [B, T] = {tuple(logp.shape)}")
+    weight = loss_weight(mask, loss_type, max_completion_tokens)
+    keep = mask.bool()
+    tokens = keep.sum()
+
+    def masked(x: torch.Tensor) -> torch.Tensor:
+        # where, before exp(): a padding position may hold anything (an inf ratio), and both
+        # inf * 0 and the gradient of exp() at inf are nan
+        return torch.where(keep, x, torch.zeros_like(x))
+
+    def token_mean(x: torch.Tensor) -> float:
+        return float(masked(x).sum() / tokens.clamp(min=1))
+
+    A = advantages.to(logp.dtype).unsqueeze(1)  # [B, 1]: one advantage for all of a completion's tokens
+    ratio = torch.exp(masked(logp - old_logp))
+    objective = torch.minimum(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
+    clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
+    kl = 0.0
+    if ref_logp is not None:
+        log_ratio = masked(ref_logp - logp)
+        k3 = torch.exp(log_ratio) - log_ratio - 1
+        kl = token_mean(k3.detach())
+        if beta > 0:
+            objective = objective - beta * k3
+    objective = masked(objective)
+    if loss_type == "grpo":
+        total = (objective.sum(dim=1) / keep.sum(dim=1).clamp(min=1)).sum()
+    else:
+        total = objective.sum()
+    loss = -total / max(weight, 1.0)  # an all-masked batch: loss 0, weight 0
+    stats = {"clip_frac": token_mean(clipped.to(logp.dtype)), "kl": kl, "tokens": float(tokens), "weight": weight}
+    return loss, stats
