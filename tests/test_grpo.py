@@ -1,5 +1,8 @@
-"""GRPO's pure pieces: advantages, the three loss reductions on hand-computed tensors, gradient
-accumulation invariance, the format reward."""
+"""GRPO's pure pieces: rollouts on the KV cache and their log-probs, advantages, the three loss
+reductions on hand-computed tensors, gradient accumulation invariance, the format reward.
+
+Rollouts use a real `nano`-shaped GPT over a vocabulary of 8 ids, the stop token one of them, so
+random weights stop some completions and cut others at the length limit."""
 
 from __future__ import annotations
 
@@ -9,8 +12,118 @@ import statistics
 import pytest
 import torch
 
-from pipeline.train.grpo import (equal_reward_groups, format_reward, group_advantages, loss_weight,
-                                 policy_loss)
+from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.train.grpo import (Rollouts, completion_logprobs, equal_reward_groups, format_reward,
+                                 group_advantages, loss_mask, loss_weight, policy_loss, sample_completions,
+                                 sample_token, sequences)
+
+# until main has the model branch (KVCache, loss_reduction="none"); removed at that merge
+needs_kv_cache = pytest.mark.skipif(not hasattr(GPT, "new_kv_cache"),
+                                    reason="needs GPT.new_kv_cache and loss_reduction from the model branch")
+VOCAB, STOP = 8, 7
+PROMPTS = [[1, 2, 3], [4, 5], [6, 1, 2, 3, 4]]  # uneven lengths: sequences pad on the right
+
+
+def nano() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=VOCAB, seq_len=16, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def rollouts(model: GPT, seed: int = 0, **overrides) -> Rollouts:
+    kw = dict(group_size=4, max_completion_tokens=6, temperature=1.0, top_k=None, top_p=1.0, stop_token=STOP,
+              generator=torch.Generator().manual_seed(seed))
+    return sample_completions(model, PROMPTS, **{**kw, **overrides})
+
+
+# --- rollouts ----------------------------------------------------------------------------------------
+
+def naive_completions(model: GPT, group_size: int, max_completion_tokens: int, generator) -> list[list[int]]:
+    """The same sampling without a cache: each step reads every row's whole sequence again."""
+    out = []
+    for prompt in PROMPTS:
+        rows = [list(prompt) for _ in range(group_size)]
+        completions: list[list[int]] = [[] for _ in range(group_size)]
+        done = [False] * group_size
+        for _ in range(max_completion_tokens):
+            with torch.no_grad():
+                logits = model(torch.tensor(rows))[:, -1]
+            tokens = sample_token(logits, VOCAB, 1.0, None, 1.0, generator).tolist()
+            for i, token in enumerate(tokens):
+                rows[i].append(token)
+                if not done[i]:
+                    completions[i].append(token)
+                    done[i] = token == STOP
+            if all(done):
+                break
+        out += completions
+    return out
+
+
+@needs_kv_cache
+def test_completions_stop_at_the_stop_token_or_the_limit():
+    r = rollouts(nano())
+    assert r.ids.shape == r.mask.shape == (12, 6) and r.truncated.shape == (12,) and r.group_size == 4
+    for row, mask, truncated in zip(r.ids.tolist(), r.mask.tolist(), r.truncated.tolist()):
+        n = sum(mask)
+        assert mask == [True] * n + [False] * (6 - n)  # a prefix
+        assert row[n:] == [STOP] * (6 - n)  # padding
+        assert STOP not in row[:n - 1]  # nothing sampled after a stop
+        assert truncated == (row[n - 1] != STOP) and (n == 6 or not truncated)
+    assert 0 < int(r.truncated.sum()) < 12  # this seed exercises both endings
+
+
+@needs_kv_cache
+def test_cached_rollouts_equal_sampling_without_a_cache():
+    model = nano()
+    r = rollouts(model, seed=3)
+    cached = [row[:n] for row, n in zip(r.ids.tolist(), r.mask.sum(dim=1).tolist())]
+    assert cached == naive_completions(model, 4, 6, torch.Generator().manual_seed(3))
+
+
+@needs_kv_cache
+def test_rollouts_are_seeded():
+    model = nano()
+    a, b, c = rollouts(model, seed=1), rollouts(model, seed=1), rollouts(model, seed=2)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.mask, b.mask)
+    assert not torch.equal(a.ids, c.ids)
+
+
+def test_sample_token_filters():
+    logits = torch.tensor([[0.0, 3.0, 2.9, 1.0, 9.0]] * 200)  # id 4 is padding (vocab_size 4)
+    g = torch.Generator().manual_seed(0)
+    assert sample_token(logits, 4, 0.0, None, 1.0, g).unique().tolist() == [1]  # greedy
+    assert sample_token(logits, 4, 1.0, 2, 1.0, g).unique().tolist() == [1, 2]  # top-k 2
+    assert sample_token(logits, 4, 1.0, None, 0.3, g).unique().tolist() == [1]  # top-p: id 1 alone has ~0.47
+    assert sample_token(logits, 4, 1.0, None, 1.0, g).unique().tolist() == [0, 1, 2, 3]  # never 4
+
+
+@needs_kv_cache
+def test_a_prompt_too_long_for_the_context_is_named():
+    model = nano()
+    with pytest.raises(ValueError, match="prompt 0: 12 tokens"):
+        sample_completions(model, [[1] * 12], 2, 6, 1.0, None, 1.0, STOP, None)
+
+
+@needs_kv_cache
+def test_completion_logprobs_read_each_token_where_it_is_predicted():
+    """Batched over right-padded rows, equal to log_softmax of a forward over each row alone."""
+    model = nano()
+    r = rollouts(model)
+    idx, targets, positions = sequences(r)
+    logp, entropy = completion_logprobs(model, idx, targets, positions, with_entropy=True)
+    assert logp.shape == entropy.shape == (12, 6)
+    for i in range(12):
+        prompt, n = PROMPTS[i // 4], int(r.mask[i].sum())
+        completion = r.ids[i, :n].tolist()
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion]))[0, len(prompt) - 1:-1]
+        log_probs = logits.log_softmax(dim=-1)
+        expected = [log_probs[j, t].item() for j, t in enumerate(completion)]
+        assert logp[i, :n].tolist() == pytest.approx(expected, abs=1e-5)
+        assert logp[i, n:].abs().sum() == 0
+        probs = logits[:, :VOCAB].softmax(dim=-1)
+        expected_entropy = -(probs * probs.log()).sum(dim=-1)
+        assert entropy[i, :n].tolist() == pytest.approx(expected_entropy.tolist(), abs=1e-5)
 
 # --- advantages -------------------------------------------------------------------------------------
 
@@ -196,6 +309,49 @@ def test_a_mean_of_micro_batch_losses_would_change_the_gradient(loss_type):
         loss, _ = policy_loss(logp[rows], old[rows], adv[rows], mask[rows], ref_logp=ref[rows], **kw)
         (loss / len(SPLITS)).backward()
     assert not torch.allclose(logp.grad, whole, atol=1e-3, rtol=0)
+
+
+@needs_kv_cache
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_accumulation_through_the_model(loss_type):
+    """The same on the model's weights: rollouts of 3 prompts x 4, truncated ones masked out, their
+    log-probs in one batch of 12 and in micro batches of 5 + 7 rows (each padded to its own
+    length), a step of mu = 2 (the policy moved, so ratios are not 1 and some tokens clip)."""
+    model = nano()
+    r = rollouts(model, seed=5)
+    mask = loss_mask(r, mask_truncated=True)
+    assert 0 < int(r.truncated.sum()) and mask.sum() < r.mask.sum()
+    with torch.no_grad():
+        old = completion_logprobs(model, *sequences(r))[0]
+    adv = group_advantages(torch.arange(12.0) % 3, 4)
+    with torch.no_grad():  # a policy that has moved since the rollouts
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    kw = dict(eps_low=0.1, eps_high=0.1, loss_type=loss_type, max_completion_tokens=6)
+
+    def grads(splits) -> tuple[list[torch.Tensor], float]:
+        model.zero_grad()
+        total, clipped = 0.0, 0.0
+        for rows in splits:
+            logp, _ = completion_logprobs(model, *sequences(r, rows))
+            loss, stats = policy_loss(logp, old[rows], adv[rows], mask[rows], **kw)
+            (loss * stats["weight"]).backward()
+            total += stats["weight"]
+            clipped += stats["clip_frac"] * stats["tokens"]
+        return [p.grad / total for p in model.parameters()], clipped
+
+    whole, clipped = grads([slice(0, 12)])
+    assert clipped > 0
+    for a, b in zip(grads([slice(0, 5), slice(5, 12)])[0], whole):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@needs_kv_cache
+def test_mask_truncated_drops_whole_completions():
+    r = rollouts(nano())
+    assert torch.equal(loss_mask(r, mask_truncated=False), r.mask)
+    masked = loss_mask(r, mask_truncated=True)
+    assert masked[r.truncated].sum() == 0 and torch.equal(masked[~r.truncated], r.mask[~r.truncated])
 
 
 # --- rewards --------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""GRPO's pure pieces, read top to bottom: rewards -> group-relative advantages -> the clipped
-policy loss and its accumulation weight.
+"""GRPO's pure pieces, read top to bottom: rollouts (group sampling on the KV cache, log-probs of
+completions) -> rewards -> group-relative advantages -> the clipped policy loss and its
+accumulation weight.
 
 The objective is DeepSeekMath's GRPO (Shao et al., 2024, https://arxiv.org/abs/2402.03300) with
 the later corrections as options: Dr. GRPO (Liu et al., 2025, https://arxiv.org/abs/2503.20783)
@@ -17,9 +18,122 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+# --- rollouts ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    """G sampled completions of each of P prompts, B = P x G rows, a prompt's rows consecutive."""
+    prompts: list[list[int]]  # the P prompts' token ids (each ends with <|assistant_start|>)
+    ids: torch.Tensor         # [B, L] completion ids; after the stop token, padding (the stop id)
+    mask: torch.Tensor        # [B, L] bool: the sampled tokens, the stop token included
+    truncated: torch.Tensor   # [B] bool: cut at max_completion_tokens without the stop token
+
+    @property
+    def group_size(self) -> int:
+        return self.ids.size(0) // len(self.prompts)
+
+
+def sample_token(logits: torch.Tensor, vocab_size: int, temperature: float, top_k: int | None, top_p: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """One token id per row of logits [B, V]: greedy at temperature 0, else sampled at
+    `temperature` from the k likeliest (top_k, None for all) that reach probability top_p
+    (nucleus sampling, the first token always kept). Ids >= vocab_size are padding, never drawn."""
+    logits = logits.float().clone()
+    logits[:, vocab_size:] = -float("inf")
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits[logits < kth] = -float("inf")
+    probs = F.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs[(sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p] = 0.0
+    return order.gather(-1, torch.multinomial(sorted_probs, 1, generator=generator))[:, 0]
+
+
+@torch.no_grad()
+def sample_completions(model: torch.nn.Module, prompts_ids: Sequence[Sequence[int]], group_size: int,
+                       max_completion_tokens: int, temperature: float, top_k: int | None, top_p: float,
+                       stop_token: int, generator: torch.Generator | None) -> Rollouts:
+    """G = group_size completions of each prompt from `model`: the prompt is read once at batch 1
+    into a KV cache, the cache is expanded to G rows, then all G rows sample a token per step. A
+    row stops at `stop_token` (<|assistant_end|>, kept as its last token) or after
+    max_completion_tokens tokens (truncated); the loop ends when every row has stopped."""
+    device = next(model.parameters()).device
+    vocab_size, seq_len = model.config.vocab_size, model.config.seq_len
+    L = max_completion_tokens
+    ids = torch.full((len(prompts_ids) * group_size, L), stop_token, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for p, prompt in enumerate(prompts_ids):
+        # the last sampled token is never read back: the cache holds the prompt and L - 1 tokens
+        if not 0 < len(prompt) <= seq_len - L + 1:
+            raise ValueError(f"prompt {p}: {len(prompt)} tokens + max_completion_tokens {L} - 1 do not fit "
+                             f"the model's context of {seq_len} tokens")
+        cache = model.new_kv_cache(1, len(prompt) + L - 1)
+        logits = model(torch.tensor([list(prompt)], device=device), kv_cache=cache)[:, -1]
+        cache, logits = cache.expand(group_size), logits.expand(group_size, -1)
+        rows = slice(p * group_size, (p + 1) * group_size)
+        done = torch.zeros(group_size, dtype=torch.bool, device=device)
+        for t in range(L):
+            token = sample_token(logits, vocab_size, temperature, top_k, top_p, generator)
+            ids[rows, t] = torch.where(done, stop_token, token)
+            mask[rows, t] = ~done
+            done |= token == stop_token
+            if done.all() or t == L - 1:
+                break
+            logits = model(ids[rows, t:t + 1], kv_cache=cache)[:, -1]
+    ended = (ids == stop_token) & mask
+    return Rollouts(prompts=[list(p) for p in prompts_ids], ids=ids, mask=mask, truncated=~ended.any(dim=1))
+
+
+def loss_mask(rollouts: Rollouts, mask_truncated: bool) -> torch.Tensor:
+    """The completion tokens the loss counts [B, L]: all sampled ones, or with `mask_truncated`
+    none of a completion cut at the length limit (DAPO's overlong filtering: a cut answer's
+    reward says little about its tokens). Its reward still counts in its group's advantages."""
+    return rollouts.mask & ~rollouts.truncated[:, None] if mask_truncated else rollouts.mask
+
+
+def sequences(rollouts: Rollouts, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Model inputs for the completions in `rows`: idx [b, S] (prompt + completion but its last
+    token, right-padded), targets [b, S] (the completion's tokens where they are predicted, -1
+    elsewhere) and positions [b, L] (where completion token j is predicted: len(prompt) - 1 + j)."""
+    G, L = rollouts.group_size, rollouts.ids.size(1)
+    ids = rollouts.ids[rows]
+    row_prompts = [rollouts.prompts[r // G] for r in range(rollouts.ids.size(0))][rows]
+    lengths = torch.tensor([len(p) for p in row_prompts], device=ids.device)
+    S = int(lengths.max()) + L - 1
+    idx = torch.zeros(ids.size(0), S, dtype=torch.long, device=ids.device)
+    positions = lengths[:, None] - 1 + torch.arange(L, device=ids.device)  # [b, L]
+    for i, prompt in enumerate(row_prompts):
+        idx[i, :len(prompt)] = torch.tensor(prompt, device=ids.device)
+    idx.scatter_(1, positions[:, 1:], ids[:, :-1])  # token j of the completion sits at len(prompt) + j
+    targets = torch.full_like(idx, -1)
+    targets.scatter_(1, positions, torch.where(rollouts.mask[rows], ids, -1))
+    return idx, targets, positions
+
+
+def completion_logprobs(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(completion token j | prompt, tokens < j) under `model`, [b, L]: one forward over the
+    whole sequences with per-token losses (loss_reduction="none"), read at the completion's
+    positions (0 where masked). With `with_entropy`, also the model's entropy (nats) at each of
+    those positions, over the real vocabulary; for logging, so without gradient."""
+    logits, losses = model(idx, targets, loss_reduction="none")
+    logp = -losses.gather(1, positions)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        at = logits.gather(1, positions[:, :, None].expand(-1, -1, logits.size(-1)))[..., :model.config.vocab_size]
+        log_probs = F.log_softmax(at.float(), dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return logp, entropy
 
 # --- rewards ----------------------------------------------------------------------------------------
 
