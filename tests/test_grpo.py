@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.train.grpo import (Rollouts, completion_logprobs, equal_reward_groups, format_reward,
-                                 group_advantages, loss_mask, loss_weight, policy_loss, sample_completions,
-                                 sample_token, sequences)
+from pipeline.train.grpo import (PolicyLoss, Rollouts, batch_logprobs, completion_logprobs,
+                                 equal_reward_groups, format_reward, group_advantages, loss_mask, loss_weight,
+                                 micro_batches, policy_loss, sample_completions, sample_token, sequences,
+                                 set_old_logprobs)
 
 # until main has the model branch (KVCache, loss_reduction="none"); removed at that merge
 needs_kv_cache = pytest.mark.skipif(not hasattr(GPT, "new_kv_cache"),
@@ -314,35 +315,66 @@ def test_a_mean_of_micro_batch_losses_would_change_the_gradient(loss_type):
 @needs_kv_cache
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
 def test_accumulation_through_the_model(loss_type):
-    """The same on the model's weights: rollouts of 3 prompts x 4, truncated ones masked out, their
-    log-probs in one batch of 12 and in micro batches of 5 + 7 rows (each padded to its own
-    length), a step of mu = 2 (the policy moved, so ratios are not 1 and some tokens clip)."""
+    """The same on the model's weights, through `micro_batches` and `PolicyLoss` as a step runs
+    them: rollouts of 3 prompts x 4, truncated ones masked out, a KL to a reference, old
+    log-probs taken once, then a policy that has moved (ratios not 1, some tokens clip). One
+    micro batch of 12, or micro batches of 5 + 5 + 2 (each padded to its own length), summed the
+    engine's way: backward of each loss_sum, the gradient / total weight."""
     model = nano()
     r = rollouts(model, seed=5)
     mask = loss_mask(r, mask_truncated=True)
     assert 0 < int(r.truncated.sum()) and mask.sum() < r.mask.sum()
-    with torch.no_grad():
-        old = completion_logprobs(model, *sequences(r))[0]
     adv = group_advantages(torch.arange(12.0) % 3, 4)
-    with torch.no_grad():  # a policy that has moved since the rollouts
+    ref_logp = batch_logprobs(nano(), micro_batches(r, mask, adv, 12))
+    with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    kw = dict(eps_low=0.1, eps_high=0.1, loss_type=loss_type, max_completion_tokens=6)
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    old = batch_logprobs(model, micro_batches(r, mask, adv, 12))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)))
+    loss_fn = PolicyLoss(loss_type=loss_type, eps_low=0.1, eps_high=0.1, beta=0.1, max_completion_tokens=6)
 
-    def grads(splits) -> tuple[list[torch.Tensor], float]:
+    def grads(micro_batch: int) -> list[torch.Tensor]:
+        batches = micro_batches(r, mask, adv, micro_batch, ref_logp=ref_logp)
+        for b, rows in zip(batches, range(0, 12, micro_batch)):
+            b["old_logp"] = old[rows:rows + micro_batch]
         model.zero_grad()
-        total, clipped = 0.0, 0.0
-        for rows in splits:
-            logp, _ = completion_logprobs(model, *sequences(r, rows))
-            loss, stats = policy_loss(logp, old[rows], adv[rows], mask[rows], **kw)
-            (loss * stats["weight"]).backward()
-            total += stats["weight"]
-            clipped += stats["clip_frac"] * stats["tokens"]
-        return [p.grad / total for p in model.parameters()], clipped
+        total = 0.0
+        for b in batches:
+            loss_sum, weight = loss_fn(model, b)
+            loss_sum.backward()
+            total += weight
+        assert total == loss_weight(mask, loss_type, 6)
+        return [p.grad / total for p in model.parameters()]
 
-    whole, clipped = grads([slice(0, 12)])
-    assert clipped > 0
-    for a, b in zip(grads([slice(0, 5), slice(5, 12)])[0], whole):
+    whole = grads(12)
+    stats = loss_fn.stats()
+    assert stats["clip_frac"] > 0 and stats["kl"] > 0 and stats["entropy"] > 0
+    for a, b in zip(grads(5), whole):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert loss_fn.stats() == pytest.approx(stats, abs=1e-6)
+
+
+@needs_kv_cache
+def test_on_policy_old_logprobs_are_the_forwards_own():
+    """mu = 1: old_logp None means the forward's own, detached, so ratio 1: the same loss and
+    gradient as old log-probs taken by a separate forward."""
+    model = nano()
+    r = rollouts(model, seed=5)
+    adv = group_advantages(torch.arange(12.0) % 3, 4)
+    loss_fn = PolicyLoss(loss_type="dapo", eps_low=0.2, eps_high=0.2, beta=0.0, max_completion_tokens=6)
+    [batch] = micro_batches(r, r.mask, adv, 12)
+    loss_sum, _ = loss_fn(model, batch)
+    loss_sum.backward()
+    on_policy = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    set_old_logprobs(model, [batch])
+    loss_sum2, _ = loss_fn(model, batch)
+    loss_sum2.backward()
+    assert loss_fn.stats()["clip_frac"] == 0
+    torch.testing.assert_close(loss_sum, loss_sum2, atol=1e-6, rtol=0)
+    for a, b in zip(on_policy, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 

@@ -278,3 +278,66 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     loss = -total / max(weight, 1.0)  # an all-masked batch: loss 0, weight 0
     stats = {"clip_frac": token_mean(clipped.to(logp.dtype)), "kl": kl, "tokens": float(tokens), "weight": weight}
     return loss, stats
+
+
+# --- a step's micro batches and the engine's loss_fn ------------------------------------------------
+
+def micro_batches(rollouts: Rollouts, mask: torch.Tensor, advantages: torch.Tensor, micro_batch: int,
+                  ref_logp: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """A step's rollouts as micro batches of `micro_batch` completions, each with its model
+    inputs (see `sequences`), loss mask, advantages and, when there is a reference, ref_logp.
+    `old_logp` is None until `set_old_logprobs` fills it (only needed for mu > 1)."""
+    out = []
+    for start in range(0, rollouts.ids.size(0), micro_batch):
+        rows = slice(start, start + micro_batch)
+        idx, targets, positions = sequences(rollouts, rows)
+        out.append({"idx": idx, "targets": targets, "positions": positions, "mask": mask[rows],
+                    "advantages": advantages[rows], "old_logp": None,
+                    "ref_logp": None if ref_logp is None else ref_logp[rows]})
+    return out
+
+
+@torch.no_grad()
+def batch_logprobs(model: torch.nn.Module, batches: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """log-probs [B, L] of every completion of `batches` under `model` (the frozen reference, or
+    the policy before its mu updates)."""
+    return torch.cat([completion_logprobs(model, b["idx"], b["targets"], b["positions"])[0] for b in batches])
+
+
+def set_old_logprobs(model: torch.nn.Module, batches: list[dict[str, Any]]) -> None:
+    """Fill each micro batch's old_logp from `model`, once, before mu > 1 updates on the same
+    rollouts. With mu = 1 leave them None: the policy then is the one that sampled, and
+    `PolicyLoss` uses the forward's own log-probs, detached (ratio exactly 1), saving a forward."""
+    for b in batches:
+        b["old_logp"] = batch_logprobs(model, [b])
+
+
+class PolicyLoss:
+    """The engine's `loss_fn(model, batch) -> (loss_sum, weight)` for GRPO: `policy_loss` of a
+    micro batch times its `loss_weight`, so the engine's division by the global weight gives the
+    whole batch's loss. Keeps token-weighted sums of clip fraction, KL and entropy for `stats()`."""
+
+    def __init__(self, *, loss_type: str, eps_low: float, eps_high: float, beta: float,
+                 max_completion_tokens: int) -> None:
+        self.kw = dict(loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, beta=beta,
+                       max_completion_tokens=max_completion_tokens)
+        self.sums = {"clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
+        logp, entropy = completion_logprobs(model, batch["idx"], batch["targets"], batch["positions"],
+                                            with_entropy=True)
+        old = logp.detach() if batch["old_logp"] is None else batch["old_logp"]
+        loss, stats = policy_loss(logp, old, batch["advantages"], batch["mask"], ref_logp=batch["ref_logp"],
+                                  **self.kw)
+        self.sums["clip_frac"] += stats["clip_frac"] * stats["tokens"]
+        self.sums["kl"] += stats["kl"] * stats["tokens"]
+        self.sums["entropy"] += float(entropy[batch["mask"]].sum())
+        self.sums["tokens"] += stats["tokens"]
+        return loss * stats["weight"], stats["weight"]
+
+    def stats(self) -> dict[str, float]:
+        """Token-weighted means since the last call (over every micro batch and update), then reset."""
+        n = max(self.sums["tokens"], 1.0)
+        out = {k: v / n for k, v in self.sums.items() if k != "tokens"}
+        self.sums = dict.fromkeys(self.sums, 0.0)
+        return out
