@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 # --- rollouts ---------------------------------------------------------------------------------------
 
-
 @dataclass
 class Rollouts:
     """G sampled completions of each of P prompts, B = P x G rows, a prompt's rows consecutive."""
@@ -134,6 +133,7 @@ def completion_logprobs(model: torch.nn.Module, idx: torch.Tensor, targets: torc
         log_probs = F.log_softmax(at.float(), dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     return logp, entropy
+
 
 # --- rewards ----------------------------------------------------------------------------------------
 
