@@ -32,8 +32,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.cli import ConfigError
-
-ENDOFTEXT = "<|endoftext|>"
+from pipeline.tokenizer.bpe import ENDOFTEXT
 
 
 @dataclass(frozen=True)
