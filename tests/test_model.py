@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import load_schema
 from pipeline.model.gpt import GPT, MODEL_SIZES, GPTConfig, load_final
 
 
@@ -128,6 +129,13 @@ def test_tiny_top_p_is_greedy_and_generation_is_seeded():
     a = model.generate(idx, 6, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(2))
     b = model.generate(idx, 6, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and a.shape == (2, 10)
+
+
+def test_schema_size_names_are_the_model_sizes():
+    """The pretrain schema's enum gives config errors that name the key; it must list exactly
+    MODEL_SIZES, in order (a size added to one place only fails here)."""
+    enum = load_schema()["properties"]["pretrain"]["properties"]["sizes"]["items"]["enum"]
+    assert enum == list(MODEL_SIZES)
 
 
 # --- the KV cache ---------------------------------------------------------------------------------------
