@@ -34,8 +34,12 @@ DEDUP_REMOVED_COLUMNS: dict[str, pl.DataType] = {**REMOVED_COLUMNS, "duplicate_o
 _PARQUET = dict(compression="zstd", compression_level=3, statistics=False, row_group_size=8192)
 
 
+def read_frame(path: str | os.PathLike, columns: list[str] | None = None) -> pl.DataFrame:
+    return pl.read_parquet(path, columns=columns)
+
+
 def read_docs(path: str | os.PathLike) -> list[Doc]:
-    return pl.read_parquet(path).to_dicts()
+    return read_frame(path).to_dicts()
 
 
 def write_docs(path: str | os.PathLike, rows: Iterable[Doc], schema: dict[str, pl.DataType]) -> int:
