@@ -106,7 +106,8 @@ def run_doc_stage(stage: str, decide: Decide, *, docs_in: str | os.PathLike,
                   new_columns: dict[str, pl.DataType] | None = None,
                   metrics: dict[str, Any] | None = None,
                   extra_inputs: list[str | os.PathLike] = ()) -> dict[str, Any]:
-    """Run `decide` over the documents of `docs_in` and write everything the stage owes.
+    """Run `decide` over the documents of `docs_in` (checked against its stage's manifest first)
+    and write everything the stage owes.
 
     Kept documents have the input's columns plus `new_columns` (langid's labels), also when
     none is kept, so every shard of a stage has one schema."""
