@@ -25,9 +25,10 @@ rule fetch_wet:
         f"{BENCH}/fetch_wet/{{shard}}.tsv"
     params:
         url=lambda wc: WET[wc.shard],
+        config=section("fetch"),
     retries: 3
     shell:
-        "{PY} -m pipeline fetch {params.url:q} {output:q} --log {log:q}"
+        "{PY} -m pipeline fetch {params.url:q} {output:q} --config {params.config:q} --log {log:q}"
 
 
 rule ingest:
