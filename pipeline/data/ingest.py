@@ -51,7 +51,7 @@ MAX_HEADER_BYTES = 1 << 16  # a WARC header block is a few hundred bytes
 # what a damaged or cut file raises mid-stream: bad gzip data, a cut gzip member
 STREAM_ERRORS = (zlib.error, gzip.BadGzipFile, OSError, EOFError)
 # a record header: a WARC/1.x line at a line start, followed by a `Name: value` header line
-RECORD_HEADER = re.compile(rb"(?<![^\n])WARC/1\.[01]\r?\n(?=[A-Za-z][A-Za-z0-9-]*:)")
+RECORD_HEADER = re.compile(rb"WARC/1\.[01]\r?\n[A-Za-z][A-Za-z0-9-]*:")
 _DIGESTS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "md5": hashlib.md5}
 _HEADERS = StatusAndHeadersParser(["WARC/1.0", "WARC/1.1"])
 
@@ -90,6 +90,16 @@ def read_wet_bytes(path: str) -> tuple[bytes, str | None]:
     return b"".join(chunks), error
 
 
+def find_header(data: bytes, pos: int = 0) -> int | None:
+    """Offset of the first record header at or after `pos`, or None. bytes.find runs at memchr
+    speed; a regex search with the line-start condition is ~10x slower on a 100 MB file."""
+    while (at := data.find(b"WARC/1.", pos)) >= 0:
+        if (at == 0 or data[at - 1] == 0x0A) and RECORD_HEADER.match(data, at):
+            return at
+        pos = at + 1
+    return None
+
+
 def split_records(data: bytes) -> Iterator[tuple[StatusAndHeaders, int, bytes, str | None]]:
     """(headers, Content-Length or -1, body, framing problem or None) for every record of an
     uncompressed WARC stream.
@@ -97,14 +107,13 @@ def split_records(data: bytes) -> Iterator[tuple[StatusAndHeaders, int, bytes, s
     A record's body runs to the next record header; Content-Length must end there (give or take
     the blank lines between records), else the problem is `truncated` (the data ends first) or
     `length_mismatch`, and the body is cut at that header either way."""
-    start = RECORD_HEADER.search(data)
+    start = find_header(data)
     while start is not None:
-        following = RECORD_HEADER.search(data, start.end())
-        block_end = min(following.start() if following else len(data), start.start() + MAX_HEADER_BYTES)
-        stream = io.BytesIO(data[start.start():block_end])  # a cut header block stops at the next record
+        following = find_header(data, start + 1)
+        body_end = len(data) if following is None else following
+        stream = io.BytesIO(data[start:min(body_end, start + MAX_HEADER_BYTES)])  # a cut header stops there
         headers = _HEADERS.parse(stream)
-        body_start = start.start() + stream.tell()
-        body_end = following.start() if following else len(data)
+        body_start = start + stream.tell()
         try:
             length = int(headers.get_header("Content-Length"))
         except (TypeError, ValueError):
@@ -130,8 +139,8 @@ def read_conversion_records(path: str, max_doc_bytes: int, check_digests: bool,
     shard = shard_name(path)
     data, error = read_wet_bytes(path)
     records = 0
-    first = RECORD_HEADER.search(data)
-    if first is None or data[:first.start()].strip():
+    first = find_header(data)
+    if first is None or data[:first].strip():
         found = f"it begins {data[:60]!r}" if data else "it is empty"
         raise NotWet(f"{path}: not a WET file: no WARC/1.0 record header at its start ({found}"
                      f"{'; ' + error if error else ''})")
