@@ -70,11 +70,25 @@ def _qualified(prefix: str, key: str) -> str:
     return prefix + key
 
 
+def _min_over_max(instance: Any, key: str = "") -> list[str]:
+    """Every `min_X` above its `max_X` in the same mapping (a schema cannot compare two values)."""
+    if not isinstance(instance, dict):
+        return []
+    lines = []
+    for name, value in instance.items():
+        top = instance.get("max_" + name.removeprefix("min_")) if name.startswith("min_") else None
+        if isinstance(value, (int, float)) and isinstance(top, (int, float)) and value > top:
+            lines.append(f"config key '{key}{name}': {value} is above {key}max_{name[4:]} ({top})")
+        lines += _min_over_max(value, f"{key}{name}.")
+    return lines
+
+
 def _validate(instance: Any, schema: dict[str, Any], prefix: str = "") -> None:
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = [f"config key '{_qualified(prefix, _key_path(e))}': {e.message}" for e in errors]
+    lines = [f"config key '{_qualified(prefix, _key_path(e))}': {e.message}" for e in errors]
+    lines = lines or _min_over_max(instance, prefix)
+    if lines:
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
 
 
@@ -111,7 +125,8 @@ def shard_name(path: str) -> str:
 def wet_shards(patterns: list[str], base: str | os.PathLike = ".") -> dict[str, str]:
     """Expand `inputs.wet` (paths, globs, or http(s) URLs) into {shard name: path or URL}.
 
-    A pattern matching nothing, or two inputs with the same shard name, is a config error."""
+    A pattern matching nothing or a folder, a file name that leaves no shard name
+    (`.warc.wet.gz`), or two inputs with the same shard name, is a config error."""
     shards: dict[str, str] = {}
     for pattern in patterns:
         if pattern.startswith(URL_SCHEMES):
@@ -121,7 +136,13 @@ def wet_shards(patterns: list[str], base: str | os.PathLike = ".") -> dict[str, 
             if not matches:
                 raise ConfigError(f"config key 'inputs.wet': {pattern!r} matches no file")
         for match in matches:
+            if not pattern.startswith(URL_SCHEMES) and not os.path.isfile(match):
+                raise ConfigError(f"config key 'inputs.wet': {match!r} is not a file (a folder? name "
+                                  f"the files, e.g. {os.path.join(pattern, '*.warc.wet.gz')!r})")
             name = shard_name(match)
+            if not name.strip("._"):
+                raise ConfigError(f"config key 'inputs.wet': {match!r} leaves no shard name once "
+                                  f"{WET_SUFFIXES} is taken off; rename it")
             if name in shards and shards[name] != match:
                 raise ConfigError(f"config key 'inputs.wet': {shards[name]!r} and {match!r} "
                                   f"both make shard {name!r}; rename one")

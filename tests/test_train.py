@@ -54,7 +54,7 @@ def byte_tokens(tmp_path_factory) -> Path:
     write_shard(out / "train" / "part-0.bin", docs[40:190], VOCAB)
     write_shard(out / "train" / "part-1.bin", docs[190:340], VOCAB)
     write_manifest(out / "manifest.json", stage="tokenize", config={}, inputs=[],
-                   outputs={p: None for p in sorted(out.rglob("*.bin"))}, metrics={"vocab_size": VOCAB, "eos_id": EOS})
+                   outputs={p: None for p in sorted(out.rglob("*.[bi][id][nx]"))}, metrics={"vocab_size": VOCAB, "eos_id": EOS})
     return out
 
 
