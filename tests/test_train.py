@@ -27,7 +27,8 @@ from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.token_shards import write_shard
 from pipeline.train.data import (TokenWindows, TrainLoader, read_tokens_manifest, split_shards,
                                  unigram_entropy, val_batches)
-from pipeline.train.loop import lr_at, train
+from pipeline.train.engine import lr_at
+from pipeline.train.pretrain import train
 from pipeline.train.watchdog import OK, RESTORE, SKIP, TrainingDiverged, Watchdog
 
 from conftest import RESOURCES, ROOT
@@ -233,7 +234,7 @@ def test_a_changed_config_starts_fresh_and_keeps_the_old_checkpoints(byte_tokens
 # --- watchdog -----------------------------------------------------------------------------------------------
 
 def test_watchdog_skips_then_restores_then_gives_up():
-    dog = Watchdog(patience=2, lr_backoff=0.5, max_restores=1)
+    dog = Watchdog("pretrain", patience=2, lr_backoff=0.5, max_restores=1)
     assert [dog.observe(f) for f in (True, False, True, False, False)] == [OK, SKIP, OK, SKIP, RESTORE]
     assert (dog.skipped, dog.restores, dog.lr_scale) == (3, 1, 0.5)
     dog.observe(False)
