@@ -466,3 +466,22 @@ def test_sigkill_of_the_launcher_stops_the_trainer_and_the_rerun_ends_as_if_unin
     assert events(out, "resume") and step_losses(out) == step_losses(tmp_path / "whole")
     whole, resumed = (torch.load(p / "final.pt", weights_only=True)["model"] for p in (tmp_path / "whole", out))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_says_so_in_the_exit_code(byte_tokens, tmp_path):
+    """A preempted job (SIGTERM) loses nothing: the trainer saves the step it is on and exits
+    143, so Snakemake sees an interrupted job rather than a finished one without outputs."""
+    config = {**TEST_CONFIG, "max_steps": 300, "checkpoint_every": 100, "samples": 0}
+    job = subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain", "--data", str(byte_tokens), "--out",
+                            str(tmp_path), "--size", "nano", "--config", json.dumps(config)],
+                           cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history, deadline = tmp_path / "checkpoints" / "metrics.jsonl", time.monotonic() + 300
+    while not (history.exists() and '"step": 5' in history.read_text()):
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == 128 + signal.SIGTERM
+    stop = events(tmp_path, "stop")[0]
+    assert stop["reason"] == "SIGTERM" and 5 <= stop["step"] < 300
+    assert (tmp_path / "checkpoints" / f"step_{stop['step']:06d}").is_dir()

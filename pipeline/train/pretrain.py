@@ -199,7 +199,7 @@ def train(cfg: dict[str, Any], *, data: Path, out: Path, size: str, stop_at: int
 
         if run.step < cfg["max_steps"]:  # stopped (--stop-at or a signal): rerun to resume
             finish(run)
-            return {"step": run.step, "finished": False}
+            return {"step": run.step, "finished": False, "signal": run.signals.requested}
 
         # --- outputs: final.pt, metrics.jsonl, loss.png, samples.md, manifest.json -------------------------
         vals = [r["val_loss"] for r in run.metrics.records if r.get("val_loss") is not None]

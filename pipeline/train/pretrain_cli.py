@@ -24,23 +24,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli import json_arg
-from pipeline.config import section_config
+from pipeline.train.flags import add_config_flags, exit_code, section_from_args
 
-# flag -> (config key, type, help)
-OVERRIDES: dict[str, tuple[str, type, str]] = {
-    "--max-steps": ("max_steps", int, "optimizer steps (the schedule's length)"),
-    "--parallel": ("parallel", str, "none | ddp | fsdp"),
+# the pretrain section's own flags: flag -> (config key, type, help); the shared ones are in flags.py
+FLAGS: dict[str, tuple[str, type, str]] = {
     "--seq-len": ("seq_len", int, "context length in tokens"),
     "--micro-batch": ("micro_batch", int, "sequences per process per micro step"),
     "--global-batch-tokens": ("global_batch_tokens", int, "tokens per optimizer step over all processes"),
-    "--lr": ("lr", float, "peak learning rate"),
-    "--device": ("device", str, "auto | cpu | cuda"),
-    "--dtype": ("dtype", str, "auto | float32 | bfloat16"),
-    "--seed": ("seed", int, "seed for init, data order and sampling"),
-    "--eval-every": ("eval_every", int, "steps between val evaluations"),
-    "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
-    "--wandb-mode": ("wandb_mode", str, "offline | online | disabled (WANDB_MODE wins when set)"),
 }
 
 
@@ -49,26 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="the run folder to write (and resume from)")
     parser.add_argument("--size", help="model size name (pipeline/model/gpt.py MODEL_SIZES); "
                                        "default: the first of the config's sizes")
-    parser.add_argument("--config", type=json_arg, default={},
-                        help="the pretrain config section as JSON (or @file.yaml)")
-    for flag, (key, kind, text) in OVERRIDES.items():
-        parser.add_argument(flag, dest=key, type=kind, default=None, help=f"{text} (config key {key})")
-    parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile each block (config key compile)")
-    parser.add_argument("--stop-at", type=int, help="stop after this step's checkpoint, as a preempted job "
-                                                    "would; the schedule still runs to max_steps")
+    add_config_flags(parser, "pretrain", FLAGS)
     parser.add_argument("--tokenizer", help="decode samples with this tokenizer.json (the tokenizer stage's) "
                                             "or tiktoken encoding name; without it samples show token ids")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = dict(args.config or {})
-    for key, _, _ in [*OVERRIDES.values(), ("compile", bool, "")]:
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    cfg = section_config("pretrain", config)
+    cfg = section_from_args("pretrain", args, FLAGS)
     size = args.size or cfg["sizes"][0]
 
     from pipeline.train.pretrain import train  # torch is imported only when a run starts, not for --help
-    train(cfg, data=args.data, out=args.out, size=size, stop_at=args.stop_at, tokenizer=args.tokenizer)
-    return 0
+    return exit_code(train(cfg, data=args.data, out=args.out, size=size, stop_at=args.stop_at,
+                           tokenizer=args.tokenizer))
