@@ -103,12 +103,12 @@ def test_one_trainer_per_folder_and_a_dead_holder_holds_nothing(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the refused run put its handlers back
 
 
-def test_a_trainer_gets_sigterm_when_its_parent_dies(tmp_path):
+def test_a_trainer_is_asked_to_stop_when_its_parent_dies(tmp_path):
     """A parent that starts the trainer (as torchrun's agent does, in a new session) and is then
-    SIGKILLed: the trainer sees SIGTERM (PR_SET_PDEATHSIG / the getppid watch) and stops."""
+    SIGKILLed: the trainer gets SIGHUP (PR_SET_PDEATHSIG; the getppid watch requests the same)."""
     marker = tmp_path / "stopped"
     child = ("import sys, time; from pipeline.train.lifecycle import StopSignals, watch_parent\n"
-             "signals = StopSignals(); watch_parent(); print('ready', flush=True)\n"
+             "signals = StopSignals(); watch_parent(signals); print('ready', flush=True)\n"
              "while not signals.requested: time.sleep(0.05)\n"
              f"open({str(marker)!r}, 'w').write(signals.requested)\n")
     parent = ("import subprocess, sys, time\n"
@@ -122,7 +122,7 @@ def test_a_trainer_gets_sigterm_when_its_parent_dies(tmp_path):
     deadline = time.monotonic() + 30
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert marker.read_text() == "SIGTERM"
+    assert marker.read_text() == "SIGHUP"
 
 
 # --- config ----------------------------------------------------------------------------------------------

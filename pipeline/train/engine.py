@@ -121,11 +121,11 @@ class Run:
 
 def setup_run(stage: str, cfg: dict[str, Any], *, out: Path, identity: dict[str, Any],
               wandb_config: dict[str, Any]) -> Run:
-    """Everything before the model: dies with its parent, stops on SIGTERM/SIGINT, joins the
+    """Everything before the model: stops on SIGTERM/SIGINT and when its parent dies, joins the
     process group, picks dtype and autocast, takes the output folder's lock (rank 0), claims the
     checkpoint folder for `identity`, opens the metrics history and W&B."""
-    watch_parent()
     signals = StopSignals()
+    watch_parent(signals)
     d = init_distributed(cfg["parallel"], cfg["device"], stage)
     dtype = resolve_dtype(cfg["dtype"], d.device)
     if d.device.type == "cuda":
@@ -271,7 +271,8 @@ def log_step(run: Run, result: StepResult, *, step_tokens: int, flops_per_token:
 # --- evaluation, checkpoints, stopping ----------------------------------------------------------------
 
 def stop_requested(run: Run) -> bool:
-    """Whether any rank got SIGTERM / SIGINT (all ranks must stop at the same step)."""
+    """Whether any rank was asked to stop (a signal, or its parent died): all ranks stop at the
+    same step."""
     flag = torch.tensor([1.0 if run.signals.requested else 0.0], device=run.d.device)
     return all_reduce_sum(flag, run.d).item() > 0
 

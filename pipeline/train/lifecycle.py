@@ -4,10 +4,11 @@ Why each piece is needed: torchrun starts its workers in a new session, so killi
 process group (Ctrl-C, or a scheduler killing the job) reaches torchrun but not the trainer, which
 then trained on beside the rerun and wrote checkpoints of the old config into the new run's folder.
 
-- `watch_parent()`: the kernel sends SIGTERM when the parent dies (PR_SET_PDEATHSIG, Linux), and a
-  thread polls os.getppid() as well (other systems, and a parent that died before the prctl).
 - `StopSignals`: the first SIGTERM / SIGINT asks the loop to stop after the current step (it saves
   a checkpoint, so a preempted job loses nothing); a second one exits at once.
+- `watch_parent()`: the kernel sends SIGHUP when the parent dies (PR_SET_PDEATHSIG, Linux), and a
+  thread polls os.getppid() as well (other systems, and a parent that died before the prctl);
+  either asks for the same clean stop.
 - `RunLock`: an fcntl.flock on `<out>/train.lock`, held by rank 0 for the whole run. The kernel
   drops it when the holder dies, however it dies, so a stale lock never blocks a rerun, and a
   live one makes the second trainer fail at once, naming the first one's pid.
@@ -60,42 +61,49 @@ class RunLock:
             self._fd = None
 
 
-_watching = False
+_watched: StopSignals | None = None  # the current run's; the polling thread is started once per process
 
 
-def watch_parent() -> None:
-    """Make this process get SIGTERM when its parent dies, by the kernel and by a polling thread
-    (started once per process)."""
-    global _watching
-    if _watching:
+def watch_parent(signals: StopSignals) -> None:
+    """Make `signals` see SIGHUP when this process's parent dies: the kernel sends it
+    (PR_SET_PDEATHSIG, Linux), and a thread polling os.getppid() requests the same stop."""
+    global _watched
+    first = _watched is None
+    _watched = signals
+    if os.getppid() != _START_PPID:  # orphaned already, before anything could watch
+        signals.request("SIGHUP")
+    if not first:
         return
-    _watching = True
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0) != 0:
             log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); polling the parent only", ctypes.get_errno())
 
     def poll() -> None:
-        event = threading.Event()
-        while not event.wait(PARENT_POLL_S):
+        while not threading.Event().wait(PARENT_POLL_S):
             if os.getppid() != _START_PPID:
-                log.warning("parent process %d is gone; stopping", _START_PPID)
-                os.kill(os.getpid(), signal.SIGTERM)
+                _watched.request("SIGHUP")
                 return
 
-    if os.getppid() != _START_PPID:  # already orphaned before the prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
     threading.Thread(target=poll, name="parent-watch", daemon=True).start()
 
 
 class StopSignals:
-    """SIGTERM / SIGINT set `requested`; the loop stops after its step. A second signal exits."""
+    """A stop request: SIGTERM / SIGINT (a scheduler, Ctrl-C) and SIGHUP (the parent died) set
+    `requested`, and the loop stops after its step. A second SIGTERM / SIGINT exits at once; a
+    parent's death never does (the kernel and the polling thread may both report it)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    ESCALATING = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested: str | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (*self.ESCALATING, signal.SIGHUP)}
+
+    def request(self, name: str) -> None:
+        if self.requested is None:
+            self.requested = name
+            log.warning("%s: stopping after this step (its checkpoint is saved)%s", name,
+                        "" if name == "SIGHUP" else "; send again to exit now")
 
     def restore(self) -> None:
         """Put back the handlers found at start (a run inside a longer-lived process, e.g. tests)."""
@@ -103,8 +111,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self.requested is not None:
+        if self.requested is not None and signum in self.ESCALATING:
             raise SystemExit(128 + signum)  # asked twice: do not wait for the step to end
-        self.requested = name
-        log.warning("%s: stopping after this step (its checkpoint is saved); send again to exit now", name)
+        self.request(signal.Signals(signum).name)
