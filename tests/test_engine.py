@@ -86,7 +86,7 @@ def test_a_global_batch_with_nothing_to_train_is_an_error(tmp_path):
 
 def test_one_trainer_per_folder_and_a_dead_holder_holds_nothing(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.train.lifecycle import RunLock; "
-                               "RunLock(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+                               "RunLock(sys.argv[1]); print('locked', flush=True); time.sleep(300)", str(tmp_path)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -113,10 +113,10 @@ def test_a_trainer_is_asked_to_stop_when_its_parent_dies(tmp_path):
              f"open({str(marker)!r}, 'w').write(signals.requested)\n")
     parent = ("import subprocess, sys, time\n"
               f"p = subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True, stdout=sys.stdout)\n"
-              "time.sleep(600)\n")
+              "sys.exit(p.wait())\n")  # a child that fails ends the parent, and the test
     proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.stdout.readline().strip() == "ready"
+    assert proc.stdout.readline().strip() == "ready", "the child failed to start"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 30
