@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pipeline.artifacts import sha256_file
 from pipeline.cli import ConfigError
@@ -52,8 +51,7 @@ def run_identity(cfg: dict[str, Any], size: str, tokens_manifest: Path) -> dict[
 def token_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the token cross-entropies in fp32, number of target tokens); targets -1 are ignored."""
     x, y = batch
-    logits = model(x)
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum", ignore_index=-1)
+    _, loss = model(x, y, loss_reduction="sum")
     return loss, (y != -1).sum()
 
 
