@@ -14,14 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import RESOURCES
+from conftest import RESOURCES, write_stage_docs
 from pipeline.__main__ import main
 from pipeline.artifacts import verify
 from pipeline.cli import ConfigError
 from pipeline.config import section_config
-from pipeline.data.docs import DOC_COLUMNS, LANG_COLUMNS, write_docs
+from pipeline.data.docs import DOC_COLUMNS, LANG_COLUMNS
 from pipeline.token_shards import read_shard, write_shard
 from pipeline.tokenizer import BPETokenizer
+from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS
 from pipeline.tokenizer.sources import (Source, copies, is_val, read_documents, smallest_until, text_sources,
                                         unit_hash)
 from pipeline.tokenizer.tokenize_stage import split_texts
@@ -45,7 +46,7 @@ def inputs(tmp_path_factory) -> dict[str, Source]:
     texts = stories(60)
     web = [{"id": f"<urn:uuid:{i}>", "url": f"https://example.com/{i}", "date": "2020-11-29", "source": "web",
             "text": text + " Visit 中文 😀!", "lang": "en", "lang_score": 0.9} for i, text in enumerate(texts[:30])]
-    write_docs(folder / "web.parquet", web, {**DOC_COLUMNS, **LANG_COLUMNS})
+    write_stage_docs(folder / "web.parquet", web, {**DOC_COLUMNS, **LANG_COLUMNS})
     with gzip.open(folder / "stories.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n<|endoftext|>\n".join(texts[30:50] + ["   "]) + "\n")  # the last document is empty
     with open(folder / "chat.jsonl", "w", encoding="utf-8") as f:
@@ -101,7 +102,7 @@ def test_jsonl_reads_the_field_and_names_a_bad_line(inputs, tmp_path):
 
 
 def test_a_parquet_without_text_names_the_file(tmp_path):
-    write_docs(tmp_path / "x.parquet", [{"id": "a", "reason": "empty"}], {"id": DOC_COLUMNS["id"], "reason": DOC_COLUMNS["id"]})
+    write_stage_docs(tmp_path / "x.parquet", [{"id": "a", "reason": "empty"}], {"id": DOC_COLUMNS["id"], "reason": DOC_COLUMNS["id"]})
     with pytest.raises(ValueError, match=r"x.parquet: not a document parquet"):
         list(read_documents(Source("x", str(tmp_path / "x.parquet"))))
 
@@ -123,6 +124,11 @@ def test_tokenizer_config_is_validated():
         section_config("tokenizer", {"vocab_size": 100})
     with pytest.raises(ConfigError, match="tokenizer.pattern"):
         section_config("tokenizer", {"pattern": "gpt3"})
+    assert section_config("tokenizer", {})["special_tokens"] == list(CHAT_SPECIAL_TOKENS)
+    with pytest.raises(ConfigError, match="tokenizer.special_tokens"):  # <|endoftext|> is required
+        section_config("tokenizer", {"special_tokens": ["<|user_start|>", "<|user_end|>"]})
+    with pytest.raises(ConfigError, match="tokenizer.special_tokens"):
+        section_config("tokenizer", {"special_tokens": ["<|endoftext|>", "<|endoftext|>"]})
 
 
 # --- split, weights, sample ------------------------------------------------------------------------
@@ -140,8 +146,8 @@ def test_split_and_weights_are_hashes_of_the_id():
 def test_split_is_stable_when_a_shard_changes(tmp_path):
     """The same documents land in the same split whatever else the shard holds, and in any order."""
     docs = [{"id": f"d{i}", "text": f"document {i}"} for i in range(200)]
-    write_docs(tmp_path / "a.parquet", docs, DOC_COLUMNS)
-    write_docs(tmp_path / "b.parquet", docs[::-3] + [{"id": "new", "text": "new document"}], DOC_COLUMNS)
+    write_stage_docs(tmp_path / "a.parquet", docs, DOC_COLUMNS)
+    write_stage_docs(tmp_path / "b.parquet", docs[::-3] + [{"id": "new", "text": "new document"}], DOC_COLUMNS)
     val_a = set(split_texts(Source("a", str(tmp_path / "a.parquet")), "val", 0.2))
     val_b = set(split_texts(Source("b", str(tmp_path / "b.parquet")), "val", 0.2))
     assert val_a and val_b - {"new document"} == val_a & {d["text"] for d in docs[::-3]}
@@ -181,7 +187,9 @@ def test_training_sample_is_seeded_and_leaves_val_out(inputs):
 
 def test_tokens_manifest_has_what_training_reads(run):
     manifest = json.loads((run / "tokens/manifest.json").read_text())
-    assert manifest["metrics"]["vocab_size"] == 320 and manifest["metrics"]["eos_id"] == 319
+    # the default specials take the last five ids in list order; <|endoftext|> (the EOS) is first
+    assert manifest["metrics"]["vocab_size"] == 320 and manifest["metrics"]["eos_id"] == 315
+    assert manifest["metrics"]["special_tokens"] == {name: 315 + i for i, name in enumerate(CHAT_SPECIAL_TOKENS)}
     assert manifest["metrics"]["dtype"] == "uint16"
     counts = manifest["counts"]
     for split in ("train", "val"):
@@ -216,7 +224,9 @@ def test_shards_hold_every_document_then_eos_in_its_split(run, inputs):
 def test_tokenizer_outputs_and_compression_report(run):
     manifest = json.loads((run / "tokenizer/manifest.json").read_text())
     report = json.loads((run / "tokenizer/compression.json").read_text())
-    assert manifest["metrics"]["vocab_size"] == 320 and manifest["metrics"]["merges"] == 63
+    assert manifest["metrics"]["vocab_size"] == 320 and manifest["metrics"]["merges"] == 320 - 256 - 5
+    saved = json.loads((run / "tokenizer/tokenizer.json").read_text())["special_tokens"]
+    assert saved == manifest["metrics"]["special_tokens"] == {name: 315 + i for i, name in enumerate(CHAT_SPECIAL_TOKENS)}
     assert set(report["by_source"]) == {"web", "stories", "chat"}
     total = report["total"]
     assert total["bytes_per_token_gpt2"] > total["bytes_per_token_ours"] > 1  # 320 ids compress less than 50,257
@@ -233,7 +243,7 @@ def test_same_inputs_same_bytes(run, inputs, tmp_path):
             assert (run / rel).read_bytes() == (again / rel).read_bytes(), rel
 
 
-def test_gather_refuses_shards_of_another_tokenizer_or_a_damaged_index(run, inputs, tmp_path):
+def test_gather_refuses_shards_of_another_tokenizer_or_a_changed_shard(run, inputs, tmp_path):
     other = run_stages({"web": inputs["web"]}, tmp_path / "other", {**CONFIG, "vocab_size": 300})
     manifests = [str(run / "tokens/web.manifest.json")]
     with pytest.raises(ValueError, match="another tokenizer"):
@@ -243,7 +253,7 @@ def test_gather_refuses_shards_of_another_tokenizer_or_a_damaged_index(run, inpu
     data = shard.read_bytes()
     try:
         shard.write_bytes(data[:-2])
-        with pytest.raises(ValueError, match="do not hold"):
+        with pytest.raises(ValueError, match="train/web.bin: sha256 differs from .*web.manifest.json"):
             main(["tokens", "--tokenizer", str(run / "tokenizer/tokenizer.json"), "--output",
                   str(tmp_path / "m.json"), *manifests])
     finally:
