@@ -12,15 +12,12 @@ import statistics
 import pytest
 import torch
 
-from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.model.gpt import GPT, GPTConfig, sample_token
 from pipeline.train.grpo import (PolicyLoss, Rollouts, batch_logprobs, completion_logprobs,
                                  equal_reward_groups, format_reward, group_advantages, loss_mask, loss_weight,
-                                 micro_batches, policy_loss, sample_completions, sample_token, sequences,
+                                 micro_batches, policy_loss, sample_completions, sequences,
                                  set_old_logprobs)
 
-# until main has the model branch (KVCache, loss_reduction="none"); removed at that merge
-needs_kv_cache = pytest.mark.skipif(not hasattr(GPT, "new_kv_cache"),
-                                    reason="needs GPT.new_kv_cache and loss_reduction from the model branch")
 VOCAB, STOP = 8, 7
 PROMPTS = [[1, 2, 3], [4, 5], [6, 1, 2, 3, 4]]  # uneven lengths: sequences pad on the right
 
@@ -60,7 +57,6 @@ def naive_completions(model: GPT, group_size: int, max_completion_tokens: int, g
     return out
 
 
-@needs_kv_cache
 def test_completions_stop_at_the_stop_token_or_the_limit():
     r = rollouts(nano())
     assert r.ids.shape == r.mask.shape == (12, 6) and r.truncated.shape == (12,) and r.group_size == 4
@@ -73,7 +69,6 @@ def test_completions_stop_at_the_stop_token_or_the_limit():
     assert 0 < int(r.truncated.sum()) < 12  # this seed exercises both endings
 
 
-@needs_kv_cache
 def test_cached_rollouts_equal_sampling_without_a_cache():
     model = nano()
     r = rollouts(model, seed=3)
@@ -81,7 +76,6 @@ def test_cached_rollouts_equal_sampling_without_a_cache():
     assert cached == naive_completions(model, 4, 6, torch.Generator().manual_seed(3))
 
 
-@needs_kv_cache
 def test_rollouts_are_seeded():
     model = nano()
     a, b, c = rollouts(model, seed=1), rollouts(model, seed=1), rollouts(model, seed=2)
@@ -98,14 +92,12 @@ def test_sample_token_filters():
     assert sample_token(logits, 4, 1.0, None, 1.0, g).unique().tolist() == [0, 1, 2, 3]  # never 4
 
 
-@needs_kv_cache
 def test_a_prompt_too_long_for_the_context_is_named():
     model = nano()
     with pytest.raises(ValueError, match="prompt 0: 12 tokens"):
         sample_completions(model, [[1] * 12], 2, 6, 1.0, None, 1.0, STOP, None)
 
 
-@needs_kv_cache
 def test_completion_logprobs_read_each_token_where_it_is_predicted():
     """Batched over right-padded rows, equal to log_softmax of a forward over each row alone."""
     model = nano()
@@ -312,7 +304,6 @@ def test_a_mean_of_micro_batch_losses_would_change_the_gradient(loss_type):
     assert not torch.allclose(logp.grad, whole, atol=1e-3, rtol=0)
 
 
-@needs_kv_cache
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
 def test_accumulation_through_the_model(loss_type):
     """The same on the model's weights, through `micro_batches` and `PolicyLoss` as a step runs
@@ -356,7 +347,6 @@ def test_accumulation_through_the_model(loss_type):
     assert loss_fn.stats() == pytest.approx(stats, abs=1e-6)
 
 
-@needs_kv_cache
 def test_on_policy_old_logprobs_are_the_forwards_own():
     """mu = 1: old_logp None means the forward's own, detached, so ratio 1: the same loss and
     gradient as old log-probs taken by a separate forward."""
@@ -378,7 +368,6 @@ def test_on_policy_old_logprobs_are_the_forwards_own():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-@needs_kv_cache
 def test_mask_truncated_drops_whole_completions():
     r = rollouts(nano())
     assert torch.equal(loss_mask(r, mask_truncated=False), r.mask)

@@ -16,13 +16,15 @@ tensors (`logp`, `old_logp`, `ref_logp`, `mask`) are [B, T], T the longest compl
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.model.gpt import sample_token
+from pipeline.tasks.answers import extract_answer
 
 # --- rollouts ---------------------------------------------------------------------------------------
 
@@ -37,24 +39,6 @@ class Rollouts:
     @property
     def group_size(self) -> int:
         return self.ids.size(0) // len(self.prompts)
-
-
-def sample_token(logits: torch.Tensor, vocab_size: int, temperature: float, top_k: int | None, top_p: float,
-                 generator: torch.Generator | None) -> torch.Tensor:
-    """One token id per row of logits [B, V]: greedy at temperature 0, else sampled at
-    `temperature` from the k likeliest (top_k, None for all) that reach probability top_p
-    (nucleus sampling, the first token always kept). Ids >= vocab_size are padding, never drawn."""
-    logits = logits.float().clone()
-    logits[:, vocab_size:] = -float("inf")
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    if top_k is not None and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits[logits < kth] = -float("inf")
-    probs = F.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    sorted_probs[(sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p] = 0.0
-    return order.gather(-1, torch.multinomial(sorted_probs, 1, generator=generator))[:, 0]
 
 
 @torch.no_grad()
@@ -137,16 +121,12 @@ def completion_logprobs(model: torch.nn.Module, idx: torch.Tensor, targets: torc
 
 # --- rewards ----------------------------------------------------------------------------------------
 
-# A parsable answer, for the format reward: a number somewhere in the completion (the arithmetic
-# and GSM8K verifiers read a number; "1,234", "-3" and "2.5" all count).
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
 def format_reward(text: str, ended: bool) -> float:
     """1.0 when the completion closed its turn itself (sampled <|assistant_end|> before the length
-    limit) and contains a parsable answer (a number), else 0.0. It rewards the shape of an answer
-    whatever its value, so early on, when few answers are right, groups still differ."""
-    return float(ended and NUMBER.search(text) is not None)
+    limit) and has an answer the verifiers can read (`extract_answer`: the number after "####",
+    else the last number), else 0.0. It rewards the shape of an answer whatever its value, so
+    early on, when few answers are right, groups still differ."""
+    return float(ended and extract_answer(text) is not None)
 
 
 def score_completions(task: Any, texts: Sequence[str], answers: Sequence[str], ended: Sequence[bool],
