@@ -40,6 +40,7 @@ wildcard_constraints:
 include: "rules/data.smk"
 include: "rules/tokenizer.smk"
 include: "rules/pretrain.smk"
+include: "rules/posttrain.smk"
 
 
 rule all:
