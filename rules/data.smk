@@ -4,7 +4,7 @@
 # Every per-file stage writes <shard>.manifest.json; `seal` merges them into the stage folder's
 # manifest.json.
 
-STAGE_FOLDERS = ["ingest", "langid", "quality", "dedup/signatures", "clean"]
+STAGE_FOLDERS = ["ingest", "langid", "quality", "dedup/signatures", "deduped", "clean"]
 
 
 def wet_input(wildcards):
@@ -135,9 +135,9 @@ rule dedup_filter:
         docs=rules.quality.output.docs,
         clusters=rules.dedup.output.clusters,
     output:
-        docs=f"{DATA}/clean/{{shard}}.parquet",
+        docs=f"{DATA}/deduped/{{shard}}.parquet",
         removed=f"{DATA}/removed/dedup/{{shard}}.parquet",
-        manifest=f"{DATA}/clean/{{shard}}.manifest.json",
+        manifest=f"{DATA}/deduped/{{shard}}.manifest.json",
     log:
         f"{LOGS}/dedup_filter/{{shard}}.log",
     benchmark:
@@ -150,6 +150,37 @@ rule dedup_filter:
         "{PY} -m pipeline dedup filter --input {input.docs:q} --clusters {input.clusters:q}"
         " --output {output.docs:q} --removed {output.removed:q} --manifest {output.manifest:q}"
         " --config {params.config:q} --log {log:q}"
+
+
+# --- decontaminate (eval branch): dedup's output -> clean/, dropping documents that quote an eval set
+import os
+
+EVALSETS = json.dumps({"mmlu": os.path.join(workflow.basedir, config["eval"]["mmlu"]["path"]),
+                       "tasks": config["eval"]["tasks"]["names"]}, sort_keys=True)
+
+
+rule decontaminate:
+    input:
+        docs=rules.dedup_filter.output.docs,
+        mmlu=os.path.join(workflow.basedir, config["eval"]["mmlu"]["path"]),
+    output:
+        docs=f"{DATA}/clean/{{shard}}.parquet",
+        removed=f"{DATA}/removed/decontaminate/{{shard}}.parquet",
+        manifest=f"{DATA}/clean/{{shard}}.manifest.json",
+    log:
+        f"{LOGS}/decontaminate/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/decontaminate/{{shard}}.tsv"
+    resources:
+        mem_mb=4000,
+    params:
+        config=section("decontaminate"),
+        evalsets=EVALSETS,
+        tasks=section("tasks") if "tasks" in config else "{}",
+    shell:
+        "{PY} -m pipeline decontaminate --input {input.docs:q} --output {output.docs:q}"
+        " --removed {output.removed:q} --manifest {output.manifest:q} --config {params.config:q}"
+        " --evalsets {params.evalsets:q} --tasks-config {params.tasks:q} --log {log:q}"
 
 
 rule seal:
@@ -191,4 +222,4 @@ rule data_report:
 rule data:
     input:
         rules.data_report.output,
-        expand(rules.dedup_filter.output.docs, shard=WET),
+        expand(rules.decontaminate.output.docs, shard=WET),

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 from pipeline.artifacts import verify
 
-STAGES = ["ingest", "langid", "quality", "dedup"]
+STAGES = ["ingest", "langid", "quality", "dedup", "decontaminate"]
 
 
 def snakemake_data(results, run="it"):
