@@ -71,16 +71,20 @@ def prompt(subject: str, item: dict, shots: list[dict]) -> str:
     return description + "".join(format_question(s, answer=True) + "\n\n" for s in shots) + format_question(item)
 
 
+def select(test: dict[str, list[dict]], max_questions: int | None) -> list[tuple[str, int]]:
+    """(subject, index) of the test questions to score, sorted: the first max_questions taken round
+    robin over subjects, so a small default still spans every subject; None takes all."""
+    order = [(s, i) for i in range(max(map(len, test.values()))) for s in test if i < len(test[s])]
+    return sorted(order[:max_questions] if max_questions is not None else order)
+
+
 def questions(path: str | Path, shots: int, max_questions: int | None) -> list[Question]:
-    """Test questions as Questions with their k-shot prompts; max_questions: the first n over all
-    subjects taken in turn (round robin), so a small default still spans every bundled subject."""
+    """The selected test questions as Questions with their k-shot prompts."""
     test, dev = read_split(path, "test"), read_split(path, "dev") if shots else {}
     if shots and (short := [s for s in test if len(dev.get(s, [])) < shots]):
         raise ValueError(f"{path}: {shots}-shot needs {shots} dev questions for {short[0]} (has {len(dev.get(short[0], []))})")
-    order = [(s, i) for i in range(max(map(len, test.values()))) for s in test if i < len(test[s])]
-    chosen = sorted(order[:max_questions] if max_questions is not None else order)
     return [Question(prompt(s, test[s][i], dev.get(s, [])[:shots]), [f" {letter}" for letter in LETTERS],
-                     test[s][i]["answer"], group=s) for s, i in chosen]
+                     test[s][i]["answer"], group=s) for s, i in select(test, max_questions)]
 
 
 def summarize(results: list[dict]) -> dict:

@@ -116,7 +116,7 @@ def plot(results: dict[str, dict], path: Path, size: str) -> None:
         ax.grid(alpha=0.3, axis="y")
     for ax in list(axes.flat)[len(cols):]:
         ax.axis("off")
-    fig.suptitle(f"{size}: base vs SFT vs GRPO")
+    fig.suptitle(f"{size}: {' vs '.join(names)}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
