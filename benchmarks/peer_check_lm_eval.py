@@ -31,7 +31,8 @@ import yaml
 
 from pipeline.eval.mmlu import LETTERS, questions, read_split, select, summarize
 from pipeline.eval.multiple_choice import evaluate
-from pipeline.export import export_hf, load_final
+from pipeline.export import export_hf
+from pipeline.model.gpt import load_final
 from pipeline.tokenizer.bpe import BPETokenizer
 
 GROUP = "wetstone_mmlu"

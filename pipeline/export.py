@@ -42,37 +42,26 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import write_manifest
-from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.tokenizer.bpe import ENDOFTEXT, BPETokenizer
+from pipeline.model.gpt import GPT, GPTConfig, load_final
+from pipeline.tokenizer.bpe import (ASSISTANT_END, ASSISTANT_START, CHAT_SPECIAL_TOKENS, ENDOFTEXT, USER_END,
+                                    USER_START, BPETokenizer)
 
 log = logging.getLogger(__name__)
 
-# chat special tokens and the template that renders a conversation as `render_conversation` does
-# (pipeline/tokenizer/chat.py); an exported tokenizer without these tokens gets no template
-CHAT_TOKENS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
+# The chat template as Jinja, rendering what `render_conversation` / `render_prompt`
+# (pipeline/tokenizer/chat.py) render: <|endoftext|> first, a leading system message folded into
+# the first user turn after a blank line, then the turns framed by their role tokens.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}<|user_start|>{{ message['content'] }}<|user_end|>"
-    "{% elif message['role'] == 'assistant' %}<|assistant_start|>{{ message['content'] }}<|assistant_end|>"
-    "{% else %}{{ raise_exception('only user and assistant roles are supported, not ' + message['role']) }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant_start|>{% endif %}"
+    "{% if message['role'] == 'system' and loop.first %}{% set ns.system = message['content'] + '\\n\\n' %}"
+    "{% elif message['role'] == 'user' %}" + USER_START + "{{ ns.system + message['content'] }}" + USER_END
+    + "{% set ns.system = '' %}"
+    "{% elif message['role'] == 'assistant' %}" + ASSISTANT_START + "{{ message['content'] }}" + ASSISTANT_END
+    + "{% else %}{{ raise_exception('roles are system (first only), user and assistant, not ' + message['role']) }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT_START + "{% endif %}"
 )
-
-
-def load_final(path: str | os.PathLike) -> tuple[GPT, dict[str, Any]]:
-    """final.pt (weights_only) -> (the GPT in eval mode on the CPU, the checkpoint's other fields)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        config = GPTConfig(**checkpoint["model_config"])
-    except (OSError, RuntimeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a final.pt model export ({type(e).__name__}: {e})") from e
-    model = GPT(config)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    return model, {k: v for k, v in checkpoint.items() if k != "model"}
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -145,7 +134,7 @@ def hf_tokenizer(tokenizer: BPETokenizer):
         raise ValueError(f"special token ids {tokenizer.special_tokens} do not follow the {len(tokenizer.vocab)} "
                          f"ordinary ids without gaps; the fast tokenizer numbers added tokens that way")
     fast = FromRanks(pattern=onig_pattern(tokenizer.pattern), extra_special_tokens=specials).converted()
-    chat = all(token in tokenizer.special_tokens for token in CHAT_TOKENS)
+    chat = all(token in tokenizer.special_tokens for token in CHAT_SPECIAL_TOKENS)
     eos = ENDOFTEXT if ENDOFTEXT in tokenizer.special_tokens else None
     return PreTrainedTokenizerFast(tokenizer_object=fast, bos_token=eos, eos_token=eos, pad_token=eos,
                                    model_max_length=None, clean_up_tokenization_spaces=False,

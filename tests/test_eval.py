@@ -17,10 +17,11 @@ from pipeline.eval.loss import bits_per_byte, token_logprobs, val_loss_bpb
 from pipeline.eval.mmlu import format_question, prompt, questions, read_split, summarize
 from pipeline.eval.multiple_choice import Question, encode_pair, evaluate, loglikelihoods, pick, score
 from pipeline.eval.stage import run_eval
-from pipeline.eval.tasks import pass_at_k
+from pipeline.eval.tasks import pass_at_k, task_accuracy
 from pipeline.config import section_config
 from pipeline.token_shards import write_shard
-from pipeline.tokenizer.bpe import BPETokenizer
+from pipeline.tasks import Example, Task, get_task, qa_example
+from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS, BPETokenizer
 from test_export import save_final, tiny_gpt
 
 MMLU = RESOURCES / "mmlu"
@@ -28,7 +29,7 @@ MMLU = RESOURCES / "mmlu"
 
 @pytest.fixture(scope="module")
 def tokenizer(stories) -> BPETokenizer:
-    return BPETokenizer.train(stories, 400)
+    return BPETokenizer.train(stories, 400, special_tokens=CHAT_SPECIAL_TOKENS)
 
 
 def zero_gpt(vocab_size: int, seq_len: int = 32):
@@ -176,6 +177,59 @@ def test_pass_at_k_closed_form_and_enumeration():
         pass_at_k(2, 1, 3)
 
 
+def always(model, token: int):
+    """Make `model` put (nearly) all probability on `token` whatever the input: the final
+    LayerNorm outputs its bias e_0, and only `token`'s embedding row reads e_0."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.ln_f.bias[0] = 1.0
+        model.wte.weight[token, 0] = 100.0
+    return model
+
+
+class Listed(Task):
+    """A task of given examples, scored by the real numeric reward of the task package."""
+
+    name = "listed"
+
+    def __init__(self, examples: list[Example]):
+        super().__init__({})
+        self._examples = examples
+
+    def examples(self, split: str) -> list[Example]:
+        return self._examples
+
+
+def test_task_accuracy_by_hand(tokenizer):
+    seven = tokenizer.encode("7")
+    assert len(seven) == 1
+    model = always(tiny_gpt(tokenizer.n_vocab, seq_len=64), seven[0])
+    task = Listed([qa_example("What is 3 + 4?", "", "7777"), qa_example("What is 1 + 1?", "", "2")])
+    result = task_accuracy(model, tokenizer, task, max_examples=5, samples=3, k=2, temperature=1.0,
+                           max_new_tokens=4, seed=0)
+    # every completion is "7777": right for the first example, wrong for the second
+    assert result["pass@1"] == 0.5 and result["pass@k"] == 0.5 and result["n"] == 2
+    assert result["examples"][0] == {"answer": "7777", "greedy": "7777"}
+
+
+def test_generation_stops_at_assistant_end(tokenizer):
+    model = always(tiny_gpt(tokenizer.n_vocab, seq_len=64), tokenizer.special_tokens[ASSISTANT_END])
+    task = Listed([qa_example("What is 3 + 4?", "", "7")])
+    result = task_accuracy(model, tokenizer, task, max_examples=1, samples=2, k=1, temperature=1.0,
+                           max_new_tokens=8, seed=0)
+    assert result["examples"][0]["greedy"] == "" and result["pass@1"] == 0.0
+
+
+def test_task_accuracy_on_real_tasks_is_seeded(tokenizer):
+    model = tiny_gpt(tokenizer.n_vocab, seq_len=128, seed=5)
+    for name in ("arithmetic", "gsm8k"):
+        runs = [task_accuracy(model, tokenizer, get_task(name, {}), max_examples=2, samples=3, k=2,
+                              temperature=1.0, max_new_tokens=6, seed=1) for _ in range(2)]
+        assert runs[0] == runs[1] and runs[0]["n"] == 2
+        assert 0.0 <= runs[0]["pass@k"] <= 1.0
+
+
 # --- the stage -------------------------------------------------------------------------------------
 
 def test_run_eval_writes_the_table(tmp_path, tokenizer, stories):
@@ -184,15 +238,18 @@ def test_run_eval_writes_the_table(tmp_path, tokenizer, stories):
     tokenizer.save(tok_path)
     models = {name: save_final(tiny_gpt(tokenizer.n_vocab, seq_len=64, seed=s), tmp_path / f"{name}.pt")
               for s, name in enumerate(["sft", "pretrain"])}
-    cfg = section_config("eval", {"val_tokens": 512, "mmlu": {"path": str(MMLU), "max_questions": 8}})
+    cfg = section_config("eval", {"val_tokens": 512, "mmlu": {"path": str(MMLU), "max_questions": 8},
+                                  "tasks": {"names": ["arithmetic"], "max_examples": 2, "samples": 2, "k": 2,
+                                            "max_new_tokens": 4}})
     out = tmp_path / "eval"
-    results = run_eval(models, tokens=tokens, tokenizer_path=tok_path, out=out, size="nano", cfg=cfg)
+    results = run_eval(models, tokens=tokens, tokenizer_path=tok_path, out=out, size="nano", cfg=cfg,
+                       tasks_config={})
     assert list(results) == ["pretrain", "sft"]  # training order
     assert results["pretrain"]["val_loss"] != results["sft"]["val_loss"]
     table = (out / "eval.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| base") or line.startswith("| SFT")]
     assert len(rows) == 2 and f"{results['sft']['bpb']:.3f}" in rows[1]
-    assert "MMLU 5-shot acc_norm" in table
+    assert "MMLU 5-shot acc_norm" in table and "arithmetic pass@2" in table
     saved = json.loads((out / "eval.json").read_text())
     assert saved["models"]["sft"]["mmlu"]["0-shot"]["n"] == 8
     per_model = json.loads((out / "sft" / "manifest.json").read_text())

@@ -11,9 +11,10 @@ import torch
 
 from conftest import RESOURCES
 from pipeline.artifacts import verify
-from pipeline.export import CHAT_TOKENS, export_hf, hf_tokenizer
+from pipeline.export import export_hf, hf_tokenizer
 from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.tokenizer.bpe import ENDOFTEXT, BPETokenizer
+from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS, BPETokenizer
+from pipeline.tokenizer.chat import render_conversation, render_prompt
 from test_tokenizer_bpe import VARIED_TEXTS, wet_texts
 
 
@@ -25,7 +26,7 @@ def corpus(stories) -> list[str]:
 
 @pytest.fixture(scope="module")
 def chat_tokenizer(stories) -> BPETokenizer:
-    return BPETokenizer.train(stories + wet_texts(20), 600, special_tokens=[ENDOFTEXT, *CHAT_TOKENS])
+    return BPETokenizer.train(stories + wet_texts(20), 600, special_tokens=CHAT_SPECIAL_TOKENS)
 
 
 def save_final(model: GPT, path: Path) -> Path:
@@ -84,13 +85,17 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, chat_tokenizer, 
         assert theirs.shape == ours.shape
         assert torch.allclose(ours, theirs, atol=1e-4, rtol=0), f"{name}: max diff {(ours - theirs).abs().max()}"
 
-    # the chat template renders a prompt as our special tokens
-    messages = [{"role": "user", "content": "What is 2 + 3?"}]
-    rendered = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    rendered = hf_tok(rendered, add_special_tokens=False)["input_ids"]
-    expected = chat_tokenizer.encode("<|endoftext|><|user_start|>What is 2 + 3?<|user_end|><|assistant_start|>",
-                                     allowed_special="all")
-    assert list(rendered) == expected
+    # the chat template renders conversations as render_conversation and render_prompt do
+    conversations = [[{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."},
+                      {"role": "assistant", "content": "Blue."}]]
+    for messages in conversations:
+        for prompt_only in (False, True):
+            turns = messages[:-1] if prompt_only else messages
+            text = hf_tok.apply_chat_template(turns, add_generation_prompt=prompt_only, tokenize=False)
+            ours = render_prompt(chat_tokenizer, turns) if prompt_only else render_conversation(chat_tokenizer, turns)[0]
+            assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours, text
 
 
 def test_export_manifest_verifies(tmp_path, chat_tokenizer):

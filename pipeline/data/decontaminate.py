@@ -1,10 +1,10 @@
 """decontaminate: find clean documents that quote an eval set, count them, and (by default) drop them.
 
-Runs per shard after dedup. Every example of every eval set in use (the MMLU test questions of
-`eval.mmlu.path`, the held-out splits of the tasks in `eval.tasks.names`) becomes a set of word
-n-grams (`ngram`, 13 as in GPT-3's and PaLM's contamination studies) on normalised words:
-lowercased, punctuation removed, whitespace collapsed; digits are kept, since arithmetic is
-nothing but digits. An example shorter than `ngram` words is one n-gram of all its words, so short
+Runs per shard after dedup. Every example of every eval set in use (the MMLU test questions with
+their choices, from `eval.mmlu.path`; the held-out conversations, question and reference
+response, of the tasks in `eval.tasks.names`) becomes a set of word n-grams (`ngram`, 13 as in
+GPT-3's and PaLM's contamination studies) on normalised words: lowercased, punctuation removed,
+whitespace collapsed; digits are kept, since arithmetic is nothing but digits. An example shorter than `ngram` words is one n-gram of all its words, so short
 questions are still found, unless it is shorter than `min_words`, in which case it is skipped
 (and counted): a few words are a common phrase, not a quotation.
 
@@ -89,7 +89,7 @@ def load_evalsets(spec: dict[str, Any], tasks_config: dict[str, Any] | None) -> 
                             for items in read_split(spec["mmlu"], "test").values() for item in items]
     for name in spec.get("tasks", []):
         from pipeline.tasks import get_task
-        evalsets[name] = [" ".join([*(m["content"] for m in example.prompt), example.answer])
+        evalsets[name] = [" ".join(m["content"] for m in example.messages)  # question and reference response
                           for example in get_task(name, tasks_config or {}).examples("test")]
     return evalsets
 

@@ -26,7 +26,7 @@ from pipeline.cli import json_arg
 from pipeline.config import section_config
 from pipeline.eval.loss import val_loss_bpb
 from pipeline.eval.mmlu import evaluate_mmlu
-from pipeline.export import load_final
+from pipeline.model.gpt import load_final
 from pipeline.tokenizer.bpe import BPETokenizer
 
 log = logging.getLogger(__name__)

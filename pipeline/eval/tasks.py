@@ -16,7 +16,7 @@ import math
 import torch
 from tqdm import tqdm
 
-from pipeline.tokenizer.bpe import BPETokenizer
+from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -32,9 +32,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 @torch.no_grad()
 def complete(model: torch.nn.Module, prompt: list[int], n: int, *, temperature: float, max_new_tokens: int,
              stop_id: int, generator: torch.Generator | None = None) -> list[list[int]]:
-    """n completions of one prompt (one batch), each cut before the first stop_id."""
+    """n completions of one prompt (one batch, on the model's KV cache), each cut before the first stop_id."""
     idx = torch.tensor([prompt] * n, dtype=torch.long)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, generator=generator)[:, len(prompt):]
+    out = model.generate(idx, max_new_tokens, temperature=temperature, generator=generator,
+                         stop_tokens=[stop_id])[:, len(prompt):]
     completions = []
     for row in out.tolist():
         completions.append(row[:row.index(stop_id)] if stop_id in row else row)
@@ -46,7 +47,6 @@ def task_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task, *, max_
     """Greedy pass@1 and sampled pass@k (n = samples) over the first max_examples of the task's
     held-out split."""
     from pipeline.tokenizer.chat import render_prompt
-    from pipeline.tokenizer import ASSISTANT_END
 
     if not 1 <= k <= samples:
         raise ValueError(f"eval.tasks: k {k} must be between 1 and samples {samples}")
