@@ -60,7 +60,7 @@ rule eval:
         f"{BENCH}/eval/{{size}}.tsv"
     wildcard_constraints:
         size="[A-Za-z0-9.-]+",
-    threads: 2
+    threads: 1  # a CPU-sized model scores no faster on 2 threads, and 2 threads on a busy machine thrash
     resources:
         mem_mb=4000,
     params:
@@ -72,4 +72,4 @@ rule eval:
     shell:
         "{PY} -m pipeline eval {params.models} --tokens {params.tokens:q} --tokenizer {input.tokenizer:q}"
         " --out {params.out:q} --size {wildcards.size} --config {params.config:q}"
-        " --tasks-config {params.tasks:q} --log {log:q}"
+        " --tasks-config {params.tasks:q} --threads {threads} --log {log:q}"

@@ -156,6 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="", help="the model size, for titles")
     parser.add_argument("--config", type=json_arg, default={}, help="the eval config section as JSON (or @file.yaml)")
     parser.add_argument("--tasks-config", type=json_arg, default={}, help="the tasks config section as JSON")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (the rule's threads:); small models score fastest on one")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise SystemExit(f"--model {spec!r}: expected NAME=PATH, e.g. pretrain=final.pt")
         models[name] = Path(path)
+    torch.set_num_threads(args.threads)
     run_eval(models, tokens=args.tokens, tokenizer_path=args.tokenizer, out=args.out, size=args.size,
              cfg=section_config("eval", args.config), tasks_config=args.tasks_config)
     return 0
