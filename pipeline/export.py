@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
