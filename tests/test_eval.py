@@ -256,3 +256,18 @@ def test_run_eval_writes_the_table(tmp_path, tokenizer, stories):
     assert per_model["metrics"]["bpb"] == results["sft"]["bpb"]
     assert (out / "eval.png").stat().st_size > 0
     assert verify(out)[1] == []
+
+
+def test_default_dag_evaluates_and_exports_every_size(tmp_path):
+    """The default target runs decontaminate, eval and export_hf (a dry run: Snakemake plans, runs nothing)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config",
+                             f"results={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for rule in ("decontaminate", "eval", "export_hf"):
+        assert f"rule {rule}:" in result.stdout, rule
+    assert f"{tmp_path}/sample/eval/tiny/eval.md" in result.stdout
+    assert f"{tmp_path}/sample/export/pretrain/tiny/model.safetensors" in result.stdout
