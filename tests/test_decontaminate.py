@@ -8,9 +8,9 @@ import json
 import polars as pl
 import pytest
 
-from conftest import RESOURCES, make_docs
+from conftest import RESOURCES, make_docs, write_stage_docs
 from pipeline.data.decontaminate import EvalIndex, decontaminate, example_ngrams, load_evalsets, words
-from pipeline.data.docs import DOC_COLUMNS, write_docs
+from pipeline.data.docs import DOC_COLUMNS
 from pipeline.eval.mmlu import read_split
 from pipeline.tasks import get_task
 
@@ -33,7 +33,7 @@ def test_task_examples_are_question_and_response(evalsets):
 
 def run(tmp_path, docs, evalsets, **config):
     shard = tmp_path / "in.parquet"
-    write_docs(shard, docs, DOC_COLUMNS)
+    write_stage_docs(shard, docs, DOC_COLUMNS)
     manifest = decontaminate(str(shard), output=str(tmp_path / "clean.parquet"), removed=str(tmp_path / "removed.parquet"),
                              manifest=str(tmp_path / "m.json"), config=config, evalsets=evalsets)
     return manifest, pl.read_parquet(tmp_path / "clean.parquet"), pl.read_parquet(tmp_path / "removed.parquet")

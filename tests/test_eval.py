@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import RESOURCES
-from pipeline.artifacts import atomic_write_json, verify
+from pipeline.artifacts import verify, write_manifest
 from pipeline.eval.loss import bits_per_byte, token_logprobs, val_loss_bpb
 from pipeline.eval.mmlu import format_question, prompt, questions, read_split, summarize
 from pipeline.eval.multiple_choice import Question, encode_pair, evaluate, loglikelihoods, pick, score
@@ -45,8 +45,9 @@ def write_tokens(folder: Path, tokenizer: BPETokenizer, docs: list[str]) -> Path
     """A tokens folder as the tokenize stage writes it: val/ shard + manifest.json metrics."""
     ids = [tokenizer.encode(d) + [tokenizer.eos_id] for d in docs]
     write_shard(folder / "val" / "s.bin", ids, tokenizer.n_vocab)
-    atomic_write_json(folder / "manifest.json", {"metrics": {"vocab_size": tokenizer.n_vocab,
-                                                             "eos_id": tokenizer.eos_id}})
+    write_manifest(folder / "manifest.json", stage="tokenize", config={}, inputs=[],
+                   outputs={folder / "val" / f"s.{ext}": None for ext in ("bin", "idx")},
+                   metrics={"vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id})
     return folder
 
 
