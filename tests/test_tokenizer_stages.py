@@ -22,6 +22,7 @@ from pipeline.config import section_config
 from pipeline.data.docs import DOC_COLUMNS, LANG_COLUMNS, write_docs
 from pipeline.token_shards import read_shard, write_shard
 from pipeline.tokenizer import BPETokenizer
+from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS
 from pipeline.tokenizer.sources import (Source, copies, is_val, read_documents, smallest_until, text_sources,
                                         unit_hash)
 from pipeline.tokenizer.tokenize_stage import split_texts
@@ -123,6 +124,11 @@ def test_tokenizer_config_is_validated():
         section_config("tokenizer", {"vocab_size": 100})
     with pytest.raises(ConfigError, match="tokenizer.pattern"):
         section_config("tokenizer", {"pattern": "gpt3"})
+    assert section_config("tokenizer", {})["special_tokens"] == list(CHAT_SPECIAL_TOKENS)
+    with pytest.raises(ConfigError, match="tokenizer.special_tokens"):  # <|endoftext|> is required
+        section_config("tokenizer", {"special_tokens": ["<|user_start|>", "<|user_end|>"]})
+    with pytest.raises(ConfigError, match="tokenizer.special_tokens"):
+        section_config("tokenizer", {"special_tokens": ["<|endoftext|>", "<|endoftext|>"]})
 
 
 # --- split, weights, sample ------------------------------------------------------------------------
@@ -181,7 +187,9 @@ def test_training_sample_is_seeded_and_leaves_val_out(inputs):
 
 def test_tokens_manifest_has_what_training_reads(run):
     manifest = json.loads((run / "tokens/manifest.json").read_text())
-    assert manifest["metrics"]["vocab_size"] == 320 and manifest["metrics"]["eos_id"] == 319
+    # the default specials take the last five ids in list order; <|endoftext|> (the EOS) is first
+    assert manifest["metrics"]["vocab_size"] == 320 and manifest["metrics"]["eos_id"] == 315
+    assert manifest["metrics"]["special_tokens"] == {name: 315 + i for i, name in enumerate(CHAT_SPECIAL_TOKENS)}
     assert manifest["metrics"]["dtype"] == "uint16"
     counts = manifest["counts"]
     for split in ("train", "val"):
@@ -216,7 +224,9 @@ def test_shards_hold_every_document_then_eos_in_its_split(run, inputs):
 def test_tokenizer_outputs_and_compression_report(run):
     manifest = json.loads((run / "tokenizer/manifest.json").read_text())
     report = json.loads((run / "tokenizer/compression.json").read_text())
-    assert manifest["metrics"]["vocab_size"] == 320 and manifest["metrics"]["merges"] == 63
+    assert manifest["metrics"]["vocab_size"] == 320 and manifest["metrics"]["merges"] == 320 - 256 - 5
+    saved = json.loads((run / "tokenizer/tokenizer.json").read_text())["special_tokens"]
+    assert saved == manifest["metrics"]["special_tokens"] == {name: 315 + i for i, name in enumerate(CHAT_SPECIAL_TOKENS)}
     assert set(report["by_source"]) == {"web", "stories", "chat"}
     total = report["total"]
     assert total["bytes_per_token_gpt2"] > total["bytes_per_token_ours"] > 1  # 320 ids compress less than 50,257

@@ -49,7 +49,17 @@ PATTERNS: dict[str, str] = {
     "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
     "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
 }
+# Special tokens: the one definition of each. <|endoftext|> separates documents in pretraining (and
+# starts every chat); the role tokens frame chat turns (pipeline/tokenizer/chat.py), nanochat style.
+# They are reserved when the tokenizer is trained, so the pretrained embedding already has their
+# rows and SFT never resizes it.
 ENDOFTEXT = "<|endoftext|>"
+USER_START = "<|user_start|>"
+USER_END = "<|user_end|>"
+ASSISTANT_START = "<|assistant_start|>"
+ASSISTANT_END = "<|assistant_end|>"
+# the `tokenizer.special_tokens` default; train() gives them the last ids, in this order
+CHAT_SPECIAL_TOKENS = (ENDOFTEXT, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END)
 FORMAT = "wetstone-bpe"
 FORMAT_VERSION = 1
 _CACHE_LIMIT = 1 << 17  # encoded pieces kept per tokenizer; natural text repeats its words a lot

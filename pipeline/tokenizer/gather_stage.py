@@ -2,7 +2,8 @@
 
 It checks that every shard was made with the given tokenizer and that every index adds up to its
 file's size, seals the manifests (summed counts, per-source counts, every output with sha256),
-and adds the metrics the training stage reads: `vocab_size`, `eos_id` and `dtype`.
+and adds the metrics the training stages read: `vocab_size`, `eos_id`, `dtype` and
+`special_tokens` (name -> id, so SFT can check that its chat tokens match the shards').
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def gather(output: str, source_manifests: list[str], tokenizer_path: str) -> dic
                 read_shard(Path(path).parent / entry["path"], tokenizer.n_vocab)  # raises if the index disagrees
     manifest = seal(output, source_manifests)
     manifest["metrics"].update(vocab_size=tokenizer.n_vocab, eos_id=tokenizer.eos_id,
-                               dtype=token_dtype(tokenizer.n_vocab).name, tokenizer_sha256=tokenizer_sha)
+                               dtype=token_dtype(tokenizer.n_vocab).name, tokenizer_sha256=tokenizer_sha,
+                               special_tokens=tokenizer.special_tokens)
     atomic_write_json(output, manifest)  # the sealed manifest again, now with the metrics training reads
     return manifest
 

@@ -32,8 +32,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.cli import ConfigError
-
-ENDOFTEXT = "<|endoftext|>"
+from pipeline.tokenizer.bpe import ENDOFTEXT
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,8 @@ def text_sources(specs: list[dict[str, Any]], base: str | os.PathLike = ".",
 
 # --- reading ---------------------------------------------------------------------------------------
 
-def _open_text(path: str) -> io.TextIOBase:
+def open_text(path: str) -> io.TextIOBase:
+    """A UTF-8 text file, gunzipped when its name ends in .gz; newlines kept as they are."""
     raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
     return io.TextIOWrapper(raw, encoding="utf-8", newline="")
 
@@ -116,7 +116,7 @@ def _split_text(source: Source) -> Iterator[str]:
     """Documents of a plain-text corpus: the text between lines that hold only the separator,
     with surrounding whitespace stripped."""
     lines: list[str] = []
-    with _open_text(source.path) as f:
+    with open_text(source.path) as f:
         for line in f:
             if line.strip() == source.separator:
                 yield "".join(lines).strip()
@@ -126,19 +126,28 @@ def _split_text(source: Source) -> Iterator[str]:
     yield "".join(lines).strip()
 
 
-def _read_jsonl(source: Source) -> Iterator[tuple[str, str]]:
-    with _open_text(source.path) as f:
+def read_jsonl(path: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line index, "<path> line <n>", record) for every non-blank line of a jsonl file (.gz too);
+    a line that is not a JSON object stops with an error naming the file and line."""
+    with open_text(path) as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
-            where = f"{source.path} line {i + 1}"
+            where = f"{path} line {i + 1}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not JSON ({e})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(source.field), str):
-                raise ValueError(f"{where}: no string field {source.field!r} (source {source.name!r})")
-            yield f"{source.name}:{i}", record[source.field]
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: not a JSON object")
+            yield i, where, record
+
+
+def _read_jsonl(source: Source) -> Iterator[tuple[str, str]]:
+    for i, where, record in read_jsonl(source.path):
+        if not isinstance(record.get(source.field), str):
+            raise ValueError(f"{where}: no string field {source.field!r} (source {source.name!r})")
+        yield f"{source.name}:{i}", record[source.field]
 
 
 # --- seeded decisions ------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 Validation documents (a hash of the document id under `val_fraction`) are never trained on; the
 report encodes them with our tokenizer and with GPT-2's (the bundled OpenAI files, loaded into
 our own class) and gives bytes per token per source, like nanochat's tok_eval. Outputs:
-tokenizer.json (merges, vocab, pattern and specials in a readable form), compression.json and
+tokenizer.json (merges, vocab, pattern and the `special_tokens` of the config at the last ids, in
+list order, in a readable form), compression.json and
 compression.md, and the folder's manifest.json.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 from pipeline.artifacts import atomic_write_json, atomic_write_text, sha256_file, write_manifest
 from pipeline.cli import json_arg
 from pipeline.config import section_config
-from pipeline.tokenizer.bpe import ENDOFTEXT, BPETokenizer
+from pipeline.tokenizer.bpe import BPETokenizer
 from pipeline.tokenizer.sources import (Source, copies, is_val, read_documents, smallest_until, unit_hash,
                                         web_source)
 
@@ -93,7 +94,8 @@ def train_tokenizer(sources: list[Source], gpt2_files: tuple[str, str], *, token
     sample_bytes = sum(len(t.encode("utf-8")) for t in sample)
     log.info("training on %d documents (%d bytes) from %d sources", len(sample), sample_bytes, len(sources))
     start = time.perf_counter()
-    tokenizer = BPETokenizer.train(sample, config["vocab_size"], pattern=config["pattern"], special_tokens=(ENDOFTEXT,))
+    tokenizer = BPETokenizer.train(sample, config["vocab_size"], pattern=config["pattern"],
+                                   special_tokens=config["special_tokens"])
     log.info("trained %d merges in %.1f s", len(tokenizer.merges), time.perf_counter() - start)
     tokenizer.save(tokenizer_out)
 
@@ -109,6 +111,7 @@ def train_tokenizer(sources: list[Source], gpt2_files: tuple[str, str], *, token
         counts={"sample_documents": len(sample), "sample_bytes": sample_bytes,
                 "by_source": {name: dict(sorted(c.items())) for name, c in counts.items()}},
         metrics={"vocab_size": tokenizer.n_vocab, "merges": len(tokenizer.merges), "eos_id": tokenizer.eos_id,
+                 "special_tokens": tokenizer.special_tokens,
                  "pattern": config["pattern"], "tokenizer_sha256": sha256_file(tokenizer_out),
                  "bytes_per_token": {"ours": total["bytes_per_token_ours"], "gpt2": total["bytes_per_token_gpt2"]}})
 
