@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.inference import Engine, SamplingParams
 from pipeline.inference.server import create_app
 from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.tokenizer.bpe import BPETokenizer
+from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS, BPETokenizer
+from pipeline.tokenizer.chat import render_prompt
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer(stories) -> BPETokenizer:
-    return BPETokenizer.train(stories[:20], vocab_size=300)
+    return BPETokenizer.train(stories[:20], vocab_size=300, special_tokens=CHAT_SPECIAL_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,25 @@ def test_streaming_gives_the_same_text(served, model, tokenizer):
     stream = served.client.completions.create(model="nano", prompt=prompt, max_tokens=24, temperature=0, stream=True)
     chunks = [c.choices[0].text for c in stream]
     assert "".join(chunks) == text and len(chunks) > 2
+
+
+def test_chat_goes_through_our_template_and_stops_at_assistant_end(served, model, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
+    end = tokenizer.special_tokens[ASSISTANT_END]
+    ids = render_prompt(tokenizer, messages)
+    expected = Engine(model, max_batch_size=1, stop_token_ids=[tokenizer.eos_id, end]).generate(
+        [ids], SamplingParams(temperature=0.0, max_tokens=30))[0]
+    r = served.client.chat.completions.create(model="nano", messages=messages, max_tokens=30, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    specials = set(tokenizer.special_tokens.values())  # skipped in text, as vLLM's skip_special_tokens
+    assert r.choices[0].message.content == tokenizer.decode([t for t in expected if t not in specials])
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(expected)
+    stream = served.client.chat.completions.create(model="nano", messages=messages, max_tokens=30, temperature=0,
+                                                   stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == r.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="message 1"):
+        served.client.chat.completions.create(model="nano", max_tokens=3, messages=[
+            {"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
 
 
 def test_models_health_metrics(served):

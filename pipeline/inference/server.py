@@ -32,7 +32,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from pipeline.inference.engine import Engine, RequestOutput
 from pipeline.inference.sampling import SamplingParams
-from pipeline.tokenizer.bpe import BPETokenizer
+from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
+from pipeline.tokenizer.chat import render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +216,9 @@ def sampling_params(body: dict, stop_ids: list[int]) -> SamplingParams:
 
 # --- the app -----------------------------------------------------------------------------------
 
-def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_waiting: int = 256,
-               chat_stop_ids: list[int] | None = None) -> FastAPI:
+def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_waiting: int = 256) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`. `engine.stop_token_ids` end every
-    request (EOS); `chat_stop_ids` also end chat replies (<|assistant_end|>)."""
+    request (EOS); chat replies also end at <|assistant_end|>."""
     metrics = Metrics(model_name)
     core = AsyncEngine(engine, metrics, max_waiting)
 
@@ -230,7 +230,8 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_
     app = FastAPI(title="wetstone", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.core = core
     created = int(time.time())
-    specials = set(tokenizer.special_tokens.values())
+    specials = set(tokenizer.special_tokens.values())  # never part of a reply's text
+    chat_stop_ids = [tokenizer.special_tokens[ASSISTANT_END]] if ASSISTANT_END in tokenizer.special_tokens else []
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -341,20 +342,12 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        from pipeline.tokenizer.chat import render_prompt
-
         body = await read_body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise APIError(400, "'messages' must be a non-empty list of {role, content} objects with string content",
-                           param="messages")
         try:
-            ids = render_prompt(tokenizer, messages)
-        except ValueError as e:
+            ids = render_prompt(tokenizer, body.get("messages"))
+        except ValueError as e:  # names the bad message: "message 1: role 'user' out of place ..."
             raise APIError(400, str(e), param="messages") from None
-        return await respond(body, ids, sampling_params(body, chat_stop_ids or []), chat=True)
+        return await respond(body, ids, sampling_params(body, chat_stop_ids), chat=True)
 
     @app.get("/v1/models")
     async def models():
