@@ -129,7 +129,7 @@ def forward_full(model: GPT) -> Callable[[torch.Tensor], tuple[torch.Tensor, tor
 FinishReason = Literal["stop", "length", "abort"]
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared by identity in the queues
 class Request:
     id: int
     prompt: list[int]
@@ -240,8 +240,9 @@ class Engine:
     def _new_kv(self, model: GPT, num_blocks: int) -> torch.Tensor:
         c = model.config
         p = next(model.parameters())
-        # (layer, k|v, block, head, slot, head dim): a block's slots for one head are contiguous
-        return torch.zeros(c.n_layer, 2, num_blocks, c.n_head, self.block_size, c.n_embd // c.n_head,
+        # (layer, k|v, block, slot, head, head dim): a block table's blocks gathered side by side
+        # are the sequence's (T, nh, hs) keys without a further copy
+        return torch.zeros(c.n_layer, 2, num_blocks, self.block_size, c.n_head, c.n_embd // c.n_head,
                            dtype=p.dtype, device=p.device)
 
     # --- the request-at-a-time interface -------------------------------------------------------
@@ -304,25 +305,30 @@ class Engine:
         for w in rows:
             w.tokens = w.tokens + drafts.get(w.req.id, ([], []))[0]
         hidden = self._forward(self.model, self.kv, rows)
+        # the rows whose last token is the request's last (a finished prefill, a decode) need
+        # logits: of that token and of each draft token after it; one lm_head call for all
+        ends = list(itertools.accumulate(len(w.tokens) for w in rows))
+        done = [w.start + len(w.tokens) >= len(w.req.tokens) for w in rows]
+        needed = [list(range(end - 1 - len(drafts.get(w.req.id, ([], []))[0]), end)) if d else []
+                  for w, end, d in zip(rows, ends, done)]
+        logits = logits_of(self.model, hidden[torch.tensor([i for ix in needed for i in ix], dtype=torch.long)])
         outputs, at = [], 0
-        for w in rows:
+        for w, d, ix in zip(rows, done, needed):
             req, n = w.req, len(w.tokens)
             if req.num_computed < len(req.prompt):
                 self.stats.prompt_tokens_computed += min(n, len(req.prompt) - req.num_computed)
-            done = w.start + n >= len(req.tokens)  # the row reached the request's last token
-            if not done:  # a prefill chunk: nothing to sample yet
+            if not d:  # a prefill chunk: nothing to sample yet
                 req.num_computed += n
                 outputs.append(RequestOutput(req.id, [], False, None, len(req.output)))
             else:
-                k = len(drafts.get(req.id, ([], []))[0])
-                rows_h = hidden[at + n - 1 - k: at + n]  # logits for the last real token and each draft
-                new = self._accept(req, logits_of(self.model, rows_h), *drafts[req.id]) if req.id in drafts \
-                    else [sample(logits_of(self.model, rows_h[-1]), req.params, req.tokens, req.generator)]
+                row_logits = logits[at:at + len(ix)]
+                at += len(ix)
+                new = self._accept(req, row_logits, *drafts[req.id]) if req.id in drafts \
+                    else [sample(row_logits[0], req.params, req.tokens, req.generator)]
                 req.num_computed = len(req.tokens) + len(new) - 1
                 outputs.append(self._emit(req, new))
             if req.finish_reason is None:
                 req.num_registered = self.blocks.register(req.tokens, req.table, req.num_computed, req.num_registered)
-            at += n
         return outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
@@ -433,9 +439,9 @@ class Engine:
         plans = [self._plan(rows, g, offsets) for g in groups]
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_store, v_store = kv[layer, 0], kv[layer, 1]  # (blocks, nh, bs, hs)
-            k_store[slot_block, :, slot_offset] = k
-            v_store[slot_block, :, slot_offset] = v
+            k_store, v_store = kv[layer, 0], kv[layer, 1]  # (blocks, bs, nh, hs)
+            k_store[slot_block, slot_offset] = k
+            v_store[slot_block, slot_offset] = v
             y = torch.empty_like(q)
             for table, length, token_idx, row_idx, col_idx, mask in plans:
                 keys, values = (self._gather(s, table, length) for s in (k_store, v_store))
@@ -466,12 +472,12 @@ class Engine:
         return table, length, token_idx, row_idx, col_idx, mask
 
     def _gather(self, store: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
-        """(G, nh, length, hs): each request's K or V, read from its blocks in table order."""
+        """(G, nh, length, hs): each request's K or V, read from its blocks in table order (one
+        copy; the rest are views)."""
         if table.size(1) == 1:  # one block per request (the contiguous cache): copy only the filled slots
-            return store[:, :, :length][table[:, 0]]
+            return store[:, :length][table[:, 0]].transpose(1, 2)
         G, nb = table.shape
-        blocks = store[table]  # (G, nb, nh, bs, hs)
-        return blocks.transpose(1, 2).reshape(G, store.size(1), nb * self.block_size, -1)[:, :, :length]
+        return store[table].view(G, nb * self.block_size, *store.shape[2:])[:, :length].transpose(1, 2)
 
     # --- sampling, speculation, finishing ------------------------------------------------------
 
