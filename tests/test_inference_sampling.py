@@ -9,26 +9,11 @@ from pipeline.inference.engine import forward_full
 from pipeline.inference.sampling import (SamplingParams, apply_repetition_penalty, beam_search,
                                          contrastive_search, entropy, min_p_filter, process_logits, sample,
                                          top_k_filter, top_p_filter)
-from pipeline.model.gpt import GPT, GPTConfig
+from test_inference_engine import nano, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 
 def random_logits(n: int = 100, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread. On a shared 2-core machine a second OpenMP thread
-    spin-waits for a busy core and makes every call ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def nano(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig.from_size("nano", **{"vocab_size": 257, "seq_len": 64, **overrides})).eval()
 
 
 def test_greedy_is_deterministic_and_the_argmax():

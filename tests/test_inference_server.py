@@ -20,15 +20,8 @@ from pipeline.inference.server import create_app
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS, BPETokenizer
 from pipeline.tokenizer.chat import render_prompt
+from test_inference_engine import one_thread  # noqa: F401 (an autouse fixture: one torch thread)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread (see tests/test_inference_engine.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
