@@ -310,7 +310,9 @@ class Engine:
         done = [w.start + len(w.tokens) >= len(w.req.tokens) for w in rows]
         needed = [list(range(end - 1 - len(drafts.get(w.req.id, ([], []))[0]), end)) if d else []
                   for w, end, d in zip(rows, ends, done)]
-        logits = logits_of(self.model, hidden[torch.tensor([i for ix in needed for i in ix], dtype=torch.long)])
+        rows_needed = torch.tensor([i for ix in needed for i in ix], dtype=torch.long, device=self.device)
+        # sampling runs on the CPU, where each request's generator lives: one copy per step
+        logits = logits_of(self.model, hidden[rows_needed]).cpu()
         outputs, at = [], 0
         for w, d, ix in zip(rows, done, needed):
             req, n = w.req, len(w.tokens)
@@ -497,7 +499,8 @@ class Engine:
                 seq = req.tokens + out[req.id][0]
                 drows.append(_Row(req, seq[req.draft_computed:], req.draft_computed))
             hidden = self._forward(self.draft, self.draft_kv, drows)
-            last = logits_of(self.draft, hidden[torch.tensor(list(itertools.accumulate(len(w.tokens) for w in drows))) - 1])
+            ends = torch.tensor(list(itertools.accumulate(len(w.tokens) for w in drows)), device=self.device)
+            last = logits_of(self.draft, hidden[ends - 1]).cpu()
             for (req, _), w, logits in zip(active, drows, last):
                 tokens, qs = out[req.id]
                 q = probabilities(logits, req.params, req.tokens + tokens)
