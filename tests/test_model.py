@@ -1,11 +1,16 @@
-"""The GPT model: shapes, causality, parameter and FLOP accounting, sampling."""
+"""The GPT model: shapes, causality, the KV cache, losses, parameter and FLOP accounting,
+sampling, loading final.pt."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from pipeline.model.gpt import GPT, MODEL_SIZES, GPTConfig
+from pipeline.config import load_schema
+from pipeline.model.gpt import GPT, MODEL_SIZES, GPTConfig, load_final
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -15,6 +20,16 @@ def tiny_config(**overrides) -> GPTConfig:
 def make_model(**overrides) -> GPT:
     torch.manual_seed(0)
     return GPT(tiny_config(**overrides)).eval()
+
+
+def make_sharp_model(**overrides) -> GPT:
+    """Weights x 8: at GPT-2's init the logits are near uniform and greedy decoding repeats one
+    token whatever the context, which would hide a wrong position or window."""
+    model = make_model(**overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)
+    return model
 
 
 def test_vocab_is_padded_to_a_multiple_of_64():
@@ -114,3 +129,192 @@ def test_tiny_top_p_is_greedy_and_generation_is_seeded():
     a = model.generate(idx, 6, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(2))
     b = model.generate(idx, 6, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and a.shape == (2, 10)
+
+
+def test_schema_size_names_are_the_model_sizes():
+    """The pretrain schema's enum gives config errors that name the key; it must list exactly
+    MODEL_SIZES, in order (a size added to one place only fails here)."""
+    enum = load_schema()["properties"]["pretrain"]["properties"]["sizes"]["items"]["enum"]
+    assert enum == list(MODEL_SIZES)
+
+
+# --- the KV cache ---------------------------------------------------------------------------------------
+
+def decode_in_chunks(model: GPT, idx: torch.Tensor, prefix: int, chunk: int) -> torch.Tensor:
+    """Logits of idx read through a KV cache: the first `prefix` tokens at once, then `chunk` at a time."""
+    cache = model.new_kv_cache(idx.size(0))
+    bounds = [0, *range(prefix, idx.size(1), chunk), idx.size(1)]
+    with torch.no_grad():
+        logits = [model(idx[:, a:b], kv_cache=cache) for a, b in zip(bounds, bounds[1:])]
+    assert cache.length == idx.size(1)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_cached_decode_equals_a_full_forward(rope, chunk):
+    """Prefill 5 tokens, then decode the rest of the context one token (or 3) at a time: every
+    logit equals the cacheless forward's, so positions continue from the cache and a chunk of
+    queries attends causally to everything cached."""
+    model = make_model(rope=rope)
+    idx = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx)
+    torch.testing.assert_close(decode_in_chunks(model, idx, 5, chunk), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_expanded_cache_serves_each_row_n_continuations(rope):
+    """Two prompts prefilled once, expanded to 3 rows each, continued by 6 different chunks of 2
+    tokens: each row's logits equal a full forward of its own prompt + continuation."""
+    model = make_model(rope=rope)
+    g = torch.Generator().manual_seed(4)
+    prompts, continuations = torch.randint(0, 257, (2, 7), generator=g), torch.randint(0, 257, (6, 2), generator=g)
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model(prompts, kv_cache=cache)
+        group = cache.expand(3)
+        cached = model(continuations, kv_cache=group)
+        full = model(torch.cat([prompts.repeat_interleave(3, dim=0), continuations], dim=1))
+    assert (group.batch_size, group.length, cache.length) == (6, 9, 7)  # the original is untouched
+    torch.testing.assert_close(cached, full[:, 7:], atol=1e-5, rtol=0)
+
+
+def test_the_cache_refuses_positions_past_the_context_and_a_wrong_batch():
+    model = make_model()
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model(torch.zeros(2, 16, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(ValueError, match="positions 16..16: past the model's context of 16"):
+            model(torch.zeros(2, 1, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(ValueError, match="KV cache of batch 2"):
+            model(torch.zeros(3, 1, dtype=torch.long), kv_cache=model.new_kv_cache(2))
+    with pytest.raises(ValueError, match="max_len 17"):
+        model.new_kv_cache(1, 17)
+
+
+# --- losses ----------------------------------------------------------------------------------------------
+
+def masked_targets() -> torch.Tensor:
+    targets = torch.randint(0, 257, (3, 16), generator=torch.Generator().manual_seed(5))
+    targets[0, :10] = -1  # a prompt
+    targets[2, 12:] = -1  # padding
+    return targets
+
+
+def test_ignored_targets_count_as_if_dropped():
+    model = make_model()
+    idx, targets = torch.randint(0, 257, (3, 16)), masked_targets()
+    logits, loss = model(idx, targets)
+    keep = targets != -1
+    assert keep.sum() == 48 - 14
+    torch.testing.assert_close(loss, F.cross_entropy(logits[keep].float(), targets[keep]))
+
+
+def test_sum_and_per_token_losses_agree_with_the_mean():
+    model = make_model()
+    idx, targets = torch.randint(0, 257, (3, 16)), masked_targets()
+    keep = targets != -1
+    logits, mean = model(idx, targets)
+    _, total = model(idx, targets, loss_reduction="sum")
+    _, per_token = model(idx, targets, loss_reduction="none")
+    torch.testing.assert_close(total, mean * keep.sum())
+    assert per_token.shape == (3, 16) and torch.all(per_token[~keep] == 0)
+    torch.testing.assert_close(per_token[keep], F.cross_entropy(logits[keep].float(), targets[keep], reduction="none"))
+    torch.testing.assert_close(per_token.sum(), total)
+
+
+def test_a_batch_without_targets_has_zero_mean_loss_not_nan():
+    model = make_model().train()
+    idx = torch.randint(0, 257, (2, 16))
+    _, loss = model(idx, torch.full((2, 16), -1))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(torch.all(p.grad == 0) for p in model.parameters())
+
+
+def test_bad_loss_arguments_are_named():
+    model = make_model()
+    idx = torch.randint(0, 257, (2, 16))
+    with pytest.raises(ValueError, match="loss_reduction 'avg'"):
+        model(idx, idx, loss_reduction="avg")
+    with pytest.raises(ValueError, match=r"targets of shape \(2, 15\)"):
+        model(idx, idx[:, 1:])
+
+
+# --- generation on the cache ------------------------------------------------------------------------------
+
+def naive_greedy(model: GPT, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """The cacheless loop generate used to be: the whole (sliding) window every step."""
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(idx[:, -model.config.seq_len:])[:, -1, :]
+            logits[:, model.config.vocab_size:] = -float("inf")
+            idx = torch.cat([idx, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_cached_greedy_equals_naive_greedy(rope):
+    """4 prompt tokens + 20 new ones: 12 on the cache, then 8 past the 16-token context."""
+    model = make_sharp_model(rope=rope)
+    idx = torch.randint(0, 257, (3, 4), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(model.generate(idx, 20), naive_greedy(model, idx, 20))
+
+
+def test_stop_tokens_end_each_row_and_then_generation():
+    model = make_sharp_model()
+    idx = torch.randint(0, 257, (2, 4), generator=torch.Generator().manual_seed(7))
+    free = model.generate(idx, 10)
+    stop = int(free[0, 6])  # row 0's third new token
+    assert not torch.all(free[0, 6:] == stop)  # so row 0 must be made to repeat it
+    stopped = model.generate(idx, 10, stop_tokens=[stop])
+    firsts = [int((row[4:] == stop).nonzero()[0]) + 4 if (row[4:] == stop).any() else None for row in free]
+    expected_len = 14 if None in firsts else max(firsts) + 1
+    assert stopped.size(1) == expected_len
+    for row, first in enumerate(firsts):
+        if first is None:
+            assert torch.equal(stopped[row], free[row])
+        else:
+            assert torch.equal(stopped[row, :first + 1], free[row, :first + 1])
+            assert torch.all(stopped[row, first:] == stop)
+
+
+# --- load_final -----------------------------------------------------------------------------------------
+
+def save_final(path, model: GPT, **extra) -> None:
+    """What pretrain writes (pipeline/train/loop.py)."""
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 8,
+                "vocab_size": 257, "eos_id": 256, **extra}, path)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_load_final_roundtrip(tmp_path, rope):
+    model = make_model(rope=rope)
+    save_final(tmp_path / "final.pt", model)
+    loaded, meta = load_final(tmp_path / "final.pt")
+    assert not loaded.training and loaded.config == model.config
+    assert meta == {"model_config": model.config.to_dict(), "step": 8, "vocab_size": 257, "eos_id": 256}
+    idx = torch.randint(0, 257, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_load_final_refuses_a_pickled_object(tmp_path):
+    save_final(tmp_path / "final.pt", make_model(), args=argparse.Namespace(lr=0.1))
+    with pytest.raises(ValueError, match=r"final.pt: refused, it pickles argparse.Namespace"):
+        load_final(tmp_path / "final.pt")
+
+
+def test_load_final_names_the_file_at_fault(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        load_final(tmp_path / "absent.pt")
+    torch.save({"model": make_model().state_dict()}, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match="weights.pt: not a final.pt, missing model_config, step, vocab_size, eos_id"):
+        load_final(tmp_path / "weights.pt")
+    (tmp_path / "notes.pt").write_text("not torch")
+    with pytest.raises(ValueError, match="notes.pt: not a torch.save file \\(not a zip archive\\)"):
+        load_final(tmp_path / "notes.pt")
+    save_final(tmp_path / "wrong.pt", make_model(), model_config=tiny_config(n_embd=64).to_dict())
+    with pytest.raises(ValueError, match="wrong.pt: model_config and weights do not fit"):
+        load_final(tmp_path / "wrong.pt")

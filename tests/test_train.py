@@ -23,7 +23,7 @@ import torch
 from pipeline.artifacts import verify, write_manifest
 from pipeline.cli import ConfigError
 from pipeline.config import section_config
-from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.model.gpt import load_final
 from pipeline.token_shards import write_shard
 from pipeline.train.data import (TokenWindows, TrainLoader, read_tokens_manifest, split_shards,
                                  unigram_entropy, val_batches)
@@ -170,10 +170,8 @@ def test_a_run_writes_verified_outputs_and_a_loadable_model(reference_run):
     assert [r["step"] for r in records(reference_run) if "val_loss" in r] == [4, 8]
     assert (reference_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "greedy" in (reference_run / "samples.md").read_text()
-    final = torch.load(reference_run / "final.pt")
-    model = GPT(GPTConfig(**final["model_config"]))
-    model.load_state_dict(final["model"])
-    assert final["step"] == 8 and final["eos_id"] == EOS
+    model, final = load_final(reference_run / "final.pt")
+    assert final["step"] == 8 and final["eos_id"] == EOS and model.config.vocab_size == VOCAB
     # keep=2 newest, plus the best-by-val one
     folders = sorted(p.name for p in (reference_run / "checkpoints").iterdir() if p.is_dir())
     best = json.loads((reference_run / "checkpoints" / "best.json").read_text())

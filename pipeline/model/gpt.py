@@ -5,11 +5,16 @@ Notable features:
 - pre-LayerNorm blocks: x + attn(ln(x)), then x + mlp(ln(x)), and a final LayerNorm;
 - causal self-attention through `F.scaled_dot_product_attention`, which runs the flash kernel on
   a CUDA GPU in bf16 and a fused CPU kernel here;
+- a KV cache (`KVCache`, from `GPT.new_kv_cache`) for incremental decoding: positions continue
+  from the cache's length, and `expand(n)` turns one prefilled prompt into n continuations;
 - a GELU MLP four times as wide as the model;
 - the output projection shares its weight with the token embedding (tied, as GPT-2);
 - the vocabulary is padded to a multiple of 64 (see `GPTConfig.padded_vocab_size`);
+- fp32 cross-entropy with targets of -1 ignored (prompt and padding positions), reduced to the
+  mean, the sum (for token-weighted losses over micro-batches) or per-token losses ("none");
 - the model does its own accounting: `num_params(non_embedding=...)` for the scaling fits and
-  `flops_per_token()` for MFU.
+  `flops_per_token()` for MFU;
+- `generate` (greedy or top-p, on the KV cache) and `load_final`, the one loader of final.pt files.
 
 Sizes are named in `MODEL_SIZES`; `GPTConfig.from_size("tiny", vocab_size=..., seq_len=...)`.
 """
@@ -17,7 +22,12 @@ Sizes are named in `MODEL_SIZES`; `GPTConfig.from_size("tiny", vocab_size=..., s
 from __future__ import annotations
 
 import math
+import pickle
+import re
+import zipfile
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -33,6 +43,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024),
 }
 VOCAB_MULTIPLE = 64
+LOSS_REDUCTIONS = ("mean", "sum", "none")
+FINAL_KEYS = ("model_config", "model", "step", "vocab_size", "eos_id")  # what pretrain writes to final.pt
 
 
 @dataclass
@@ -81,12 +93,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+# --- the KV cache ---------------------------------------------------------------------------------
+
+class KVCache:
+    """The keys and values of the tokens read so far, for incremental decoding. `k[layer]` and
+    `v[layer]` are (B, nh, max_len, hs), preallocated; `length` tokens of each row are filled, the
+    same for the whole batch, and the next token's position is `length`. A forward with the cache
+    writes its T new keys and values at [length, length + T) in every layer, then advances
+    `length` by T (once, after the last layer). Make one with `GPT.new_kv_cache`."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int = 0):
+        self.k, self.v, self.length = k, v, length  # k, v: (n_layer, B, nh, max_len, hs)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at [length, length + T) of `layer`; return that layer's keys and
+        values so far, each (B, nh, length + T, hs)."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def expand(self, n: int) -> KVCache:
+        """A new cache with each row repeated n times (row b becomes rows b*n .. b*n + n - 1): a
+        prompt prefilled once at batch 1 then serves n sampled continuations (GRPO's group)."""
+        return KVCache(self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1), self.length)
+
+
 # --- the blocks ------------------------------------------------------------------------------------
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         assert config.n_embd % config.n_head == 0, f"n_embd {config.n_embd} not divisible by n_head {config.n_head}"
+        self.layer = layer  # this layer's slot in a KVCache
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -98,16 +145,25 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()
+        start = 0 if kv_cache is None else kv_cache.length  # the position of x's first token
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if self.rope:
-            q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if self.rope:  # apply_rope takes the first T rows: the angles of positions start .. start + T - 1
+            cos, sin = self.cos[start:], self.sin[start:]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dropout_p = self.dropout if self.training else 0.0
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, start + T, hs): the cached tokens, then x's
+            # query i sits at position start + i and sees keys 0 .. start + i (is_causal would align the
+            # mask to the top left, hiding the cache); a single query sees every key, so needs no mask
+            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hs): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -125,15 +181,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -146,7 +202,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.wpe = None if config.rope else nn.Embedding(config.seq_len, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix reads tokens in and writes logits out
@@ -164,22 +220,58 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) token ids -> logits (B, T, padded vocab); with targets also the mean
-        cross-entropy, computed in fp32 whatever the autocast dtype."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                kv_cache: KVCache | None = None, loss_reduction: str = "mean"):
+        """idx (B, T) token ids -> logits (B, T, padded vocab); with targets (B, T) also the fp32
+        cross-entropy (whatever the autocast dtype), targets of -1 ignored, reduced by
+        `loss_reduction`: "mean" over the counted targets (0, not NaN, when there are none: a
+        micro-batch whose targets are all masked adds nothing), "sum" (divide by a token count of
+        your own for token-weighted losses), or "none" (the (B, T) per-token losses, 0 where ignored).
+        With `kv_cache`, idx continues the cached tokens: positions start at `kv_cache.length`."""
         B, T = idx.size()
-        assert T <= self.config.seq_len, f"sequence of {T} tokens, the model's context is {self.config.seq_len}"
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + T > self.config.seq_len:
+            raise ValueError(f"positions {start}..{start + T - 1}: past the model's context of {self.config.seq_len} tokens")
+        if kv_cache is not None and (kv_cache.batch_size != B or start + T > kv_cache.max_len):
+            raise ValueError(f"KV cache of batch {kv_cache.batch_size}, {kv_cache.length}/{kv_cache.max_len} "
+                             f"tokens filled, cannot take {B} x {T} more")
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast over B
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction {loss_reduction!r}; one of {', '.join(LOSS_REDUCTIONS)}")
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets of shape {tuple(targets.shape)} for idx of shape {tuple(idx.shape)}")
+        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                 ignore_index=-1, reduction="none").view(B, T)  # 0 where ignored
+        if loss_reduction == "none":
+            return logits, losses
+        if loss_reduction == "sum":
+            return logits, losses.sum()
+        return logits, losses.sum() / (targets != -1).sum().clamp(min=1)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KVCache for batch_size rows of up to max_len tokens (default: the context), on
+        the model's device. dtype defaults to that of the keys it will hold: the autocast dtype
+        when called inside autocast, else the weights'."""
+        c, weight = self.config, self.wte.weight
+        max_len = c.seq_len if max_len is None else max_len
+        if not 0 < max_len <= c.seq_len:
+            raise ValueError(f"KV cache max_len {max_len}: must be in 1..{c.seq_len} (the model's context)")
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(weight.device.type)
+            dtype = torch.get_autocast_dtype(weight.device.type) if autocast else weight.dtype
+        shape = (c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head)
+        return KVCache(torch.zeros(shape, dtype=dtype, device=weight.device),
+                       torch.zeros(shape, dtype=dtype, device=weight.device))
 
     # --- accounting ----------------------------------------------------------------------------
 
@@ -205,12 +297,23 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_p: float = 1.0, generator: torch.Generator | None = None,
+                 stop_tokens: Collection[int] = ()) -> torch.Tensor:
         """Extend idx (B, T) by max_new_tokens. temperature 0 is greedy; otherwise sample from the
         smallest set of tokens whose probability reaches top_p (nucleus sampling, Holtzman et al.,
-        2019). No KV cache: this is for a look at what the model learned, not for serving."""
+        2019). On a KV cache: the prompt is read once, then one token per step. With stop_tokens, a
+        row that emits one repeats it from then on, and generation ends early once every row has
+        (cut each row at its first stop token)."""
+        seq_len = self.config.seq_len
+        cache = self.new_kv_cache(idx.size(0), min(seq_len, idx.size(1) + max_new_tokens))
+        stops = torch.tensor(sorted(stop_tokens), dtype=idx.dtype, device=idx.device)
+        stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.seq_len:])[:, -1, :].float()
+            if idx.size(1) <= seq_len:
+                logits = self(idx[:, cache.length:], kv_cache=cache)
+            else:  # the window slides past the context, shifting every position: read it whole
+                logits = self(idx[:, -seq_len:])
+            logits = logits[:, -1, :].float()
             logits[:, self.config.vocab_size:] = -float("inf")  # padding ids are not tokens
             if temperature == 0.0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
@@ -221,5 +324,41 @@ class GPT(nn.Module):
                 sorted_probs[(sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p] = 0.0
                 choice = torch.multinomial(sorted_probs, 1, generator=generator)
                 next_id = order.gather(-1, choice)
+            if stop_tokens:
+                next_id = torch.where(stopped[:, None], idx[:, -1:], next_id)  # a stopped row repeats its stop
+                stopped |= torch.isin(next_id[:, 0], stops)
             idx = torch.cat([idx, next_id], dim=1)
+            if stop_tokens and stopped.all():
+                break
         return idx
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def load_final(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """Load a final.pt (pretrain's export: a torch.save of FINAL_KEYS) with weights_only=True,
+    which unpickles only tensors and plain containers, never code. Returns the GPT in eval mode on
+    `device` and the file's metadata: every key but "model" ("model_config" as a dict, "step",
+    "vocab_size", "eos_id", and whatever else the writer added). Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected a final.pt written by pretrain)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise ValueError(f"{path}: not a torch.save file (not a zip archive)")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only met a pickled object, not weights: loading it could run code
+        what = re.search(r"GLOBAL (\S+)", str(e))
+        raise ValueError(f"{path}: refused, it pickles {what[1] if what else 'objects beyond tensors'} "
+                         "(final.pt holds only tensors and plain values; torch.load weights_only=True)") from e
+    except RuntimeError as e:
+        raise ValueError(f"{path}: unreadable torch.save file ({str(e).splitlines()[0]})") from e
+    missing = [k for k in FINAL_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise ValueError(f"{path}: not a final.pt, missing {', '.join(missing)}")
+    try:
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: model_config and weights do not fit: {e}") from e
+    return model.to(device).eval(), {k: v for k, v in checkpoint.items() if k != "model"}
