@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("pipeline.tokenizer.tokenize_stage", "one source -> train/val token shards"),
     "tokens": ("pipeline.tokenizer.gather_stage", "check and gather the shards into tokens/manifest.json"),
     "pretrain": ("pipeline.train.pretrain", "pretrain a GPT (run under torchrun for DDP / FSDP2)"),
+    "serve": ("pipeline.inference.server", "OpenAI-compatible HTTP server (SSE streaming, /metrics) over the engine"),
+    "inference-bench": ("pipeline.inference.bench", "serving benchmark: naive .. continuous batching, paged, speculative, HF"),
     "seal": ("pipeline.seal", "merge per-shard manifests into a stage folder's manifest.json"),
     "verify": ("pipeline.verify", "re-hash every artifact under a results folder against its manifest"),
 }
@@ -32,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     lines = ["usage: python -m pipeline <command> [--help] [args]", "", "commands:"]
-    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {summary}" for name, (_, summary) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -198,3 +198,38 @@ def test_concurrent_load_all_answered_nothing_leaked_metrics_add_up(model, token
         assert m["vllm:num_requests_running[]"] == 0 and m["vllm:num_requests_waiting[]"] == 0
     finally:
         s.close()
+
+
+def test_serve_command_on_a_saved_model(model, tokenizer, tmp_path):
+    """`python -m pipeline serve --model final.pt --tokenizer tokenizer.json --port N`, as a user runs it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "tiny").mkdir()
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 0,
+                "vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id}, tmp_path / "tiny" / "final.pt")
+    tokenizer.save(tmp_path / "tokenizer.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", str(tmp_path / "tiny" / "final.pt"),
+                             "--tokenizer", str(tmp_path / "tokenizer.json"), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]  # named after the model's folder
+        text, _ = greedy_text(model, tokenizer, "Once upon a time", 12)
+        assert client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12,
+                                         temperature=0).choices[0].text == text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

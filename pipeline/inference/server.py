@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -365,3 +366,47 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+# --- command line: python -m pipeline serve ----------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="final.pt (pretrain, sft or grpo)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json (the tokenizer stage's)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", help="the model's name in the API (default: the model's folder name)")
+    parser.add_argument("--draft-model", help="final.pt of a smaller model for speculative decoding")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most")
+    parser.add_argument("--block-size", type=int, default=16, help="token slots per KV-cache block")
+    parser.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: max-batch-size full contexts)")
+    parser.add_argument("--chunked-prefill", action="store_true", help="cut long prompts to the step's token budget")
+    parser.add_argument("--max-waiting", type=int, default=256, help="queued requests at most; more get 429")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+
+
+def run(args) -> int:
+    import torch
+    import uvicorn
+
+    from pipeline.model.gpt import load_final
+
+    torch.set_num_threads(args.threads)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    model, meta = load_final(args.model, device)
+    draft = load_final(args.draft_model, device)[0] if args.draft_model else None
+    tokenizer = BPETokenizer.load(args.tokenizer)
+    if tokenizer.n_vocab != model.config.vocab_size:
+        raise ValueError(f"{args.tokenizer}: {tokenizer.n_vocab} ids, but {args.model} was trained on "
+                         f"{model.config.vocab_size}: not this model's tokenizer")
+    engine = Engine(model, max_batch_size=args.max_batch_size, block_size=args.block_size, num_blocks=args.num_blocks,
+                    draft_model=draft, num_speculative_tokens=args.num_speculative_tokens,
+                    chunked_prefill=args.chunked_prefill, stop_token_ids=[int(meta["eos_id"])])
+    name = args.served_model_name or Path(args.model).resolve().parent.name
+    app = create_app(engine, tokenizer, name, max_waiting=args.max_waiting)
+    log.info("serving %s (%s, context %d) on http://%s:%d/v1", name, args.model, model.config.seq_len, args.host,
+             args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
