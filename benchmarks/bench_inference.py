@@ -9,8 +9,8 @@ the weights, only speculative acceptance does), written as the "Inference" secti
     one GPU, the GPT-2 124M shape (random weights, no draft):
         python -m benchmarks.bench_inference --size gpt2-124m --device cuda --config '{"max_batch_size": 64}'
 
-The HF transformers peer runs on the model exported in memory by `pipeline.export.hf_model`
-(what export-hf writes to disk).
+The HF transformers peer runs on an exported folder (`python -m pipeline export-hf`), given with
+--hf-model; without it that system is skipped and the section says so.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from benchmarks.common import machine, write_section
 from pipeline.cli import json_arg
 from pipeline.config import section_config
-from pipeline.inference.bench import bench, data_tokens, markdown
+from pipeline.inference.bench import bench, load_inputs, markdown
 from pipeline.model.gpt import GPT, GPTConfig, load_final
 
 
@@ -38,6 +38,7 @@ def main() -> int:
     parser.add_argument("--draft", help="final.pt of the draft model")
     parser.add_argument("--tokens", help="tokens folder: prompts from its val split (default: random ids)")
     parser.add_argument("--tokenizer", help="tokenizer.json, for the http system")
+    parser.add_argument("--hf-model", help="the model's export-hf folder, for the hf_generate peer")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--config", type=json_arg, default={}, help="inference config section overrides")
     parser.add_argument("--no-doc", action="store_true", help="print the section instead of writing docs/benchmarks.md")
@@ -54,17 +55,11 @@ def main() -> int:
         torch.manual_seed(0)
         model = GPT(GPTConfig.from_size(args.size, vocab_size=50257, seq_len=1024)).to(args.device).eval()
         name, eos = f"{args.size} (random weights)", 50256
-    draft = load_final(args.draft, args.device)[0] if args.draft else None
-    tokenizer = None
-    if args.tokenizer:
-        from pipeline.tokenizer.bpe import BPETokenizer
-        tokenizer = BPETokenizer.load(args.tokenizer)
-    from pipeline.export import hf_model
-    hf = hf_model(model, model.config.vocab_size, eos).to(args.device).eval()
-    source = data_tokens(Path(args.tokens) if args.tokens else None, model.config.vocab_size)
+    inputs = load_inputs(model, draft=args.draft, tokenizer=args.tokenizer, hf_model=args.hf_model, tokens=args.tokens,
+                         device=args.device)
 
     start = time.perf_counter()
-    result = bench(model, cfg, draft=draft, hf_model=hf, tokenizer=tokenizer, source=source, stop_ids=[eos])
+    result = bench(model, cfg, **inputs, stop_ids=[eos])
     wall = time.perf_counter() - start
     report = {"model": name, "device": args.device, "threads": cfg["threads"], "config": cfg, **result}
     table = markdown(report).split("\n", 2)[2]  # without the page title

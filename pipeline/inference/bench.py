@@ -484,40 +484,48 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", type=json_arg, default={}, help="the `inference` config section (JSON or @file)")
 
 
-def run(args) -> int:
+def load_inputs(model: GPT, *, draft: str | None, tokenizer: str | None, hf_model: str | None, tokens: str | None,
+                device: str) -> dict[str, Any]:
+    """bench()'s inputs beside the model, each loaded from its file when given."""
     from pipeline.model.gpt import load_final
     from pipeline.tokenizer.bpe import BPETokenizer
+
+    inputs = {"draft": load_final(draft, device)[0] if draft else None,
+              "tokenizer": BPETokenizer.load(tokenizer) if tokenizer else None, "hf_model": None,
+              "source": data_tokens(Path(tokens) if tokens else None, model.config.vocab_size)}
+    if hf_model:
+        from transformers import AutoModelForCausalLM
+        inputs["hf_model"] = AutoModelForCausalLM.from_pretrained(hf_model).to(device).eval()
+    return inputs
+
+
+def run(args) -> int:
+    from pipeline.model.gpt import load_final
 
     cfg = section_config("inference", args.config)
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["workload"]["seed"])
     device = "cuda" if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available()) else "cpu"
-    model, meta = load_final(args.model, device)
-    draft = load_final(args.draft, device)[0] if args.draft else None
-    tokenizer = BPETokenizer.load(args.tokenizer) if args.tokenizer else None
-    hf_model = None
-    if args.hf_model:
-        from transformers import AutoModelForCausalLM
-        hf_model = AutoModelForCausalLM.from_pretrained(args.hf_model).to(device).eval()
-    use_data = cfg["workload"]["prompts"] == "data"
-    if use_data and not args.tokens:
+    if cfg["workload"]["prompts"] == "data" and not args.tokens:
         raise ValueError("inference.workload.prompts is 'data' but no --tokens folder was given")
-    source = data_tokens(Path(args.tokens) if use_data else None, model.config.vocab_size)
+    model, meta = load_final(args.model, device)
+    tokens = args.tokens if cfg["workload"]["prompts"] == "data" else None
+    inputs = load_inputs(model, draft=args.draft, tokenizer=args.tokenizer, hf_model=args.hf_model, tokens=tokens,
+                         device=device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = bench(model, cfg, draft=draft, hf_model=hf_model, tokenizer=tokenizer, source=source,
-                   stop_ids=[int(meta["eos_id"])])
+    result = bench(model, cfg, **inputs, stop_ids=[int(meta["eos_id"])])
     report = {"model": Path(args.model).parent.name, "device": device, "threads": cfg["threads"], "config": cfg,
               **result}
     atomic_write_json(out / "bench.json", report)
     atomic_write_text(out / "bench.md", markdown(report))
     plot(report, out)
-    inputs = [p for p in (args.model, args.draft, args.tokenizer, args.hf_model and Path(args.hf_model) / "config.json")
-              if p]
+    files = [p for p in (args.model, args.draft, args.tokenizer, args.hf_model and Path(args.hf_model) / "config.json")
+             if p]
     burst = next((str(r) for r in cfg["rates"] if math.isinf(float(r))), None)
     metrics = {f"{s}_output_tokens_per_s": r[burst]["output_tokens_per_s"] for s, r in result["results"].items()} \
         if burst else {}
-    write_manifest(out / "manifest.json", stage="inference_bench", config=cfg, inputs=inputs,
+    write_manifest(out / "manifest.json", stage="inference_bench", config=cfg, inputs=files,
                    outputs={out / name: None for name in OUTPUTS},
                    counts={"systems": len(result["results"]), "rates": len(cfg["rates"])}, metrics=metrics)
     log.info("wrote %s", out / "bench.md")
