@@ -62,7 +62,8 @@ def main() -> int:
     result = bench(model, cfg, **inputs, stop_ids=[eos])
     wall = time.perf_counter() - start
     report = {"model": name, "device": args.device, "threads": cfg["threads"], "config": cfg, **result}
-    table = markdown(report).split("\n", 2)[2]  # without the page title
+    # without the page title, its sections one level down (they sit inside this section)
+    table = markdown(report).split("\n", 2)[2].replace("\n## ", "\n### ")
     command = "python -m benchmarks.bench_inference " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v and k not in ("config", "no_doc"))
     if args.config:

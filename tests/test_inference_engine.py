@@ -57,7 +57,7 @@ def test_mixed_batch_equals_generate_alone(rope):
     dict(paged=False),  # the contiguous cache
     dict(block_size=4, prefix_caching=False),
     dict(block_size=4, chunked_prefill=True, max_num_batched_tokens=8),
-    dict(block_size=4, scheduling="static"),
+    dict(block_size=4, scheduling="static", max_num_batched_tokens=64),  # the 6 prompts hold 84 tokens
     dict(block_size=4, num_blocks=16),  # too few blocks for all at once: preemption by recompute
 ])
 def test_cache_layouts_and_policies_give_the_same_greedy_output(options):
@@ -67,6 +67,8 @@ def test_cache_layouts_and_policies_give_the_same_greedy_output(options):
     assert engine.generate(PROMPTS, GREEDY) == reference
     if "num_blocks" in options:
         assert engine.stats.preemptions > 0
+    if options.get("scheduling") == "static":  # one batch of all six, prefilled together, none joining later
+        assert engine.stats.steps == 1 + 11
     assert_all_blocks_free(engine)
 
 

@@ -350,7 +350,7 @@ class Engine:
         return req.num_computed == len(req.tokens) - 1
 
     def _schedule(self) -> list[_Row]:
-        budget = self.max_num_batched_tokens
+        budget: float = self.max_num_batched_tokens
         rows: list[_Row] = []
         for req in list(self.running):
             if req not in self.running:  # preempted below by an earlier request of this step
@@ -365,8 +365,10 @@ class Engine:
                 continue  # req itself was preempted
             rows.append(_Row(req, req.tokens[req.num_computed:req.num_computed + n], req.num_computed, extra))
             budget -= n + extra
-        if self.scheduling == "static" and self.running:
-            return rows
+        if self.scheduling == "static":
+            if self.running:
+                return rows
+            budget = float("inf")  # a static batch starts whole: all its prompts in one prefill
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             req = self.waiting[0]
             if not req.table:
