@@ -14,7 +14,7 @@ from pipeline.__main__ import main
 from pipeline.artifacts import read_manifest, verify
 from pipeline.config import section_config
 from pipeline.inference.bench import (Record, bench, kv_cache_stream, make_workload, markdown, naive_stream, plot,
-                                      summarize)
+                                      run_hf, summarize)
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS, BPETokenizer
 from test_inference_engine import one_thread  # noqa: F401 (an autouse fixture: one torch thread)
@@ -115,3 +115,16 @@ def test_command_writes_the_stage_outputs(stories, tmp_path):
     manifest = read_manifest(out / "manifest.json")
     assert {o["path"] for o in manifest["outputs"]} == {"bench.json", "bench.md", "throughput.png", "latency.png"}
     assert verify(tmp_path)[1] == []
+
+
+def test_hf_generate_peer_delivers_each_requested_length():
+    """HF `generate` in static batches (a real transformers GPT-2): every request gets its own
+    number of tokens, stamped step by step, however long the batch runs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    workload = make_workload(small_config()["workload"], math.inf, np.zeros(0, np.int64), 300)
+    records = run_hf(hf, workload, batch_size=2, pad_id=0)
+    assert [r.tokens for r in records] == [r.output_len for r in workload]
+    assert all(len(r.times) == r.tokens and r.times == sorted(r.times) for r in records)
