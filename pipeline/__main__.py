@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("pipeline.train.pretrain_cli", "pretrain a GPT (run under torchrun for DDP / FSDP2)"),
     "eval": ("pipeline.eval.stage", "val loss/bpb, MMLU, task pass@k of every model of a size; the table"),
     "export-hf": ("pipeline.export", "a final.pt as a transformers GPT2LMHeadModel folder + fast tokenizer"),
+    "serve": ("pipeline.inference.server", "OpenAI-compatible HTTP server (SSE streaming, /metrics) over the engine"),
+    "inference-bench": ("pipeline.inference.bench", "serving benchmark: naive .. continuous batching, paged, speculative, HF"),
     "seal": ("pipeline.seal", "merge per-shard manifests into a stage folder's manifest.json"),
     "verify": ("pipeline.verify", "re-hash every artifact under a results folder against its manifest"),
 }
@@ -35,7 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     lines = ["usage: python -m pipeline <command> [--help] [args]", "", "commands:"]
-    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {summary}" for name, (_, summary) in COMMANDS.items()]
     return "\n".join(lines)
 
 
