@@ -17,6 +17,8 @@ from pipeline.cli import configure_logging
 COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("pipeline.data.fetch", "download one input file (a WET URL) atomically"),
     "ingest": ("pipeline.data.ingest", "WET file -> documents (warcio), bad records dropped with a reason"),
+    "url_filter": ("pipeline.data.url_filter", "WARC file -> responses whose URL passes the block lists"),
+    "extract": ("pipeline.data.extract", "WARC responses -> main text (trafilatura), drops with a reason"),
     "langid": ("pipeline.data.langid", "fastText lid.176 language ID; keep configured languages"),
     "quality": ("pipeline.data.quality", "Gopher, C4 and FineWeb quality filters"),
     "dedup": ("pipeline.data.dedup", "exact + MinHash-LSH dedup: signatures | clusters | filter"),
