@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "langid": ("pipeline.data.langid", "fastText lid.176 language ID; keep configured languages"),
     "quality": ("pipeline.data.quality", "Gopher, C4 and FineWeb quality filters"),
     "dedup": ("pipeline.data.dedup", "exact + MinHash-LSH dedup: signatures | clusters | filter"),
+    "pii": ("pipeline.data.pii", "replace e-mail and public IP addresses with placeholders"),
     "data-report": ("pipeline.data.report", "drop report (json, md, plots) of the web-data stages"),
     "tokenizer": ("pipeline.tokenizer.train_stage", "train our byte-level BPE; compression report"),
     "tokenize": ("pipeline.tokenizer.tokenize_stage", "one source -> train/val token shards"),
