@@ -15,7 +15,7 @@ from conftest import ROOT
 from pipeline.artifacts import verify
 from pipeline.data.report import data_report
 
-STAGES = ["ingest", "langid", "quality", "dedup"]
+STAGES = ["ingest", "langid", "quality", "dedup", "pii"]
 
 
 def snakemake_data(results, run="it"):
@@ -49,7 +49,8 @@ def test_drop_report_contract(two_runs):
 def test_clean_and_removed_documents(two_runs):
     data, _ = two_runs
     clean = pl.concat([pl.read_parquet(p) for p in sorted((data / "clean").glob("*.parquet"))])
-    assert {"id", "url", "text", "lang", "lang_score"} <= set(clean.columns)
+    assert {"id", "url", "text", "lang", "lang_score", "input", "extractor"} <= set(clean.columns)
+    assert clean["input"].unique().to_list() == ["wet"]
     assert clean["lang"].unique().to_list() == ["en"] and clean["id"].is_unique().all()
     report = json.loads((data / "drop_report.json").read_text())
     for stage in report["stages"]:
