@@ -173,9 +173,10 @@ class Extractor:
         return text if text and text.strip() else None
 
 
-def judge(headers: StatusAndHeaders, block: bytes, problem: str | None, config: dict[str, Any],
-          extractor: Extractor, stats: Counter) -> tuple[str | None, str, str]:
-    """(drop reason or None, detail, text) for one response record that passed url_filter."""
+def read_html(headers: StatusAndHeaders, block: bytes, problem: str | None, config: dict[str, Any],
+              stats: Counter) -> tuple[str | None, str, str]:
+    """(drop reason or None, detail, the page's HTML as text, or a preview when dropped) of one
+    response record: every check before extraction, in the module docstring's order."""
     if problem or not headers.get_header("WARC-Record-ID"):
         return problem or "bad_header", "", ""
     digest = headers.get_header("WARC-Block-Digest")
@@ -204,6 +205,15 @@ def judge(headers: StatusAndHeaders, block: bytes, problem: str | None, config: 
         return "decode_error", f"no charset decodes it (declared {declared_charset(content_type)!r})", preview
     html, how = decoded
     stats[f"charset_{how}"] += 1
+    return None, "", html
+
+
+def judge(headers: StatusAndHeaders, block: bytes, problem: str | None, config: dict[str, Any],
+          extractor: Extractor, stats: Counter) -> tuple[str | None, str, str]:
+    """(drop reason or None, detail, text) for one response record that passed url_filter."""
+    reason, detail, html = read_html(headers, block, problem, config, stats)
+    if reason is not None:
+        return reason, detail, html
     try:
         text = extractor(html, headers.get_header("WARC-Target-URI"))
     except ExtractionTimeout:

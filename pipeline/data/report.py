@@ -112,8 +112,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"| {p['url']} | {p['duplicate_of_url']} | {p['reason']} | {p['similarity']:.3f} |"
                   for p in dedup["example_pairs"]]
     pii, n = report["pii"], report["pii"]["replaced"]
-    lines += ["", "## PII", "", f"{n.get('emails', 0)} e-mail and {n.get('ips', 0)} public IPv4 addresses replaced "
-              f"in {n.get('docs_changed', 0)} documents; {n.get('ips_kept', 0)} non-public addresses kept."
+    lines += ["", "## PII", "", f"Replaced: {n.get('emails', 0)} e-mail and {n.get('ips', 0)} public IPv4 addresses; "
+              f"documents changed: {n.get('docs_changed', 0)}; non-public addresses kept: {n.get('ips_kept', 0)}."
               if pii["enabled"] else "Off (`pii: false`)."]
     lines += ["", "## Languages in (fastText lid.176, top 15)", "", "| language | docs |", "| --- | ---: |"]
     lines += [f"| {lang} | {n} |" for lang, n in list(report["languages_in"].items())[:15]]
