@@ -7,7 +7,6 @@
 #
 # Rules are wiring only: each calls `python -m pipeline <stage>`, which also runs by hand.
 import json
-import os
 import sys
 
 from pipeline.config import input_shards, validate_config

@@ -6,6 +6,7 @@
 # Every per-file stage writes <shard>.manifest.json; `seal` merges them into the stage folder's
 # manifest.json. A stage checks each input against the manifest that names it (inputs `upstream`),
 # so those manifests are inputs too: a lost one reruns the job that writes it.
+from pipeline.data.url_filter import block_lists
 
 # stage folder -> the shards whose jobs write into it (an entry point with no inputs has none)
 FOLDER_SHARDS = {"ingest": WET, "url_filter": WARC, "extract": WARC, "langid": SHARDS, "quality": SHARDS,
@@ -30,9 +31,8 @@ def warc_input(wildcards):
     return source
 
 
-# url_filter.lists: {name: local file}; a URL list is downloaded by fetch_url_list
-URL_LISTS = {spec["name"]: spec["path"] if spec["path"].startswith(("http://", "https://"))
-             else os.path.join(workflow.basedir, spec["path"]) for spec in config["url_filter"]["lists"]}
+# url_filter.lists: {name: path or URL}, and the local files the job reads (fetch_url_list downloads URLs)
+URL_LISTS = block_lists(config["url_filter"]["lists"], base=workflow.basedir)
 URL_LIST_FILES = {name: f"{RUN}/downloads/lists/{name}.txt" if path.startswith(("http://", "https://")) else path
                   for name, path in URL_LISTS.items()}
 

@@ -3,13 +3,15 @@ names of WET and WARC inputs never collide."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 import pytest
 
 from conftest import ROOT, SAMPLE_WARC, write_warc
 from pipeline.cli import ConfigError
 from pipeline.config import input_shards, warc_shards, wet_shards
-from pipeline.data.url_filter import UrlFilter, read_list, url_filter
+from pipeline.data.url_filter import UrlFilter, block_lists, read_list, url_filter
 
 TEST_LIST = ROOT / "tests" / "data" / "url_blocklist.txt"
 
@@ -59,6 +61,17 @@ def test_blocked_response_dropped_with_list_name(tmp_path):
     assert (removed["id"], removed["reason"], removed["match"]) == ("<urn:uuid:page-0001>", "url_blocklist:demo",
                                                                     "blocked.example")
     assert {entry["path"] for entry in manifest["inputs"]} == {str(warc), str(TEST_LIST)}
+
+
+def test_block_list_paths_are_checked_and_relative(tmp_path):
+    lists = block_lists([{"name": "demo", "path": "tests/data/url_blocklist.txt"},
+                         {"name": "remote", "path": "https://lists.example/adult.txt"}], base=ROOT)
+    assert lists["remote"] == "https://lists.example/adult.txt"
+    assert not Path(lists["demo"]).is_absolute() and Path(lists["demo"]).resolve() == TEST_LIST
+    with pytest.raises(ConfigError, match=r"url_filter.lists\[0\].path.*is not a file"):
+        block_lists([{"name": "gone", "path": "no/such/list.txt"}], base=ROOT)
+    with pytest.raises(ConfigError, match=r"url_filter.lists\[1\].name.*used twice"):
+        block_lists([{"name": "a", "path": "https://x.example/1"}, {"name": "a", "path": "https://x.example/2"}])
 
 
 def test_a_configured_list_without_its_file_is_an_error(tmp_path):

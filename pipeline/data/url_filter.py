@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 import polars as pl
 from warcio.statusandheaders import StatusAndHeaders
 
-from pipeline.cli import json_arg
-from pipeline.config import section_config, warc_shard_name
+from pipeline.cli import ConfigError, json_arg
+from pipeline.config import URL_SCHEMES, section_config, warc_shard_name
 from pipeline.data.docs import REMOVED_COLUMNS, Doc
 from pipeline.data.ingest import NotWet, find_header, read_wet_bytes, split_records
 from pipeline.data.steps import Funnel, add_stage_arguments, tally, write_stage_outputs
@@ -118,6 +118,23 @@ class UrlFilter:
             if found is not None:
                 return f"url_blocklist:{name}", found
         return None
+
+
+def block_lists(specs: list[dict[str, Any]], base: str | os.PathLike = ".") -> dict[str, str]:
+    """`url_filter.lists` as {name: URL, or a local path relative to the current (Snakemake's
+    working) folder, so a moved checkout keeps the rule's params}. A missing local file or a name
+    used twice is a config error."""
+    lists: dict[str, str] = {}
+    for i, spec in enumerate(specs):
+        if spec["name"] in lists:
+            raise ConfigError(f"config key 'url_filter.lists[{i}].name': {spec['name']!r} is used twice")
+        path = spec["path"]
+        if not path.startswith(URL_SCHEMES):
+            path = os.path.relpath(os.path.join(base, path))
+            if not os.path.isfile(path):
+                raise ConfigError(f"config key 'url_filter.lists[{i}].path': {path!r} is not a file")
+        lists[spec["name"]] = path
+    return lists
 
 
 def load_filter(config: dict[str, Any], paths: dict[str, str]) -> UrlFilter:
