@@ -41,6 +41,7 @@ wildcard_constraints:
 include: "rules/data.smk"
 include: "rules/tokenizer.smk"
 include: "rules/pretrain.smk"
+include: "rules/eval.smk"  # last: it evaluates the models of every training rule included before it
 
 
 rule all:
@@ -50,3 +51,5 @@ rule all:
         rules.tokenizer.output,
         rules.tokens.output,
         expand(rules.pretrain.output.manifest, size=config["pretrain"]["sizes"]),
+        expand(rules.eval.output.manifest, size=config["pretrain"]["sizes"]),
+        expand(rules.export_hf.output.manifest, stage=MODEL_STAGES, size=config["pretrain"]["sizes"]),

@@ -2,8 +2,11 @@
 
 The schema is one file per config section: `config.schema.yaml` holds the top-level keys
 (`run`, `results`, `inputs`) and `<section>.schema.yaml` each stage's section, so the description
-and the default of every key live next to each other, once. The Snakefile validates `config`
-with `validate_config` before building the DAG; stage code gets only its own slice.
+and the default of every key live next to each other, once. Keys that several training stages
+share (optimizer, compute, watchdog, ...) live once in `fragments/<name>.yaml`; a section lists
+them under `fragments:` and may override a key's default or description. The Snakefile validates
+`config` with `validate_config` before building the DAG; stage code gets only its own slice.
+Checks that span keys (which a schema cannot say) run after the schema's, in `SECTION_CHECKS`.
 """
 
 from __future__ import annotations
@@ -26,12 +29,29 @@ URL_SCHEMES = ("http://", "https://")
 WARC_SHARD_SUFFIX = ".warc"
 
 
+def _read_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def section_schema(path: Path) -> dict[str, Any]:
+    """A section's schema with its `fragments:` merged in: the fragments' keys first, then the
+    section's own, a key named in both taking the section's fields over the fragment's."""
+    schema = _read_yaml(path)
+    properties: dict[str, Any] = {}
+    for name in schema.pop("fragments", []):
+        properties.update(_read_yaml(path.parent / "fragments" / f"{name}.yaml")["properties"])
+    for key, fields in schema.get("properties", {}).items():
+        properties[key] = {**properties.get(key, {}), **fields}
+    schema["properties"] = properties
+    return schema
+
+
 def load_schema(schema_dir: Path = SCHEMA_DIR) -> dict[str, Any]:
-    schema = yaml.safe_load((schema_dir / "config.schema.yaml").read_text(encoding="utf-8"))
+    schema = _read_yaml(schema_dir / "config.schema.yaml")
     for section_file in sorted(schema_dir.glob("*.schema.yaml")):
         section = section_file.name.removesuffix(".schema.yaml")
         if section != "config":
-            schema["properties"][section] = yaml.safe_load(section_file.read_text(encoding="utf-8"))
+            schema["properties"][section] = section_schema(section_file)
     return schema
 
 
@@ -94,9 +114,31 @@ def _validate(instance: Any, schema: dict[str, Any], prefix: str = "") -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
 
 
+def check_batch(section: str, cfg: dict[str, Any]) -> None:
+    """A training section's global batch must split into whole micro batches over nproc processes
+    (torchrun's process count is checked again when the run starts)."""
+    per_micro = cfg["micro_batch"] * cfg["seq_len"] * cfg["nproc"]
+    if cfg["global_batch_tokens"] % per_micro:
+        raise ConfigError(f"config key '{section}.global_batch_tokens' = {cfg['global_batch_tokens']} is not a "
+                          f"multiple of micro_batch x seq_len x nproc = {cfg['micro_batch']} x {cfg['seq_len']} "
+                          f"x {cfg['nproc']} = {per_micro}")
+
+
+# section -> checks across its keys, run after the schema's
+SECTION_CHECKS = {"pretrain": [check_batch]}
+
+
+def _check_sections(config: dict[str, Any]) -> None:
+    for section, checks in SECTION_CHECKS.items():
+        if section in config:
+            for check in checks:
+                check(section, config[section])
+
+
 def validate_config(config: dict[str, Any], schema_dir: Path = SCHEMA_DIR) -> dict[str, Any]:
     """Fill defaults into `config` in place and validate it; raise ConfigError naming the key."""
     _validate(config, load_schema(schema_dir))
+    _check_sections(config)
     return config
 
 
@@ -104,6 +146,7 @@ def section_config(section: str, value: dict[str, Any] | None) -> dict[str, Any]
     """Validate one section's slice (as a stage gets it on its command line), defaults filled."""
     value = _copy(value or {})
     _validate(value, load_schema()["properties"][section], prefix=f"{section}.")
+    _check_sections({section: value})
     return value
 
 

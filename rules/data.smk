@@ -1,16 +1,19 @@
 # The web-data half: per input file (one job each, so a cluster spreads them over nodes)
 #   WET:  ingest ------------------\
 #   WARC: url_filter -> extract ----> langid -> quality -> dedup_signatures
-# then one global dedup (clusters) job, then dedup_filter per file -> deduped/, pii -> clean/,
-# and the report. WARC shards are named <stem>.warc, so they never meet a WET shard's name.
+# then one global dedup (clusters) job, then per file dedup_filter -> deduped/, decontaminate ->
+# decontaminated/ (on the text as crawled), pii -> clean/ (the last text change), and the report.
+# WARC shards are named <stem>.warc, so they never meet a WET shard's name.
 # Every per-file stage writes <shard>.manifest.json; `seal` merges them into the stage folder's
 # manifest.json. A stage checks each input against the manifest that names it (inputs `upstream`),
 # so those manifests are inputs too: a lost one reruns the job that writes it.
+import os
+
 from pipeline.data.url_filter import block_lists
 
 # stage folder -> the shards whose jobs write into it (an entry point with no inputs has none)
 FOLDER_SHARDS = {"ingest": WET, "url_filter": WARC, "extract": WARC, "langid": SHARDS, "quality": SHARDS,
-                 "dedup/signatures": SHARDS, "deduped": SHARDS, "clean": SHARDS}
+                 "dedup/signatures": SHARDS, "deduped": SHARDS, "decontaminated": SHARDS, "clean": SHARDS}
 STAGE_FOLDERS = [folder for folder, shards in FOLDER_SHARDS.items() if shards]
 ENTRIES = [entry for entry, shards in (("wet", WET), ("warc", WARC)) if shards]
 
@@ -263,11 +266,42 @@ rule dedup_filter:
         " --config {params.config:q} --log {log:q}"
 
 
-# --- pii: the last text change, after dedup (and after decontaminate, which reads text as crawled)
-rule pii:
+# --- decontaminate: dedup's output -> decontaminated/, dropping documents that quote an eval set;
+# before pii, so it sees the text as crawled
+EVALSETS = json.dumps({"mmlu": os.path.join(workflow.basedir, config["eval"]["mmlu"]["path"]),
+                       "tasks": config["eval"]["tasks"]["names"]}, sort_keys=True)
+
+
+rule decontaminate:
     input:
         docs=rules.dedup_filter.output.docs,
         upstream=rules.dedup_filter.output.manifest,
+        mmlu=os.path.join(workflow.basedir, config["eval"]["mmlu"]["path"]),
+    output:
+        docs=f"{DATA}/decontaminated/{{shard}}.parquet",
+        removed=f"{DATA}/removed/decontaminate/{{shard}}.parquet",
+        manifest=f"{DATA}/decontaminated/{{shard}}.manifest.json",
+    log:
+        f"{LOGS}/decontaminate/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/decontaminate/{{shard}}.tsv"
+    resources:
+        mem_mb=4000,
+    params:
+        config=section("decontaminate"),
+        evalsets=EVALSETS,
+        tasks=section("tasks") if "tasks" in config else "{}",
+    shell:
+        "{PY} -m pipeline decontaminate --input {input.docs:q} --output {output.docs:q}"
+        " --removed {output.removed:q} --manifest {output.manifest:q} --config {params.config:q}"
+        " --evalsets {params.evalsets:q} --tasks-config {params.tasks:q} --log {log:q}"
+
+
+# --- pii: the last text change, after decontaminate -> clean/
+rule pii:
+    input:
+        docs=rules.decontaminate.output.docs,
+        upstream=rules.decontaminate.output.manifest,
     output:
         docs=f"{DATA}/clean/{{shard}}.parquet",
         removed=f"{DATA}/removed/pii/{{shard}}.parquet",
@@ -284,7 +318,6 @@ rule pii:
         "{PY} -m pipeline pii --input {input.docs:q} --output {output.docs:q}"
         " --removed {output.removed:q} --manifest {output.manifest:q}"
         " --config {params.config:q} --log {log:q}"
-# --- end pii
 
 
 rule seal:

@@ -29,7 +29,7 @@ def test_both_entry_points_add_up_at_langid(data):
     report = json.loads((data / "drop_report.json").read_text())
     assert report["entries"] == ["wet", "warc"]
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["ingest", "url_filter", "extract", "langid", "quality", "dedup", "pii"]
+    assert list(stages) == ["ingest", "url_filter", "extract", "langid", "quality", "dedup", "decontaminate", "pii"]
     assert stages["ingest"]["docs_in"] == 1                       # the whirlwind WET record
     assert stages["url_filter"]["docs_in"] == 17                  # 16 sample responses + whirlwind's
     assert stages["url_filter"]["dropped"] == {"url_blocklist:demo": 1}
@@ -41,6 +41,7 @@ def test_both_entry_points_add_up_at_langid(data):
 @pytest.mark.slow
 def test_shards_provenance_and_verify(data):
     shards = sorted(p.name for p in (data / "clean").glob("*.parquet"))
+    assert sorted(p.name for p in (data / "decontaminated").glob("*.parquet")) == shards  # WARC shards too
     assert shards == ["CC-MAIN-20200808165417-20200808195417-00395.head.warc.parquet", "whirlwind.parquet",
                       "whirlwind.warc.parquet"]  # the same stem as WET and as WARC: two shards
     entered = pl.concat([pl.read_parquet(data / folder / shard, columns=["input", "extractor"]) for folder, shard in

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 # (report name, folder whose sealed manifest counts that stage), in pipeline order: each entry
 # point's chain (only those the run has), then the stages every document goes through
 ENTRY_STAGES = {"wet": [("ingest", "ingest")], "warc": [("url_filter", "url_filter"), ("extract", "extract")]}
-SHARED_STAGES = [("langid", "langid"), ("quality", "quality"), ("dedup", "deduped"), ("pii", "clean")]
+SHARED_STAGES = [("langid", "langid"), ("quality", "quality"), ("dedup", "deduped"),
+                 ("decontaminate", "decontaminated"), ("pii", "clean")]
 FIELDS = ("docs_in", "docs_out", "bytes_in", "bytes_out")
 
 
@@ -80,11 +81,19 @@ def build_report(data: Path, entries: list[str]) -> dict[str, Any]:
     return {
         "entries": entries,
         "stages": [{k: v for k, v in row.items() if k != "errors"} for row in rows],
+        "contamination": contamination(data),
         "input_errors": [error for row in firsts.values() for error in row["errors"]],
         "languages_in": dict(sorted(languages.items(), key=lambda kv: (-kv[1], kv[0]))),
         "dedup": {k: clusters[k] for k in ("clusters", "cluster_sizes", "removed", "example_pairs")},
         "pii": {"enabled": pii["enabled"], "replaced": pii["replaced"]},
     }
+
+
+def contamination(data: Path) -> dict[str, Any]:
+    """Documents overlapping each eval set (summed over the decontaminate jobs by the seal), and
+    whether they were removed."""
+    manifest = read_manifest(data / "decontaminated" / "manifest.json")
+    return {"overlapping_docs": manifest["metrics"]["overlapping_docs"], "removed": manifest["config"]["remove"]}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -111,6 +120,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "| removed | kept (representative) | reason | est. Jaccard |", "| --- | --- | --- | ---: |"]
         lines += [f"| {p['url']} | {p['duplicate_of_url']} | {p['reason']} | {p['similarity']:.3f} |"
                   for p in dedup["example_pairs"]]
+    found = report["contamination"]
+    lines += ["", "## Contamination (n-gram overlap with the eval sets)", "",
+              f"Overlapping documents were {'removed' if found['removed'] else 'counted, not removed'}.", "",
+              "| eval set | overlapping docs |", "| --- | ---: |"]
+    lines += [f"| {name} | {n} |" for name, n in found["overlapping_docs"].items()]
     pii, n = report["pii"], report["pii"]["replaced"]
     lines += ["", "## PII", "", f"Replaced: {n.get('emails', 0)} e-mail and {n.get('ips', 0)} public IPv4 addresses; "
               f"documents changed: {n.get('docs_changed', 0)}; non-public addresses kept: {n.get('ips_kept', 0)}."
