@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from pipeline.config import validate_config, wet_shards
+from pipeline.config import input_shards, validate_config
 
 
 configfile: "config.yaml"
@@ -26,7 +26,8 @@ DATA = f"{RUN}/data"
 LOGS = f"{RUN}/logs"
 BENCH = f"{RUN}/benchmarks"
 PY = sys.executable  # the interpreter running Snakemake, so rules use the same environment
-WET = wet_shards(config["inputs"]["wet"], base=workflow.basedir)  # {shard: path or URL}
+WET, WARC = input_shards(config["inputs"], base=workflow.basedir)  # {shard: path or URL} each
+SHARDS = {**WET, **WARC}  # every web shard: both kinds meet at langid
 
 
 def section(name):

@@ -17,10 +17,13 @@ from pipeline.cli import configure_logging
 COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("pipeline.data.fetch", "download one input file (a WET URL) atomically"),
     "ingest": ("pipeline.data.ingest", "WET file -> documents (warcio), bad records dropped with a reason"),
+    "url_filter": ("pipeline.data.url_filter", "WARC file -> responses whose URL passes the block lists"),
+    "extract": ("pipeline.data.extract", "WARC responses -> main text (trafilatura), drops with a reason"),
     "langid": ("pipeline.data.langid", "fastText lid.176 language ID; keep configured languages"),
     "quality": ("pipeline.data.quality", "Gopher, C4 and FineWeb quality filters"),
     "dedup": ("pipeline.data.dedup", "exact + MinHash-LSH dedup: signatures | clusters | filter"),
     "decontaminate": ("pipeline.data.decontaminate", "n-gram overlap with the eval sets; drop contaminated documents"),
+    "pii": ("pipeline.data.pii", "replace e-mail and public IP addresses with placeholders"),
     "data-report": ("pipeline.data.report", "drop report (json, md, plots) of the web-data stages"),
     "tokenizer": ("pipeline.tokenizer.train_stage", "train our byte-level BPE; compression report"),
     "tokenize": ("pipeline.tokenizer.tokenize_stage", "one source -> train/val token shards"),

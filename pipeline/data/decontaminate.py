@@ -1,12 +1,13 @@
-"""decontaminate: find clean documents that quote an eval set, count them, and (by default) drop them.
+"""decontaminate: find documents that quote an eval set, count them, and (by default) drop them.
 
-Runs per shard after dedup. Every example of every eval set in use (the MMLU test questions with
-their choices, from `eval.mmlu.path`; the held-out conversations, question and reference
-response, of the tasks in `eval.tasks.names`) becomes a set of word n-grams (`ngram`, 13 as in
-GPT-3's and PaLM's contamination studies) on normalised words: lowercased, punctuation removed,
-whitespace collapsed; digits are kept, since arithmetic is nothing but digits. An example shorter than `ngram` words is one n-gram of all its words, so short
-questions are still found, unless it is shorter than `min_words`, in which case it is skipped
-(and counted): a few words are a common phrase, not a quotation.
+Runs per shard after dedup and before pii, so on the text as crawled. Every example of every
+eval set in use (the MMLU test questions with their choices, from `eval.mmlu.path`; the
+held-out conversations, question and reference response, of the tasks in `eval.tasks.names`)
+becomes a set of word n-grams (`ngram`, 13 as in GPT-3's and PaLM's contamination studies) on
+normalised words: lowercased, punctuation removed, whitespace collapsed; digits are kept, since
+arithmetic is nothing but digits. An example shorter than `ngram` words is one n-gram of all its
+words, so short questions are still found, unless it is shorter than `min_words`, in which case
+it is skipped (and counted): a few words are a common phrase, not a quotation.
 
 A document sharing any n-gram with an eval set overlaps it. Counts per eval set go into the job's
 metrics and the drop report; a document overlapping several sets counts for each. With `remove`
