@@ -1,4 +1,4 @@
-"""Pretraining throughput: tokens/s and MFU of the production loop (`pipeline.train.loop.train`).
+"""Pretraining throughput: tokens/s and MFU of the production loop (`pipeline.train.pretrain.train`).
 
 It runs the real loop (data loader, accumulation, clipping, watchdog, metrics) for --steps steps on
 random tokens (or on --data) and reports the median tokens/s and MFU over the steps after the
@@ -33,7 +33,7 @@ import torch
 from pipeline.artifacts import write_manifest
 from pipeline.config import section_config
 from pipeline.token_shards import write_shard
-from pipeline.train.loop import train
+from pipeline.train.pretrain import train
 
 # size -> (seq_len, micro_batch, vocab of the random tokens)
 SHAPES = {

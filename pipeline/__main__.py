@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("pipeline.tokenizer.train_stage", "train our byte-level BPE; compression report"),
     "tokenize": ("pipeline.tokenizer.tokenize_stage", "one source -> train/val token shards"),
     "tokens": ("pipeline.tokenizer.gather_stage", "check and gather the shards into tokens/manifest.json"),
-    "pretrain": ("pipeline.train.pretrain", "pretrain a GPT (run under torchrun for DDP / FSDP2)"),
+    "pretrain": ("pipeline.train.pretrain_cli", "pretrain a GPT (run under torchrun for DDP / FSDP2)"),
     "seal": ("pipeline.seal", "merge per-shard manifests into a stage folder's manifest.json"),
     "verify": ("pipeline.verify", "re-hash every artifact under a results folder against its manifest"),
 }

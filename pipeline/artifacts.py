@@ -7,14 +7,20 @@ bytes and record counts, and its counts and metrics. Output paths in a manifest 
 the manifest's folder, so a results tree can be moved and still verify.
 
 Manifests hold no timestamps: the same config and inputs give the same manifest bytes.
+
+A stage reads only files an upstream manifest names (never a folder's glob, which would pick up
+files of an earlier config), and checks their sha256 against that manifest before it uses them
+(`read_checked`, `check_file`): a changed byte fails the job naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import stat
 import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,12 +41,32 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove `.<name>.tmp-<pid>` files beside `path` whose writer is gone (a killed job's)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rpartition(".tmp-")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block succeeds, fsync it and rename it onto
-    `path`. On failure the temporary file is removed and `path` is left as it was."""
+    `path`. On failure the temporary file is removed and `path` is left as it was. Temporaries
+    that a killed writer of `path` left behind are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -148,6 +174,56 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+class ChangedInput(ValueError):
+    """An input whose bytes are not those its upstream manifest recorded."""
+
+
+def upstream_manifest(path: str | os.PathLike) -> Path:
+    """The manifest of the job that wrote `path`: `<stem>.manifest.json` beside it (a per-shard
+    job), else the folder's `manifest.json` (tokenizer.json, clusters.parquet)."""
+    path = Path(path)
+    for candidate in (path.with_name(f"{path.stem}.manifest.json"), path.with_name("manifest.json")):
+        if candidate.is_file():
+            return candidate
+    raise ChangedInput(f"{path}: no manifest beside it ({path.stem}.manifest.json or manifest.json) "
+                       "names it; inputs must come from the stage that writes them")
+
+
+def manifest_entry(path: str | os.PathLike, manifest_path: str | os.PathLike) -> dict[str, Any]:
+    """The output entry of `manifest_path` that names `path`."""
+    manifest_path = Path(manifest_path)
+    target = Path(path).resolve()
+    for entry in read_manifest(manifest_path)["outputs"]:
+        if (manifest_path.parent / entry["path"]).resolve() == target:
+            return entry
+    raise ChangedInput(f"{path}: not an output named by {manifest_path} (a file of another run or config?)")
+
+
+def _changed(path: str | os.PathLike, manifest_path: str | os.PathLike) -> ChangedInput:
+    return ChangedInput(f"{path}: sha256 differs from {manifest_path}, which its stage wrote with it; "
+                        "the file changed since: rerun that stage (snakemake --forcerun <rule>)")
+
+
+def read_checked(path: str | os.PathLike, manifest_path: str | os.PathLike | None = None) -> bytes:
+    """The bytes of `path`, read once and checked against the manifest naming it (by default
+    `upstream_manifest(path)`), so the stage parses exactly the bytes that were hashed."""
+    manifest_path = manifest_path or upstream_manifest(path)
+    entry = manifest_entry(path, manifest_path)
+    data = Path(path).read_bytes()
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise _changed(path, manifest_path)
+    return data
+
+
+def check_file(path: str | os.PathLike, manifest_path: str | os.PathLike | None = None) -> None:
+    """Check `path` against the manifest naming it without keeping its bytes (memory-mapped
+    token shards, which the stage reads piecewise later)."""
+    manifest_path = manifest_path or upstream_manifest(path)
+    entry = manifest_entry(path, manifest_path)
+    if os.path.getsize(path) != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        raise _changed(path, manifest_path)
+
+
 def find_manifests(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     return sorted(p for p in root.rglob("*.json")
@@ -157,7 +233,10 @@ def find_manifests(root: str | os.PathLike) -> list[Path]:
 def verify(root: str | os.PathLike) -> tuple[int, list[str]]:
     """Re-hash every output named by every manifest under `root`.
 
+    Only regular files under `root` are read: a manifest naming an absolute path, a `..` path
+    out of `root`, a link leading out of it, or a device (/dev/zero) is a problem, not a read.
     Returns (files checked, problems); each problem names the manifest and the file."""
+    real_root = Path(root).resolve()
     manifests = find_manifests(root)
     if not manifests:
         return 0, [f"{root}: no manifest.json found"]
@@ -171,8 +250,12 @@ def verify(root: str | os.PathLike) -> tuple[int, list[str]]:
         for entry in manifest["outputs"]:
             target = manifest_path.parent / entry["path"]
             checked += 1
-            if not target.exists():
+            if not target.resolve().is_relative_to(real_root):
+                problems.append(f"outside {root}: {entry['path']!r} (named by {manifest_path}); not read")
+            elif not target.exists():
                 problems.append(f"missing: {target} (named by {manifest_path})")
+            elif not stat.S_ISREG(target.stat().st_mode):
+                problems.append(f"not a regular file: {target} (named by {manifest_path}); not read")
             elif target.stat().st_size != entry["bytes"] or sha256_file(target) != entry["sha256"]:
                 problems.append(f"changed: {target} (sha256 differs from {manifest_path})")
     return checked, problems

@@ -2,8 +2,11 @@
 
 The schema is one file per config section: `config.schema.yaml` holds the top-level keys
 (`run`, `results`, `inputs`) and `<section>.schema.yaml` each stage's section, so the description
-and the default of every key live next to each other, once. The Snakefile validates `config`
-with `validate_config` before building the DAG; stage code gets only its own slice.
+and the default of every key live next to each other, once. Keys that several training stages
+share (optimizer, compute, watchdog, ...) live once in `fragments/<name>.yaml`; a section lists
+them under `fragments:` and may override a key's default or description. The Snakefile validates
+`config` with `validate_config` before building the DAG; stage code gets only its own slice.
+Checks that span keys (which a schema cannot say) run after the schema's, in `SECTION_CHECKS`.
 """
 
 from __future__ import annotations
@@ -24,12 +27,29 @@ WET_SUFFIXES = (".warc.wet.gz", ".wet.gz", ".warc.gz", ".gz", ".wet")
 URL_SCHEMES = ("http://", "https://")
 
 
+def _read_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def section_schema(path: Path) -> dict[str, Any]:
+    """A section's schema with its `fragments:` merged in: the fragments' keys first, then the
+    section's own, a key named in both taking the section's fields over the fragment's."""
+    schema = _read_yaml(path)
+    properties: dict[str, Any] = {}
+    for name in schema.pop("fragments", []):
+        properties.update(_read_yaml(path.parent / "fragments" / f"{name}.yaml")["properties"])
+    for key, fields in schema.get("properties", {}).items():
+        properties[key] = {**properties.get(key, {}), **fields}
+    schema["properties"] = properties
+    return schema
+
+
 def load_schema(schema_dir: Path = SCHEMA_DIR) -> dict[str, Any]:
-    schema = yaml.safe_load((schema_dir / "config.schema.yaml").read_text(encoding="utf-8"))
+    schema = _read_yaml(schema_dir / "config.schema.yaml")
     for section_file in sorted(schema_dir.glob("*.schema.yaml")):
         section = section_file.name.removesuffix(".schema.yaml")
         if section != "config":
-            schema["properties"][section] = yaml.safe_load(section_file.read_text(encoding="utf-8"))
+            schema["properties"][section] = section_schema(section_file)
     return schema
 
 
@@ -70,17 +90,53 @@ def _qualified(prefix: str, key: str) -> str:
     return prefix + key
 
 
+def _min_over_max(instance: Any, key: str = "") -> list[str]:
+    """Every `min_X` above its `max_X` in the same mapping (a schema cannot compare two values)."""
+    if not isinstance(instance, dict):
+        return []
+    lines = []
+    for name, value in instance.items():
+        top = instance.get("max_" + name.removeprefix("min_")) if name.startswith("min_") else None
+        if isinstance(value, (int, float)) and isinstance(top, (int, float)) and value > top:
+            lines.append(f"config key '{key}{name}': {value} is above {key}max_{name[4:]} ({top})")
+        lines += _min_over_max(value, f"{key}{name}.")
+    return lines
+
+
 def _validate(instance: Any, schema: dict[str, Any], prefix: str = "") -> None:
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = [f"config key '{_qualified(prefix, _key_path(e))}': {e.message}" for e in errors]
+    lines = [f"config key '{_qualified(prefix, _key_path(e))}': {e.message}" for e in errors]
+    lines = lines or _min_over_max(instance, prefix)
+    if lines:
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+
+
+def check_batch(section: str, cfg: dict[str, Any]) -> None:
+    """A training section's global batch must split into whole micro batches over nproc processes
+    (torchrun's process count is checked again when the run starts)."""
+    per_micro = cfg["micro_batch"] * cfg["seq_len"] * cfg["nproc"]
+    if cfg["global_batch_tokens"] % per_micro:
+        raise ConfigError(f"config key '{section}.global_batch_tokens' = {cfg['global_batch_tokens']} is not a "
+                          f"multiple of micro_batch x seq_len x nproc = {cfg['micro_batch']} x {cfg['seq_len']} "
+                          f"x {cfg['nproc']} = {per_micro}")
+
+
+# section -> checks across its keys, run after the schema's
+SECTION_CHECKS = {"pretrain": [check_batch]}
+
+
+def _check_sections(config: dict[str, Any]) -> None:
+    for section, checks in SECTION_CHECKS.items():
+        if section in config:
+            for check in checks:
+                check(section, config[section])
 
 
 def validate_config(config: dict[str, Any], schema_dir: Path = SCHEMA_DIR) -> dict[str, Any]:
     """Fill defaults into `config` in place and validate it; raise ConfigError naming the key."""
     _validate(config, load_schema(schema_dir))
+    _check_sections(config)
     return config
 
 
@@ -88,6 +144,7 @@ def section_config(section: str, value: dict[str, Any] | None) -> dict[str, Any]
     """Validate one section's slice (as a stage gets it on its command line), defaults filled."""
     value = _copy(value or {})
     _validate(value, load_schema()["properties"][section], prefix=f"{section}.")
+    _check_sections({section: value})
     return value
 
 
@@ -111,7 +168,8 @@ def shard_name(path: str) -> str:
 def wet_shards(patterns: list[str], base: str | os.PathLike = ".") -> dict[str, str]:
     """Expand `inputs.wet` (paths, globs, or http(s) URLs) into {shard name: path or URL}.
 
-    A pattern matching nothing, or two inputs with the same shard name, is a config error."""
+    A pattern matching nothing or a folder, a file name that leaves no shard name
+    (`.warc.wet.gz`), or two inputs with the same shard name, is a config error."""
     shards: dict[str, str] = {}
     for pattern in patterns:
         if pattern.startswith(URL_SCHEMES):
@@ -121,7 +179,13 @@ def wet_shards(patterns: list[str], base: str | os.PathLike = ".") -> dict[str, 
             if not matches:
                 raise ConfigError(f"config key 'inputs.wet': {pattern!r} matches no file")
         for match in matches:
+            if not pattern.startswith(URL_SCHEMES) and not os.path.isfile(match):
+                raise ConfigError(f"config key 'inputs.wet': {match!r} is not a file (a folder? name "
+                                  f"the files, e.g. {os.path.join(pattern, '*.warc.wet.gz')!r})")
             name = shard_name(match)
+            if not name.strip("._"):
+                raise ConfigError(f"config key 'inputs.wet': {match!r} leaves no shard name once "
+                                  f"{WET_SUFFIXES} is taken off; rename it")
             if name in shards and shards[name] != match:
                 raise ConfigError(f"config key 'inputs.wet': {shards[name]!r} and {match!r} "
                                   f"both make shard {name!r}; rename one")

@@ -1,7 +1,9 @@
 """Seal a stage folder: merge the per-shard job manifests into the folder's manifest.json.
 
-Data stages run one job per WET file, each writing `<shard>.manifest.json`; sealing sums their
-counts, checks they ran with one config, and lists every output once, so the stage folder carries
+Data stages run one job per WET file, each writing `<shard>.manifest.json`; sealing checks they
+ran with one config, merges their counts and their metrics the way DataTrove merges per-task
+stats (counters summed key by key, so e.g. langid's `languages_in` is the whole stage's mix; a
+value every shard agrees on kept once), and lists every output once, so the stage folder carries
 one manifest that `verify` and the drop report read.
 """
 
@@ -20,17 +22,24 @@ log = logging.getLogger(__name__)
 
 
 def add_numbers(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
-    """Sum numeric leaves of nested dicts (counts, dropped-by-reason); lists are concatenated."""
+    """Merge one shard's counts or metrics into the total: numbers are summed (nested dicts key by
+    key); a string, flag or list every shard agrees on is kept once; lists that differ (one error
+    list per file) are concatenated, and strings that differ become the sorted list of values."""
     out = dict(total)
     for key, value in part.items():
-        if isinstance(value, dict):
-            out[key] = add_numbers(out.get(key, {}), value)
-        elif isinstance(value, bool) or not isinstance(value, (int, float, list)):
-            out.setdefault(key, value)
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = add_numbers(out[key], value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = out[key] + value
+        elif out[key] == value:
+            continue
         elif isinstance(value, list):
-            out[key] = out.get(key, []) + value
+            out[key] = out[key] + value
         else:
-            out[key] = out.get(key, 0) + value
+            seen = out[key] if isinstance(out[key], list) else [out[key]]
+            out[key] = sorted({*seen, value}, key=str)
     return out
 
 
@@ -46,9 +55,11 @@ def seal(out_path: str | os.PathLike, shard_manifests: list[str | os.PathLike]) 
         raise ValueError(f"{out_path}: shard manifests disagree on stage or config "
                          f"({sorted(stages)}, {len(hashes)} config hashes): rerun the stage")
     counts: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
     outputs = []
     for path, manifest in shards:
         counts = add_numbers(counts, manifest["counts"])
+        metrics = add_numbers(metrics, manifest["metrics"])
         for entry in manifest["outputs"]:
             moved = dict(entry, path=os.path.relpath((path.parent / entry["path"]).resolve(), folder))
             outputs.append(moved)
@@ -61,7 +72,7 @@ def seal(out_path: str | os.PathLike, shard_manifests: list[str | os.PathLike]) 
         "inputs": [file_entry(p) for p, _ in shards],
         "outputs": sorted(outputs, key=lambda e: e["path"]),
         "counts": counts,
-        "metrics": {"shards": len(shards), "by_shard": {p.name.removesuffix(".manifest.json"): m["counts"]
+        "metrics": {**metrics, "shards": len(shards), "by_shard": {p.name.removesuffix(".manifest.json"): m["counts"]
                                                        for p, m in shards}},
     }
     atomic_write_json(out_path, manifest)

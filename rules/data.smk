@@ -2,7 +2,8 @@
 #   ingest -> langid -> quality -> dedup_signatures
 # then one global dedup (clusters) job, then dedup_filter per file -> clean/, and the report.
 # Every per-file stage writes <shard>.manifest.json; `seal` merges them into the stage folder's
-# manifest.json.
+# manifest.json. A stage checks each input against the manifest that names it (inputs `upstream`),
+# so those manifests are inputs too: a lost one reruns the job that writes it.
 
 STAGE_FOLDERS = ["ingest", "langid", "quality", "dedup/signatures", "clean"]
 
@@ -24,9 +25,10 @@ rule fetch_wet:
         f"{BENCH}/fetch_wet/{{shard}}.tsv"
     params:
         url=lambda wc: WET[wc.shard],
+        config=section("fetch"),
     retries: 3
     shell:
-        "{PY} -m pipeline fetch {params.url:q} {output:q} --log {log:q}"
+        "{PY} -m pipeline fetch {params.url:q} {output:q} --config {params.config:q} --log {log:q}"
 
 
 rule ingest:
@@ -53,6 +55,7 @@ rule ingest:
 rule langid:
     input:
         docs=rules.ingest.output.docs,
+        upstream=rules.ingest.output.manifest,
     output:
         docs=f"{DATA}/langid/{{shard}}.parquet",
         removed=f"{DATA}/removed/langid/{{shard}}.parquet",
@@ -74,6 +77,7 @@ rule langid:
 rule quality:
     input:
         docs=rules.langid.output.docs,
+        upstream=rules.langid.output.manifest,
     output:
         docs=f"{DATA}/quality/{{shard}}.parquet",
         removed=f"{DATA}/removed/quality/{{shard}}.parquet",
@@ -95,6 +99,7 @@ rule quality:
 rule dedup_signatures:
     input:
         docs=rules.quality.output.docs,
+        upstream=rules.quality.output.manifest,
     output:
         signatures=f"{DATA}/dedup/signatures/{{shard}}.parquet",
         manifest=f"{DATA}/dedup/signatures/{{shard}}.manifest.json",
@@ -114,6 +119,7 @@ rule dedup_signatures:
 rule dedup:
     input:
         signatures=expand(rules.dedup_signatures.output.signatures, shard=WET),
+        upstream=expand(rules.dedup_signatures.output.manifest, shard=WET),
     output:
         clusters=f"{DATA}/dedup/clusters.parquet",
         manifest=f"{DATA}/dedup/manifest.json",
@@ -134,6 +140,7 @@ rule dedup_filter:
     input:
         docs=rules.quality.output.docs,
         clusters=rules.dedup.output.clusters,
+        upstream=[rules.quality.output.manifest, rules.dedup.output.manifest],
     output:
         docs=f"{DATA}/clean/{{shard}}.parquet",
         removed=f"{DATA}/removed/dedup/{{shard}}.parquet",

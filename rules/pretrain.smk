@@ -1,7 +1,10 @@
 # Pretraining: one job per model size in config pretrain.sizes, each a torchrun launch of
 # `python -m pipeline pretrain` with pretrain.nproc processes (GPUs per node on a cluster).
-# Checkpoints under {RUN}/pretrain/{size}/checkpoints/ are not declared outputs, so Snakemake
-# leaves them when a job fails or is preempted, and the rerun resumes from them.
+# Checkpoints and the metrics history under {RUN}/pretrain/{size}/checkpoints/ are not declared
+# outputs, so Snakemake leaves them when a job fails, is preempted or killed (it deletes only the
+# declared outputs of an incomplete job), and the rerun resumes from them; metrics.jsonl is written
+# from the history at the end. The trainer holds {RUN}/pretrain/{size}/train.lock while it runs and
+# stops (with a checkpoint) on SIGTERM/SIGINT or when torchrun, its parent, dies.
 #
 # On SLURM (--executor slurm): `gpu` becomes --gpus=N, `threads` --cpus-per-task; set
 # pretrain.device: cuda and pretrain.nproc: <GPUs per node> so the job asks for the GPUs.

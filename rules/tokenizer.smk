@@ -18,6 +18,7 @@ SOURCES = {shard: web_source(shard, f"{DATA}/clean/{shard}.parquet") for shard i
 rule tokenizer:
     input:
         clean=expand(f"{DATA}/clean/{{shard}}.parquet", shard=WET),
+        upstream=expand(f"{DATA}/clean/{{shard}}.manifest.json", shard=WET),  # what clean/ is checked against
         text=[source.path for source in TEXT.values()],
         gpt2=GPT2_FILES,
     output:
@@ -44,6 +45,8 @@ rule tokenize:
     input:
         docs=lambda wc: SOURCES[wc.source].path,
         tokenizer=rules.tokenizer.output.tokenizer,
+        upstream=lambda wc: [rules.tokenizer.output.manifest]
+        + ([f"{DATA}/clean/{wc.source}.manifest.json"] if wc.source in WET else []),
     output:
         train=f"{TOKENS}/train/{{source}}.bin",
         train_index=f"{TOKENS}/train/{{source}}.idx",
@@ -72,6 +75,7 @@ rule tokens:
     input:
         manifests=expand(rules.tokenize.output.manifest, source=SOURCES),
         tokenizer=rules.tokenizer.output.tokenizer,
+        upstream=rules.tokenizer.output.manifest,
     output:
         f"{TOKENS}/manifest.json",
     log:

@@ -54,6 +54,18 @@ def stories() -> list[str]:
     return [s for s in parts if len(s.split()) > 120][:60]
 
 
+def write_stage_docs(path: Path, rows: list[dict], schema: dict) -> Path:
+    """Documents as an upstream stage leaves them: the parquet and its job's manifest beside it
+    (stages read only files a manifest names, checked against its sha256)."""
+    from pipeline.artifacts import write_manifest
+    from pipeline.data.docs import write_docs
+
+    n = write_docs(path, rows, schema)
+    write_manifest(path.with_name(f"{path.stem}.manifest.json"), stage="upstream", config={}, inputs=[],
+                   outputs={path: n})
+    return path
+
+
 def make_docs(texts: list[str], source: str = "s", **extra) -> list[dict]:
     return [{"id": f"<urn:uuid:{source}-{i:04d}>", "url": f"http://{source}.example/{i}", "date": "2020-11-30",
              "source": source, "text": t, **extra} for i, t in enumerate(texts)]

@@ -72,3 +72,25 @@ def test_presets_are_valid(preset):
 
     default = yaml.safe_load((ROOT / "config.yaml").read_text())
     validate_config(merge(default, yaml.safe_load(preset.read_text())))
+
+
+def test_a_folder_or_a_nameless_file_in_inputs_wet_is_a_config_error(tmp_path):
+    (tmp_path / "crawl").mkdir()
+    with pytest.raises(ConfigError, match="inputs.wet.*is not a file"):
+        wet_shards(["crawl"], base=tmp_path)
+    (tmp_path / ".warc.wet.gz").write_bytes(b"")
+    with pytest.raises(ConfigError, match="inputs.wet.*leaves no shard name"):
+        wet_shards([".warc.wet.gz"], base=tmp_path)
+
+
+@pytest.mark.parametrize("quality, key", [
+    ({"gopher_repetition": {"dup_line_frac": 1.5}}, "quality.gopher_repetition.dup_line_frac"),
+    ({"fineweb": {"short_line_thr": 2}}, "quality.fineweb.short_line_thr"),
+    ({"gopher_quality": {"min_doc_words": 500, "max_doc_words": 100}}, "quality.gopher_quality.min_doc_words"),
+    ({"gopher_quality": {"min_avg_word_length": 11}}, "quality.gopher_quality.min_avg_word_length"),
+])
+def test_quality_fractions_stay_under_one_and_minimums_under_maximums(quality, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        validate_config({"quality": quality})
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        section_config("quality", quality)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import polars as pl
 
-from conftest import make_docs
+from conftest import make_docs, write_stage_docs
 from pipeline.config import section_config
 from pipeline.data.dedup import cluster, normalize, run_clusters, run_filter, run_signatures, shingles, signatures
-from pipeline.data.docs import DOC_COLUMNS, write_docs
+from pipeline.data.docs import DOC_COLUMNS
 
 CONFIG = section_config("dedup", {})
 
@@ -69,11 +69,11 @@ def test_three_steps_across_two_shards_are_deterministic(tmp_path, stories):
 
     def run_all(root):
         for name, part in shards.items():
-            write_docs(root / f"quality/{name}.parquet", part, schema)
+            write_stage_docs(root / f"quality/{name}.parquet", part, schema)
             run_signatures(str(root / f"quality/{name}.parquet"), output=str(root / f"sig/{name}.parquet"),
                            manifest=str(root / f"sig/{name}.manifest.json"), config={})
         run_clusters([str(root / f"sig/{n}.parquet") for n in shards], output=str(root / "clusters.parquet"),
-                     manifest=str(root / "dedup.json"), config={})
+                     manifest=str(root / "manifest.json"), config={})
         return [run_filter(str(root / f"quality/{n}.parquet"), str(root / "clusters.parquet"),
                            output=str(root / f"clean/{n}.parquet"), removed=str(root / f"removed/{n}.parquet"),
                            manifest=str(root / f"clean/{n}.manifest.json"), config={}) for n in shards]

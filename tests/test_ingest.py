@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from conftest import write_wet
-from pipeline.data.ingest import DamagedInput, ingest
+from pipeline.data.ingest import DamagedInput, NotWet, ingest
 
 GOOD = "A perfectly ordinary paragraph of English text about gardens.\n".encode() * 3
 
@@ -113,3 +113,95 @@ def test_gzip_cut_mid_record_keeps_whole_records_only(tmp_path, cut, reasons):
     assert kept["text"].to_list() == [GOOD.decode()]
     assert counts["dropped"] in reasons
     assert counts["dropped"] or len(counts["errors"]) == 1  # never silently lost
+
+
+# --- input that is not WET ---------------------------------------------------------------------------
+
+def write_responses(path):
+    """A WARC of `response` records (what a crawler writes; WET files hold `conversion` records)."""
+    from io import BytesIO
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        http = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+        writer.write_record(writer.create_warc_record("http://example.com/", "response",
+                                                      payload=BytesIO(b"<html>hi</html>"), http_headers=http))
+    return path
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "it is empty"),
+    (b"<html><body>A page saved under the wrong name</body></html>\n", "begins b'<html>"),
+    (gzip.compress(b"just some text\n" * 10), "begins b'just some text"),
+    (None, r"found response: 1\); a WARC of `response` records: WARC input \(inputs.warc\)"),
+])
+def test_input_that_is_not_wet_fails_naming_the_file(tmp_path, content, message):
+    wet = tmp_path / "x.warc.wet.gz"
+    if content is None:
+        write_responses(wet)
+    else:
+        wet.write_bytes(content)
+    with pytest.raises(NotWet, match=message) as raised:
+        run_ingest(tmp_path, wet)
+    assert str(wet) in str(raised.value)
+    assert not (tmp_path / "out" / "docs.parquet").exists()
+
+
+def test_a_wet_without_conversion_records_names_the_types_it_has(tmp_path):
+    wet = write_wet(tmp_path / "x.warc.wet.gz", [])  # a warcinfo record only
+    with pytest.raises(NotWet, match=r"no `conversion` record \(found warcinfo: 1\)"):
+        run_ingest(tmp_path, wet)
+
+
+def test_a_wet_gzipped_as_one_member_is_read(tmp_path, sample_wet):
+    whole = tmp_path / "whole.warc.wet.gz"
+    whole.write_bytes(gzip.compress(gzip.decompress(sample_wet.read_bytes())))
+    counts, kept, _ = run_ingest(tmp_path, whole)
+    reference, reference_kept, _ = run_ingest(tmp_path / "ref", sample_wet)
+    assert counts["errors"] == [] and counts["docs_in"] == 318
+    assert kept["text"].to_list() == reference_kept["text"].to_list()
+
+
+# --- a wrong Content-Length: resynchronise on the next record header ---------------------------------
+
+def without_digests(wet):
+    """The file with its digest header lines removed, so only the framing can catch a bad length."""
+    lines = wet.read_bytes().split(b"\r\n")
+    wet.write_bytes(b"\r\n".join(line for line in lines if not line.startswith(b"WARC-Block-Digest")))
+    return wet
+
+
+def set_length(wet, record: int, delta: int):
+    """Change the Content-Length of the record-th conversion record by delta bytes."""
+    data = wet.read_bytes()
+    at = data.index(f"<urn:uuid:doc-{record:04d}>".encode())
+    at = data.index(b"Content-Length: ", at) + len(b"Content-Length: ")
+    end = data.index(b"\r\n", at)
+    wet.write_bytes(data[:at] + str(int(data[at:end]) + delta).encode() + data[end:])
+
+
+@pytest.mark.parametrize("delta", [300, 40, -25])
+def test_a_wrong_content_length_loses_no_other_record_and_keeps_no_header(tmp_path, delta):
+    bodies = [GOOD, b"Second page of text, quite ordinary.\n" * 4, GOOD]
+    wet = without_digests(write_wet(tmp_path / "t.warc.wet", bodies, gzip=False))
+    set_length(wet, 1, delta)  # too large (into the next record's header) or too small
+    counts, kept, removed = run_ingest(tmp_path, wet)
+    assert kept["id"].to_list() == ["<urn:uuid:doc-0000>", "<urn:uuid:doc-0002>"]
+    assert kept["text"].to_list() == [GOOD.decode()] * 2
+    assert counts["dropped"] == {"length_mismatch": 1}
+    assert not removed["text"].str.contains("WARC/1.0").any()
+
+
+def test_a_content_length_swallowing_a_whole_record_keeps_both_out(tmp_path):
+    wet = without_digests(write_wet(tmp_path / "t.warc.wet", [GOOD, GOOD, GOOD], gzip=False))
+    data = wet.read_bytes()
+    second, third = (data.index(f"<urn:uuid:doc-{i:04d}>".encode()) for i in (1, 2))
+    swallowed = data.rindex(b"WARC/1.0", 0, third) - data.rindex(b"WARC/1.0", 0, second)
+    set_length(wet, 0, swallowed)  # record 0 now claims record 1 as its body, ending exactly on record 2
+    counts, kept, _ = run_ingest(tmp_path, wet)
+    assert kept["id"].to_list() == ["<urn:uuid:doc-0001>", "<urn:uuid:doc-0002>"]
+    assert not kept["text"].str.contains("WARC/1.0").any()
+    assert counts["dropped"] == {"length_mismatch": 1}

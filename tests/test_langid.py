@@ -5,9 +5,9 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from conftest import make_docs
+from conftest import make_docs, write_stage_docs
 from pipeline.cli import ConfigError
-from pipeline.data.docs import DOC_COLUMNS, write_docs
+from pipeline.data.docs import DOC_COLUMNS
 from pipeline.data.langid import langid, load_model, predict
 
 TEXTS = {
@@ -36,7 +36,7 @@ def test_newlines_do_not_break_prediction(model):
 
 def run_langid(tmp_path, texts, **config):
     src = tmp_path / "in.parquet"
-    write_docs(src, make_docs(texts), DOC_COLUMNS)
+    write_stage_docs(src, make_docs(texts), DOC_COLUMNS)
     manifest = langid(str(src), output=str(tmp_path / "out.parquet"), removed=str(tmp_path / "rm.parquet"),
                       manifest=str(tmp_path / "m.json"), config=config)
     return manifest, pl.read_parquet(tmp_path / "out.parquet"), pl.read_parquet(tmp_path / "rm.parquet")

@@ -9,10 +9,11 @@ from collections import Counter
 
 import pytest
 
+from conftest import write_stage_docs
 from pipeline.__main__ import main
 from pipeline.cli import ConfigError
 from pipeline.config import load_schema, section_config
-from pipeline.data.docs import DOC_COLUMNS, LANG_COLUMNS, read_docs, write_docs
+from pipeline.data.docs import DOC_COLUMNS, LANG_COLUMNS, read_docs
 from pipeline.data.quality import (GROUPS, C4QualityFilter, build_filters, count_sentences, judge,
                                    quality, split_words)
 
@@ -238,7 +239,7 @@ def stage_docs() -> list[dict]:
 
 def test_stage_end_to_end_counts_add_up_and_same_bytes_twice(tmp_path):
     docs_in = tmp_path / "in.parquet"
-    write_docs(docs_in, stage_docs(), {**DOC_COLUMNS, **LANG_COLUMNS})
+    write_stage_docs(docs_in, stage_docs(), {**DOC_COLUMNS, **LANG_COLUMNS})
     outs = {}
     for run in ("a", "b"):
         folder = tmp_path / run
@@ -271,8 +272,8 @@ def test_stage_end_to_end_counts_add_up_and_same_bytes_twice(tmp_path):
 
 def test_stage_config_typo_fails_before_writing(tmp_path):
     docs_in = tmp_path / "in.parquet"
-    write_docs(docs_in, stage_docs(), {**DOC_COLUMNS, **LANG_COLUMNS})
+    write_stage_docs(docs_in, stage_docs(), {**DOC_COLUMNS, **LANG_COLUMNS})
     with pytest.raises(ConfigError, match=r"quality\.gopher_quality\.min_doc_wordz"):
         quality(docs_in, output=tmp_path / "k.parquet", removed=tmp_path / "r.parquet",
                 manifest=tmp_path / "m.json", config={"gopher_quality": {"min_doc_wordz": 10}})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.manifest.json", "in.parquet"]

@@ -12,22 +12,28 @@ import gzip
 import json
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.artifacts import verify, write_manifest
+from pipeline.artifacts import sha256_file, verify, write_manifest
 from pipeline.cli import ConfigError
 from pipeline.config import section_config
 from pipeline.model.gpt import load_final
 from pipeline.token_shards import write_shard
 from pipeline.train.data import (TokenWindows, TrainLoader, read_tokens_manifest, split_shards,
                                  unigram_entropy, val_batches)
-from pipeline.train.loop import lr_at, train
+from pipeline.train.checkpoint import IdentityMismatch
+from pipeline.train.engine import lr_at
+from pipeline.train.lifecycle import LOCK_NAME, RunLock
+from pipeline.train.pretrain import train
 from pipeline.train.watchdog import OK, RESTORE, SKIP, TrainingDiverged, Watchdog
 
 from conftest import RESOURCES, ROOT
@@ -54,7 +60,7 @@ def byte_tokens(tmp_path_factory) -> Path:
     write_shard(out / "train" / "part-0.bin", docs[40:190], VOCAB)
     write_shard(out / "train" / "part-1.bin", docs[190:340], VOCAB)
     write_manifest(out / "manifest.json", stage="tokenize", config={}, inputs=[],
-                   outputs={p: None for p in sorted(out.rglob("*.bin"))}, metrics={"vocab_size": VOCAB, "eos_id": EOS})
+                   outputs={p: None for p in sorted(out.rglob("*.[bi][id][nx]"))}, metrics={"vocab_size": VOCAB, "eos_id": EOS})
     return out
 
 
@@ -228,10 +234,88 @@ def test_a_changed_config_starts_fresh_and_keeps_the_old_checkpoints(byte_tokens
     assert not events(tmp_path, "resume")
 
 
+def test_a_checkpoint_of_another_config_is_refused_naming_what_differs(byte_tokens, tmp_path):
+    """A trainer of an old config, left running, wrote a checkpoint into this run's folder after
+    the run claimed it: resume refuses it instead of training on from the old config's weights."""
+    run(byte_tokens, tmp_path / "new", stop_at=2)
+    run(byte_tokens, tmp_path / "old", stop_at=4, lr=0.005)
+    (tmp_path / "old" / "checkpoints" / "step_000004").rename(tmp_path / "new" / "checkpoints" / "step_000004")
+    with pytest.raises(IdentityMismatch, match=r"step_000004 .*pretrain\.lr: 0\.005 -> 0\.01"):
+        run(byte_tokens, tmp_path / "new")
+    assert not (tmp_path / "new" / "final.pt").exists()
+
+
+def test_checkpoints_load_without_pickle(byte_tokens, tmp_path):
+    """extra.pt used to be unpickled (weights_only=False): a crafted one, with meta.json updated
+    to match, ran a command on resume. Our own checkpoint files are JSON now."""
+    run(byte_tokens, tmp_path, stop_at=2)
+    folder = tmp_path / "checkpoints" / "step_000002"
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "ran"))
+
+    torch.save({"step": 2, "x": Payload()}, folder / "extra.pt")
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"]["extra.pt"] = {"sha256": sha256_file(folder / "extra.pt"), "bytes": (folder / "extra.pt").stat().st_size}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    assert run(byte_tokens, tmp_path)["finished"]
+    assert not marker.exists()
+    assert json.loads((folder.parent / "step_000008" / "extra.json").read_text())["step"] == 8
+    for source in (ROOT / "pipeline").rglob("*.py"):  # and every torch.load of ours is weights_only
+        for line in source.read_text().splitlines():
+            assert "torch.load(" not in line or "weights_only=True" in line, (source, line)
+
+
+def test_metrics_history_survives_snakemake_deleting_the_output(byte_tokens, reference_run, tmp_path):
+    """Snakemake deletes the declared outputs of an incomplete job before rerunning it; the
+    history lives under checkpoints/ and metrics.jsonl is assembled from it at the end."""
+    run(byte_tokens, tmp_path, stop_at=5)
+    (tmp_path / "metrics.jsonl").unlink()
+    run(byte_tokens, tmp_path)
+    assert step_losses(tmp_path) == step_losses(reference_run)
+    assert [r["step"] for r in records(tmp_path) if "val_loss" in r] == [4, 8]
+
+
+def test_a_bad_tokenizer_flag_fails_before_the_first_step(byte_tokens, tmp_path):
+    with pytest.raises(ValueError, match="--tokenizer 'results/no/tokenizer.json': no such file"):
+        train(section_config("pretrain", TEST_CONFIG), data=byte_tokens, out=tmp_path, size="nano",
+              tokenizer="results/no/tokenizer.json")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_samples_come_from_train_text_when_val_has_too_few_documents(byte_tokens, tmp_path):
+    """The val split holds one (long) document and samples asks for 4 prompts: the openings of
+    train documents make up the rest. (A prompt used to become [] and crash the finished run.)"""
+    tokens = tmp_path / "tokens"
+    shutil.copytree(byte_tokens / "train", tokens / "train")
+    text = gzip.open(RESOURCES / "tinystories" / "TinyStories-valid.head1.5M.txt.gz", "rt", encoding="utf-8").read()
+    long_doc = max(text.split("<|endoftext|>"), key=len)
+    write_shard(tokens / "val" / "part-0.bin", [list(long_doc.strip().encode("utf-8")) + [EOS]], VOCAB)
+    write_manifest(tokens / "manifest.json", stage="tokenize", config={}, inputs=[],
+                   outputs={p: None for p in sorted(tokens.rglob("*.bin"))}, metrics={"vocab_size": VOCAB, "eos_id": EOS})
+    assert run(tokens, tmp_path / "out", max_steps=2, eval_every=2, samples=4)["finished"]
+    samples = (tmp_path / "out" / "samples.md").read_text()
+    assert samples.count("## Prompt") == 4 and "(0 tokens)" not in samples.split("**greedy**")[0]
+    train_opening = TokenWindows(split_shards(tokens, "train"), VOCAB, 32).shards[0][:8]
+    assert " ".join(str(int(t)) for t in train_opening) in samples  # prompts show as ids without --tokenizer
+
+
+def test_a_failure_to_sample_never_fails_the_run(byte_tokens, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("sampler broke")
+    monkeypatch.setattr("pipeline.train.pretrain.sample", broken)
+    summary = run(byte_tokens, tmp_path, max_steps=2, eval_every=2)
+    assert summary["finished"] and (tmp_path / "final.pt").exists()
+    assert "Sampling failed: `RuntimeError: sampler broke`" in (tmp_path / "samples.md").read_text()
+    assert verify(tmp_path) == (4, [])
+
+
 # --- watchdog -----------------------------------------------------------------------------------------------
 
 def test_watchdog_skips_then_restores_then_gives_up():
-    dog = Watchdog(patience=2, lr_backoff=0.5, max_restores=1)
+    dog = Watchdog("pretrain", patience=2, lr_backoff=0.5, max_restores=1)
     assert [dog.observe(f) for f in (True, False, True, False, False)] == [OK, SKIP, OK, SKIP, RESTORE]
     assert (dog.skipped, dog.restores, dog.lr_scale) == (3, 1, 0.5)
     dog.observe(False)
@@ -325,3 +409,77 @@ def test_pretrain_help_documents_the_flags_without_importing_torch():
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
     # (modules loaded by importlib.import_module are not listed; what they import is)
     assert "pipeline.config" in imported and "torch" not in imported
+
+
+# --- a killed job ------------------------------------------------------------------------------------------------
+
+def launch(tokens: Path, out: Path, config: dict) -> subprocess.Popen:
+    """The Snakemake rule's launch, in a process group of its own as a Snakemake job's shell is."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "pipeline",
+               "--", "pretrain", "--data", str(tokens), "--out", str(out), "--size", "nano",
+               "--config", json.dumps(config), "--log", str(out.with_suffix(".log"))]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (its reaper may be slow)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_launcher_stops_the_trainer_and_the_rerun_ends_as_if_uninterrupted(byte_tokens, tmp_path):
+    """SIGKILL to the job's process group (Snakemake killed with its jobs) kills torchrun but not
+    its worker, which torchrun starts in a new session: the worker must notice its parent's death
+    and stop, freeing the lock; then the rerun (Snakemake having deleted the declared outputs)
+    must end with the same losses and weights as a run that was never interrupted."""
+    config = {**TEST_CONFIG, "max_steps": 300, "eval_every": 100, "checkpoint_every": 10, "samples": 0}
+    assert launch(byte_tokens, tmp_path / "whole", config).wait(timeout=600) == 0
+
+    out = tmp_path / "killed"
+    job = launch(byte_tokens, out, config)
+    history, deadline = out / "checkpoints" / "metrics.jsonl", time.monotonic() + 300
+    while not (history.exists() and '"step": 12' in history.read_text()):
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+        time.sleep(0.05)
+    trainer = int((out / LOCK_NAME).read_text())
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    deadline = time.monotonic() + 60
+    while alive(trainer):
+        assert time.monotonic() < deadline, f"trainer {trainer} outlived its launcher"
+        time.sleep(0.1)
+    RunLock(out).release()  # free
+    assert not (out / "final.pt").exists()
+    last = json.loads(history.read_text().splitlines()[-1])  # it stopped cleanly, with a checkpoint
+    assert (last["event"], last["reason"]) == ("stop", "SIGHUP")  # the parent's death
+    assert (out / "checkpoints" / f"step_{last['step']:06d}").is_dir()
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # Snakemake deletes an incomplete job's outputs
+
+    assert launch(byte_tokens, out, config).wait(timeout=600) == 0
+    assert events(out, "resume") and step_losses(out) == step_losses(tmp_path / "whole")
+    whole, resumed = (torch.load(p / "final.pt", weights_only=True)["model"] for p in (tmp_path / "whole", out))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_says_so_in_the_exit_code(byte_tokens, tmp_path):
+    """A preempted job (SIGTERM) loses nothing: the trainer saves the step it is on and exits
+    143, so Snakemake sees an interrupted job rather than a finished one without outputs."""
+    config = {**TEST_CONFIG, "max_steps": 300, "checkpoint_every": 100, "samples": 0}
+    job = subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain", "--data", str(byte_tokens), "--out",
+                            str(tmp_path), "--size", "nano", "--config", json.dumps(config)],
+                           cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history, deadline = tmp_path / "checkpoints" / "metrics.jsonl", time.monotonic() + 300
+    while not (history.exists() and '"step": 5' in history.read_text()):
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == 128 + signal.SIGTERM
+    stop = events(tmp_path, "stop")[0]
+    assert stop["reason"] == "SIGTERM" and 5 <= stop["step"] < 300
+    assert (tmp_path / "checkpoints" / f"step_{stop['step']:06d}").is_dir()

@@ -4,6 +4,7 @@ byte-identical reruns, and `verify`."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 
 from conftest import ROOT
 from pipeline.artifacts import verify
+from pipeline.data.report import data_report
 
 STAGES = ["ingest", "langid", "quality", "dedup"]
 
@@ -78,3 +80,16 @@ def test_verify_catches_a_changed_byte(two_runs, tmp_path):
         assert len(problems) >= 1 and all(str(clean) in p for p in problems)
     finally:
         clean.write_bytes(original)
+
+
+def test_the_report_counts_the_sealed_shards_not_a_stale_manifest_left_in_the_folder(two_runs, tmp_path):
+    data, _ = two_runs
+    report = (data / "drop_report.json").read_bytes()
+    shard = next((data / "langid").glob("*.head.manifest.json"))
+    stale = data / "langid" / "CC-MAIN-old-config.manifest.json"  # a shard of an earlier inputs.wet
+    shutil.copy(shard, stale)
+    try:
+        data_report(data)
+        assert (data / "drop_report.json").read_bytes() == report
+    finally:
+        stale.unlink()

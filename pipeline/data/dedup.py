@@ -36,7 +36,7 @@ from tqdm import tqdm
 from pipeline.artifacts import atomic_path, write_manifest
 from pipeline.cli import json_arg
 from pipeline.config import section_config
-from pipeline.data.docs import DEDUP_REMOVED_COLUMNS, Doc, read_docs
+from pipeline.data.docs import DEDUP_REMOVED_COLUMNS, Doc, read_docs, read_frame
 from pipeline.data.steps import Decision, add_stage_arguments, run_doc_stage
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def run_signatures(docs_in: str, *, output: str, manifest: str, config: dict[str
 
 def run_clusters(signature_files: list[str], *, output: str, manifest: str, config: dict[str, Any]) -> None:
     config = section_config("dedup", config)
-    table = pl.concat([pl.read_parquet(p) for p in sorted(signature_files)])
+    table = pl.concat([read_frame(p) for p in sorted(signature_files)])
     if table.height == 0:
         log.warning("dedup: no documents reached dedup (every one was dropped upstream)")
     removed, stats = cluster(table, config)
@@ -214,7 +214,7 @@ def run_filter(docs_in: str, clusters: str, *, output: str, removed: str, manife
                config: dict[str, Any]) -> None:
     config = section_config("dedup", config)
     shard = Path(docs_in).name.removesuffix(".parquet")
-    duplicates = {r["row"]: r for r in pl.read_parquet(clusters).filter(pl.col("source") == shard).to_dicts()}
+    duplicates = {r["row"]: r for r in read_frame(clusters).filter(pl.col("source") == shard).to_dicts()}
 
     def decide(docs: list[Doc]) -> Iterator[Decision]:
         for row, doc in enumerate(docs):

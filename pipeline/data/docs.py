@@ -6,6 +6,7 @@ dropped ones REMOVED_COLUMNS, with the reason and, for duplicates, the id they d
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from pipeline.artifacts import atomic_path
+from pipeline.artifacts import atomic_path, read_checked
 
 Doc = dict[str, Any]
 
@@ -34,8 +35,13 @@ DEDUP_REMOVED_COLUMNS: dict[str, pl.DataType] = {**REMOVED_COLUMNS, "duplicate_o
 _PARQUET = dict(compression="zstd", compression_level=3, statistics=False, row_group_size=8192)
 
 
+def read_frame(path: str | os.PathLike, columns: list[str] | None = None) -> pl.DataFrame:
+    """A stage's parquet input, checked against the manifest of the job that wrote it."""
+    return pl.read_parquet(io.BytesIO(read_checked(path)), columns=columns)
+
+
 def read_docs(path: str | os.PathLike) -> list[Doc]:
-    return pl.read_parquet(path).to_dicts()
+    return read_frame(path).to_dicts()
 
 
 def write_docs(path: str | os.PathLike, rows: Iterable[Doc], schema: dict[str, pl.DataType]) -> int:

@@ -50,10 +50,7 @@ def build_report(data: Path) -> dict[str, Any]:
     check_funnel(rows)
     ingest = read_manifest(data / "ingest" / "manifest.json")
     clusters = read_manifest(data / "dedup" / "manifest.json")["metrics"]
-    languages: dict[str, int] = {}  # the mix is in each langid job's metrics, not in the sealed counts
-    for shard_manifest in sorted((data / "langid").glob("*.manifest.json")):
-        for lang, n in read_manifest(shard_manifest)["metrics"].get("languages_in", {}).items():
-            languages[lang] = languages.get(lang, 0) + n
+    languages = read_manifest(data / "langid" / "manifest.json")["metrics"].get("languages_in", {})
     return {
         "stages": rows,
         "input_errors": ingest["counts"].get("errors", []),
@@ -139,11 +136,11 @@ def data_report(data: str | Path) -> dict[str, Any]:
     report = build_report(data)
     atomic_write_json(data / "drop_report.json", report)
     atomic_write_text(data / "drop_report.md", markdown(report))
-    plots = data / "plots"
-    plot_funnel(report, plots / "funnel.png")
-    plot_reasons(report, plots / "drop_reasons.png")
-    plot_languages(report, plots / "languages.png")
-    outputs = [data / "drop_report.json", data / "drop_report.md", *sorted(plots.glob("*.png"))]
+    plots = {name: data / "plots" / f"{name}.png" for name in ("funnel", "drop_reasons", "languages")}
+    plot_funnel(report, plots["funnel"])
+    plot_reasons(report, plots["drop_reasons"])
+    plot_languages(report, plots["languages"])
+    outputs = [data / "drop_report.json", data / "drop_report.md", *plots.values()]
     write_manifest(data / "manifest.json", stage="data_report", config={},
                    inputs=[data / folder / "manifest.json" for _, folder in STAGES] + [data / "dedup" / "manifest.json"],
                    outputs={p: None for p in outputs},

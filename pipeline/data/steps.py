@@ -20,7 +20,7 @@ import polars as pl
 from tqdm import tqdm
 
 from pipeline.artifacts import write_manifest
-from pipeline.data.docs import REMOVED_COLUMNS, Doc, text_bytes, write_docs
+from pipeline.data.docs import REMOVED_COLUMNS, Doc, read_frame, text_bytes, write_docs
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,22 @@ def write_stage_outputs(stage: str, *, kept: list[Doc], removed: list[Doc], funn
                           counts=counts, metrics=metrics)
 
 
+def tally(stage: str, decisions: Iterable[tuple[Doc, str | None, int]], funnel: Funnel,
+          total: int | None = None) -> tuple[list[Doc], list[Doc]]:
+    """Count and sort (document, drop reason or None, bytes it came in with) into kept and removed
+    documents. A kept document counts its text's bytes out (a stage may have changed the text)."""
+    kept, removed = [], []
+    for doc, reason, nbytes in tqdm(decisions, total=total, desc=stage, unit="doc", disable=None):
+        funnel.take(nbytes)
+        if reason is None:
+            funnel.keep(text_bytes(doc))
+            kept.append(doc)
+        else:
+            funnel.drop(reason, nbytes)
+            removed.append({**doc, "reason": reason})
+    return kept, removed
+
+
 def run_doc_stage(stage: str, decide: Decide, *, docs_in: str | os.PathLike,
                   docs_out: str | os.PathLike, removed_out: str | os.PathLike,
                   manifest: str | os.PathLike, config: Any,
@@ -90,23 +106,20 @@ def run_doc_stage(stage: str, decide: Decide, *, docs_in: str | os.PathLike,
                   new_columns: dict[str, pl.DataType] | None = None,
                   metrics: dict[str, Any] | None = None,
                   extra_inputs: list[str | os.PathLike] = ()) -> dict[str, Any]:
-    """Run `decide` over the documents of `docs_in` and write everything the stage owes.
+    """Run `decide` over the documents of `docs_in` (checked against its stage's manifest first)
+    and write everything the stage owes.
 
     Kept documents have the input's columns plus `new_columns` (langid's labels), also when
     none is kept, so every shard of a stage has one schema."""
-    frame = pl.read_parquet(docs_in)
+    frame = read_frame(docs_in)
     docs = frame.to_dicts()
-    funnel, kept, removed = Funnel(), [], []
-    for doc in docs:
-        funnel.take(text_bytes(doc))
-    decisions = tqdm(decide(docs), total=len(docs), desc=stage, unit="doc", disable=None)
-    for doc, reason in decisions:
-        if reason is None:
-            funnel.keep(text_bytes(doc))
-            kept.append(doc)
-        else:
-            funnel.drop(reason, text_bytes(doc))
-            removed.append({**doc, "reason": reason})
+    funnel = Funnel()
+    decided = iter(decide(docs))
+    decisions = ((doc, reason, text_bytes(original)) for original, (doc, reason) in zip(docs, decided))
+    kept, removed = tally(stage, decisions, funnel, total=len(docs))
+    # the last next() also lets `decide` finish (quality writes its metrics after the last document)
+    if next(decided, None) is not None or funnel.docs_in != len(docs):
+        raise AssertionError(f"{stage}: {funnel.docs_in} decisions for {len(docs)} documents of {docs_in}")
     return write_stage_outputs(stage, kept=kept, removed=removed, funnel=funnel, docs_out=docs_out,
                                removed_out=removed_out, manifest=manifest, config=config,
                                inputs=[docs_in, *extra_inputs],
@@ -114,10 +127,10 @@ def run_doc_stage(stage: str, decide: Decide, *, docs_in: str | os.PathLike,
                                removed_schema=removed_schema, metrics=metrics)
 
 
-def add_stage_arguments(parser, *, config_help: str) -> None:
-    """The arguments every per-shard document stage takes."""
+def add_stage_arguments(parser, *, config_help: str, input_help: str = "input documents (parquet)") -> None:
+    """The arguments every per-shard document stage takes (ingest's input is a WET file)."""
     from pipeline.cli import json_arg
-    parser.add_argument("--input", required=True, help="input documents (parquet)")
+    parser.add_argument("--input", required=True, help=input_help)
     parser.add_argument("--output", required=True, help="kept documents (parquet)")
     parser.add_argument("--removed", required=True, help="dropped documents with their reason (parquet)")
     parser.add_argument("--manifest", required=True, help="this job's manifest (json)")

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_write_json, read_manifest, sha256_file
+from pipeline.artifacts import atomic_write_json, check_file, read_manifest, sha256_file
 from pipeline.seal import seal
 from pipeline.token_shards import read_shard, token_dtype
 from pipeline.tokenizer.bpe import BPETokenizer
@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 def gather(output: str, source_manifests: list[str], tokenizer_path: str) -> dict[str, Any]:
     """Seal the per-source manifests into tokens/manifest.json, after checking that every shard was
-    made with this tokenizer and that every index adds up to its file's size."""
+    made with this tokenizer, that its bytes are those its manifest recorded and that every index
+    adds up to its file's size."""
+    check_file(tokenizer_path)
     tokenizer = BPETokenizer.load(tokenizer_path)
     tokenizer_sha = sha256_file(tokenizer_path)
     for path in source_manifests:
@@ -31,6 +33,7 @@ def gather(output: str, source_manifests: list[str], tokenizer_path: str) -> dic
         if source_manifest["metrics"].get("tokenizer_sha256") != tokenizer_sha:
             raise ValueError(f"{path}: made with another tokenizer than {tokenizer_path}; rerun tokenize")
         for entry in source_manifest["outputs"]:
+            check_file(Path(path).parent / entry["path"], path)
             if entry["path"].endswith(".bin"):
                 read_shard(Path(path).parent / entry["path"], tokenizer.n_vocab)  # raises if the index disagrees
     manifest = seal(output, source_manifests)

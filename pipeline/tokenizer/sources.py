@@ -31,6 +31,7 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.artifacts import read_checked
 from pipeline.cli import ConfigError
 from pipeline.tokenizer.bpe import ENDOFTEXT
 
@@ -94,8 +95,9 @@ def read_documents(source: Source, dropped: Counter | None = None) -> Iterator[t
     is not a JSON object with a string `field` stops with an error naming the file and line."""
     dropped = dropped if dropped is not None else Counter()
     if source.format == "parquet":
+        data = read_checked(source.path)  # a clean shard: checked against the dedup manifest
         try:
-            frame = pl.read_parquet(source.path, columns=["id", "text"])
+            frame = pl.read_parquet(io.BytesIO(data), columns=["id", "text"])
         except (OSError, pl.exceptions.PolarsError) as e:
             raise ValueError(f"{source.path}: not a document parquet with `id` and `text` columns ({e})") from e
         docs: Iterable[tuple[str, str]] = zip(frame["id"].to_list(), frame["text"].to_list())

@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.artifacts import sha256_file, write_manifest
+from pipeline.artifacts import check_file, sha256_file, write_manifest
 from pipeline.cli import json_arg
 from pipeline.config import section_config
 from pipeline.token_shards import index_path, write_shard
@@ -68,6 +68,7 @@ def encode_documents(texts: Iterable[str], tokenizer: BPETokenizer, engine: Any,
 
 def tokenize_source(source: Source, tokenizer_path: str, *, train_out: str, val_out: str, manifest_out: str,
                     config: dict[str, Any], threads: int = 1) -> dict[str, Any]:
+    check_file(tokenizer_path)  # against the tokenizer stage's manifest
     tokenizer = BPETokenizer.load(tokenizer_path)
     engine = tokenizer.to_tiktoken()
     dropped: Counter = Counter()
@@ -87,7 +88,7 @@ def tokenize_source(source: Source, tokenizer_path: str, *, train_out: str, val_
                val_out: counts["val"]["documents"], index_path(val_out): None}
     return write_manifest(manifest_out, stage="tokenize", config=config, inputs=[source.path, tokenizer_path],
                           outputs=outputs, counts=counts,
-                          metrics={"tokenizer_sha256": sha256_file(tokenizer_path), "weight": source.weight})
+                          metrics={"tokenizer_sha256": sha256_file(tokenizer_path), "weights": {source.name: source.weight}})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

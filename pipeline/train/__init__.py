@@ -1,1 +1,2 @@
-"""Pretraining: the loop (`loop.py`), its data loader, checkpoints, parallel wrappers and watchdog."""
+"""Training: the engine (`engine.py`) that pretraining (`pretrain.py`) and post-training share, its data
+loader, checkpoints, parallel wrappers, watchdog and process lifecycle."""

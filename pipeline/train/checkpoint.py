@@ -2,10 +2,12 @@
 
 Layout of `<out>/checkpoints/`:
 
-    run.json              the run config these checkpoints belong to
+    run.json              the run identity these checkpoints belong to
+    metrics.jsonl         the run's metrics history (here, where Snakemake never deletes it)
     step_000200/          one checkpoint:
         *.distcp, .metadata   model and optimizer state, written by DCP (each rank its own shard)
-        extra.pt              step, data position, RNG states of every rank, watchdog, config
+        extra.json            step, run identity, the stage's state (data position, watchdog, ...)
+                              and the RNG states of every rank, all as JSON
         meta.json             sha256 and size of every other file; written last
     best.json             step and val loss of the best-by-val checkpoint (never pruned)
 
@@ -15,10 +17,17 @@ wrapper, and DCP reshards on load, so a checkpoint written by 2 FSDP ranks loads
 (`final.pt`, the stage's model export, is a plain consolidated `torch.save`.)
 
 save: rank 0 makes `.tmp-step_000200/`, every rank writes its shard there, then rank 0 writes
-extra.pt and meta.json, fsyncs every file and renames the folder into place. A crash before the
+extra.json and meta.json, fsyncs every file and renames the folder into place. A crash before the
 rename leaves only a `.tmp-` folder, which is never loaded and is cleared by the next save.
 load: newest first; a checkpoint without meta.json, or whose files differ from it, is skipped
-with a warning, so a damaged latest checkpoint falls back to the previous good one.
+with a warning, so a damaged latest checkpoint falls back to the previous good one. A checkpoint
+whose run identity differs from the loading run's is refused with an error naming what differs
+(a trainer of another config that wrote into this folder must not be resumed silently).
+
+Trust: our own files are JSON (extra.json, meta.json, run.json), so loading them runs no code.
+DCP's `.metadata` is a pickle that `dcp.load` unpickles: a checkpoint folder must be trusted like
+code. meta.json's sha256s catch damage, not tampering (whoever can write `.metadata` can rewrite
+meta.json), so never load a checkpoint folder from someone you would not run code from.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from pipeline.artifacts import atomic_write_json, canonical_json, fsync_path, sh
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
-META, EXTRA, RUN, BEST = "meta.json", "extra.pt", "run.json", "best.json"
+META, EXTRA, RUN, BEST = "meta.json", "extra.json", "run.json", "best.json"
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -85,19 +94,30 @@ def _one_process_is_intended() -> Iterator[None]:
 # --- RNG states -----------------------------------------------------------------------------------
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This rank's RNG states as JSON-able data (torch's byte states as hex)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss],
+             "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state().numpy().tobytes().hex()}
     if torch.cuda.is_initialized():
         # this rank's device only: get_rng_state_all() would open a context on every GPU
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes().hex()
     return state
 
 
+def _byte_state(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray.fromhex(text), dtype=torch.uint8)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_byte_state(state["torch"]))
     if "cuda" in state and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(_byte_state(state["cuda"]))
 
 
 def gather_rng_states() -> list[dict[str, Any]]:
@@ -126,6 +146,8 @@ def problem(folder: Path) -> str | None:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return f"no readable {META} ({type(e).__name__})"
+    if EXTRA not in meta.get("files", {}):
+        return f"{EXTRA} is not listed in {META}"
     for name, entry in meta["files"].items():
         path = folder / name
         if not path.is_file():
@@ -182,7 +204,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     rng_states = gather_rng_states()
     _barrier()  # every rank's shard is on disk
     if _is_main():
-        torch.save({**extra, "step": step, "rng": rng_states}, tmp / EXTRA)
+        atomic_write_json(tmp / EXTRA, {**extra, "step": step, "rng": rng_states})
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         for path in files:
             fsync_path(path)
@@ -200,16 +222,34 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     return final
 
 
-def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
-    """Load model and optimizer state (resharded to this job's layout), set this rank's RNG state
-    when the world size matches, and return the extra state (step, data position, ...)."""
+def identity_differences(saved: Any, expected: Any, prefix: str = "") -> list[str]:
+    """`key: saved -> expected` for every leaf that differs between two run identities."""
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        return [d for key in sorted(set(saved) | set(expected))
+                for d in identity_differences(saved.get(key), expected.get(key), f"{prefix}{key}.")]
+    return [] if saved == expected else [f"{prefix.rstrip('.')}: {saved!r} -> {expected!r}"]
+
+
+class IdentityMismatch(ValueError):
+    """A checkpoint written under another run identity (config, size, data)."""
+
+
+def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+         identity: dict[str, Any]) -> dict[str, Any]:
+    """Check the checkpoint's run identity against `identity`, load model and optimizer state
+    (resharded to this job's layout), set this rank's RNG state when the world size matches, and
+    return the extra state (step, the stage's state, ...)."""
+    extra = json.loads((folder / EXTRA).read_text(encoding="utf-8"))
+    differences = identity_differences(extra.get("identity"), identity)
+    if differences:
+        raise IdentityMismatch(f"{folder} was written by a run of another config, refusing to resume it "
+                               f"(checkpoint -> this run): " + "; ".join(differences)
+                               + f". Move {folder.parent} aside to start afresh.")
     model_state, optim_state = get_state_dict(model, optimizer)  # templates DCP loads into
     state = {"model": model_state, "optimizer": optim_state}
     with _one_process_is_intended():
         dcp.load(state, checkpoint_id=folder)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    # our own file, holding numpy RNG arrays and python tuples, so not weights_only
-    extra = torch.load(folder / EXTRA, weights_only=False)
     world_size = dist.get_world_size() if _distributed() else 1
     if len(extra["rng"]) == world_size:
         set_rng_state(extra["rng"][rank])

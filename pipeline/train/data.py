@@ -1,6 +1,8 @@
 """Training data: memory-mapped token shards cut into fixed windows, read in a deterministic order.
 
-A split (`tokens/train/*.bin`) is a list of shards. Each shard is cut into windows of seq_len + 1
+A split is the list of shards that tokens/manifest.json names under `train/` or `val/` (never the
+folder's glob: a shard of an earlier config may still lie there), each checked against the sha256
+the manifest records before it is used. Each shard is cut into windows of seq_len + 1
 tokens that overlap by one token (inputs are window[:-1], targets window[1:]), so every token but
 a shard's first is a target once per epoch. Windows run across document boundaries: the EOS id
 after every document tells the model where one ends, as in GPT-2's training.
@@ -20,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from pipeline.token_shards import read_shard
+from pipeline.artifacts import check_file, read_manifest
+from pipeline.token_shards import index_path, read_shard
 
 
 def read_tokens_manifest(tokens_dir: str | Path) -> dict:
@@ -38,9 +42,17 @@ def read_tokens_manifest(tokens_dir: str | Path) -> dict:
 
 
 def split_shards(tokens_dir: str | Path, split: str) -> list[Path]:
-    paths = sorted((Path(tokens_dir) / split).glob("*.bin"))
-    if not paths:
-        raise ValueError(f"{Path(tokens_dir) / split}: no *.bin token shards")
+    """The split's shards as tokens/manifest.json lists them, each .bin and .idx checked against
+    the sha256 there (one read of the split; figures in docs/data.md)."""
+    manifest = Path(tokens_dir) / "manifest.json"
+    entries = [e["path"] for e in read_manifest(manifest)["outputs"]
+               if Path(e["path"]).parent == Path(split) and e["path"].endswith(".bin")]
+    if not entries:
+        raise ValueError(f"{manifest}: names no {split}/*.bin token shards")
+    paths = [Path(tokens_dir) / entry for entry in sorted(entries)]
+    for path in tqdm(paths, desc=f"check {split} shards", unit="shard", disable=None):
+        check_file(path, manifest)
+        check_file(index_path(path), manifest)
     return paths
 
 

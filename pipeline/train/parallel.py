@@ -50,19 +50,20 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(parallel: str, device: str) -> Dist:
-    """Pick the device and, for ddp/fsdp, join the process group torchrun set up."""
+def init_distributed(parallel: str, device: str, section: str) -> Dist:
+    """Pick the device and, for ddp/fsdp, join the process group torchrun set up. `section` is
+    the config section (`pretrain`, `sft`, ...) that errors name the keys of."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if parallel == "none" and world_size > 1:
-        raise ConfigError(f"config key 'pretrain.parallel' is none but torchrun started {world_size} "
+        raise ConfigError(f"config key '{section}.parallel' is none but torchrun started {world_size} "
                           f"processes: set ddp or fsdp, or nproc 1")
     if parallel != "none" and "RANK" not in os.environ:
-        raise ConfigError(f"config key 'pretrain.parallel' is {parallel}: launch under torchrun "
-                          f"(python -m torch.distributed.run --nproc_per_node=N -m pipeline -- pretrain ...)")
+        raise ConfigError(f"config key '{section}.parallel' is {parallel}: launch under torchrun "
+                          f"(python -m torch.distributed.run --nproc_per_node=N -m pipeline -- {section} ...)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("config key 'pretrain.device' is cuda but no CUDA device is visible")
+        raise ConfigError(f"config key '{section}.device' is cuda but no CUDA device is visible")
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if parallel != "none":
@@ -127,13 +128,17 @@ def set_grad_sync(model: nn.Module, mode: str, sync: bool):
     return contextlib.nullcontext()
 
 
-def all_reduce_mean(value: torch.Tensor, dist_info: Dist) -> torch.Tensor:
-    """Mean over ranks (gloo has no AVG, so SUM then divide)."""
+def all_reduce_sum(value: torch.Tensor, dist_info: Dist) -> torch.Tensor:
+    """Sum over ranks (a copy; the input is left as it was)."""
     if dist_info.world_size > 1:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist_info.world_size
     return value
+
+
+def all_reduce_mean(value: torch.Tensor, dist_info: Dist) -> torch.Tensor:
+    """Mean over ranks (gloo has no AVG, so SUM then divide)."""
+    return all_reduce_sum(value, dist_info) / dist_info.world_size
 
 
 def local_bytes(tensor: torch.Tensor) -> int:
@@ -169,16 +174,16 @@ def measured_cpu_flops(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n ** 3 / fastest
 
 
-def peak_flops(device: torch.device, configured: float | None = None) -> tuple[float | None, str]:
+def peak_flops(device: torch.device, configured: float | None, section: str) -> tuple[float | None, str]:
     """(peak FLOP/s per device, where the figure comes from); None when unknown."""
     if configured:
-        return configured, "config pretrain.peak_flops"
+        return configured, f"config {section}.peak_flops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_PEAK_BF16:
             if key in name:
                 return flops, f"{name}: datasheet dense bf16"
-        return None, f"{name}: unknown peak (set pretrain.peak_flops)"
+        return None, f"{name}: unknown peak (set {section}.peak_flops)"
     return measured_cpu_flops(), "measured fp32 matmul on this CPU"
 
 

@@ -26,10 +26,12 @@ def finite_or_none(x: float) -> float | None:
 # --- metrics.jsonl and W&B ---------------------------------------------------------------------------
 
 class Metrics:
-    """metrics.jsonl, one JSON record per line: training steps (`loss`), evaluations (`val_loss`)
-    and events (`event`). Lines are appended as training runs, so `tail -f` follows it; on resume
-    the records after the checkpoint's step are dropped (those steps run again) and the file is
-    rewritten atomically, as it is at the end."""
+    """The metrics history, one JSON record per line: training steps (`loss`), evaluations
+    (`val_loss`) and events (`event`). Lines are appended to `path` (under checkpoints/, which
+    Snakemake never deletes) as training runs, so `tail -f` follows it; on resume the records after
+    the checkpoint's step are dropped (those steps run again) and the file is rewritten atomically.
+    `export` writes the stage's declared metrics.jsonl from it: a Snakemake rerun deletes that
+    output of an incomplete job, but not the history."""
 
     def __init__(self, path: Path, wandb_run: Any = None):
         self.path, self.wandb_run, self.records = path, wandb_run, []
@@ -54,8 +56,13 @@ class Metrics:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None},
                                step=record["step"])
 
-    def rewrite(self) -> None:
-        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+    def rewrite(self, path: Path | None = None) -> None:
+        atomic_write_text(path or self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+
+    def export(self, path: Path) -> None:
+        """The whole history, also into `path` (the stage's metrics.jsonl)."""
+        self.rewrite()
+        self.rewrite(path)
 
 
 def init_wandb(project: str, mode: str, out: Path, run_id: str, config: dict[str, Any]) -> Any:
@@ -72,8 +79,10 @@ def init_wandb(project: str, mode: str, out: Path, run_id: str, config: dict[str
 
 # --- the loss plot -----------------------------------------------------------------------------------
 
-def plot_losses(records: list[dict[str, Any]], path: Path, unigram_entropy: float, title: str) -> None:
-    """Train loss (raw and smoothed) and val loss against step, with the unigram entropy line."""
+def plot_losses(records: list[dict[str, Any]], path: Path, title: str,
+                baseline: tuple[float, str] | None = None) -> None:
+    """Train loss (raw and smoothed) and val loss against step, with a (value, label) baseline
+    line such as the unigram entropy."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -93,7 +102,8 @@ def plot_losses(records: list[dict[str, Any]], path: Path, unigram_entropy: floa
         ax.plot(steps, smooth, color="tab:blue", label="train (EMA 0.9)")
     if val:
         ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", color="tab:orange", label="val")
-    ax.axhline(unigram_entropy, color="gray", linestyle="--", label=f"unigram entropy {unigram_entropy:.2f}")
+    if baseline is not None:
+        ax.axhline(baseline[0], color="gray", linestyle="--", label=f"{baseline[1]} {baseline[0]:.2f}")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -107,13 +117,20 @@ def plot_losses(records: list[dict[str, Any]], path: Path, unigram_entropy: floa
 
 def load_decoder(spec: str | None) -> Callable[[list[int]], str] | None:
     """ids -> text: `spec` is our tokenizer.json (the `tokenizer` stage's output) or a tiktoken
-    encoding name such as gpt2; None when there is none (samples then show ids)."""
+    encoding name such as gpt2; None when there is none (samples then show ids). Called before
+    training starts, so a typo fails at once, not after the last step."""
     if spec is None:
         return None
     if Path(spec).exists():
         from pipeline.tokenizer import BPETokenizer
-        return BPETokenizer.load(spec).decode
+        try:
+            return BPETokenizer.load(spec).decode
+        except Exception as e:
+            raise ValueError(f"--tokenizer {spec}: not a readable tokenizer.json ({type(e).__name__}: {e})") from e
     import tiktoken
+    if spec not in tiktoken.list_encoding_names():
+        raise ValueError(f"--tokenizer {spec!r}: no such file, and not a tiktoken encoding "
+                         f"({', '.join(tiktoken.list_encoding_names())})")
     encoding = tiktoken.get_encoding(spec)
     return lambda ids: encoding.decode([i for i in ids if i < encoding.n_vocab])
 

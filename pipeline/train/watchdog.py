@@ -20,6 +20,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class Watchdog:
+    section: str  # the config section its keys belong to, for the error (not state)
     patience: int = 3
     lr_backoff: float = 0.5
     max_restores: int = 3
@@ -41,12 +42,12 @@ class Watchdog:
         self.restores += 1
         if self.restores > self.max_restores:
             raise TrainingDiverged(f"{self.patience} non-finite steps in a row after {self.max_restores} "
-                                   f"restores (pretrain.nan_max_restores); lower pretrain.lr")
+                                   f"restores ({self.section}.nan_max_restores); lower {self.section}.lr")
         self.lr_scale *= self.lr_backoff
         return RESTORE
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "section"}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
