@@ -40,6 +40,7 @@ wildcard_constraints:
 include: "rules/data.smk"
 include: "rules/tokenizer.smk"
 include: "rules/pretrain.smk"
+include: "rules/posttrain.smk"
 
 
 rule all:
@@ -49,3 +50,4 @@ rule all:
         rules.tokenizer.output,
         rules.tokens.output,
         expand(rules.pretrain.output.manifest, size=config["pretrain"]["sizes"]),
+        expand(rules.sft.output.manifest, size=config["pretrain"]["sizes"]),
