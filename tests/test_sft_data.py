@@ -17,6 +17,7 @@ from pipeline.tasks.evaluate import greedy_accuracy, greedy_complete
 from pipeline.tokenizer import BPETokenizer
 from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS
 from pipeline.tokenizer.chat import render_conversation, render_prompt
+from pipeline.train.sft import token_loss
 from pipeline.train.sft_data import Mixture, SFTLoader, collate, load_split, micro_batches, val_batches
 
 TASKS = {"arithmetic": {"train_problems": 300, "test_problems": 40}}
@@ -79,8 +80,7 @@ def test_prompt_tokens_get_zero_gradient(tokenizer):
         logits["out"] = output
 
     model.lm_head.register_forward_hook(keep)
-    _, loss = model(x, y, loss_reduction="sum")
-    count = (y != -1).sum()
+    loss, count = token_loss(model, (x, y))  # SFT's loss: the sum over targets that are not -1, and their count
     loss.backward()
     grad = logits["out"].grad.abs().sum(dim=-1)  # (B, T)
     assert count == sum(sum(m[1:]) for _, m in rows)
