@@ -7,6 +7,7 @@
 #
 # Rules are wiring only: each calls `python -m pipeline <stage>`, which also runs by hand.
 import json
+import os
 import sys
 
 from pipeline.config import validate_config, wet_shards
@@ -41,6 +42,8 @@ include: "rules/data.smk"
 include: "rules/tokenizer.smk"
 include: "rules/pretrain.smk"
 include: "rules/posttrain.smk"
+include: "rules/inference.smk"
+include: "rules/eval.smk"  # last: it evaluates the models of every training rule included before it
 
 
 rule all:
@@ -51,3 +54,6 @@ rule all:
         rules.tokens.output,
         expand(rules.pretrain.output.manifest, size=config["pretrain"]["sizes"]),
         expand(rules.sft.output.manifest, size=config["pretrain"]["sizes"]),
+        expand(rules.eval.output.manifest, size=config["pretrain"]["sizes"]),
+        expand(rules.export_hf.output.manifest, stage=MODEL_STAGES, size=config["pretrain"]["sizes"]),
+        expand(rules.inference_bench.output.manifest, size=config["inference"]["sizes"]),

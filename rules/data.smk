@@ -5,7 +5,7 @@
 # manifest.json. A stage checks each input against the manifest that names it (inputs `upstream`),
 # so those manifests are inputs too: a lost one reruns the job that writes it.
 
-STAGE_FOLDERS = ["ingest", "langid", "quality", "dedup/signatures", "clean"]
+STAGE_FOLDERS = ["ingest", "langid", "quality", "dedup/signatures", "deduped", "clean"]
 
 
 def wet_input(wildcards):
@@ -142,9 +142,9 @@ rule dedup_filter:
         clusters=rules.dedup.output.clusters,
         upstream=[rules.quality.output.manifest, rules.dedup.output.manifest],
     output:
-        docs=f"{DATA}/clean/{{shard}}.parquet",
+        docs=f"{DATA}/deduped/{{shard}}.parquet",
         removed=f"{DATA}/removed/dedup/{{shard}}.parquet",
-        manifest=f"{DATA}/clean/{{shard}}.manifest.json",
+        manifest=f"{DATA}/deduped/{{shard}}.manifest.json",
     log:
         f"{LOGS}/dedup_filter/{{shard}}.log",
     benchmark:
@@ -157,6 +157,37 @@ rule dedup_filter:
         "{PY} -m pipeline dedup filter --input {input.docs:q} --clusters {input.clusters:q}"
         " --output {output.docs:q} --removed {output.removed:q} --manifest {output.manifest:q}"
         " --config {params.config:q} --log {log:q}"
+
+
+# --- decontaminate (eval branch): dedup's output -> clean/, dropping documents that quote an eval set
+import os
+
+EVALSETS = json.dumps({"mmlu": os.path.join(workflow.basedir, config["eval"]["mmlu"]["path"]),
+                       "tasks": config["eval"]["tasks"]["names"]}, sort_keys=True)
+
+
+rule decontaminate:
+    input:
+        docs=rules.dedup_filter.output.docs,
+        mmlu=os.path.join(workflow.basedir, config["eval"]["mmlu"]["path"]),
+    output:
+        docs=f"{DATA}/clean/{{shard}}.parquet",
+        removed=f"{DATA}/removed/decontaminate/{{shard}}.parquet",
+        manifest=f"{DATA}/clean/{{shard}}.manifest.json",
+    log:
+        f"{LOGS}/decontaminate/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/decontaminate/{{shard}}.tsv"
+    resources:
+        mem_mb=4000,
+    params:
+        config=section("decontaminate"),
+        evalsets=EVALSETS,
+        tasks=section("tasks") if "tasks" in config else "{}",
+    shell:
+        "{PY} -m pipeline decontaminate --input {input.docs:q} --output {output.docs:q}"
+        " --removed {output.removed:q} --manifest {output.manifest:q} --config {params.config:q}"
+        " --evalsets {params.evalsets:q} --tasks-config {params.tasks:q} --log {log:q}"
 
 
 rule seal:
@@ -198,4 +229,4 @@ rule data_report:
 rule data:
     input:
         rules.data_report.output,
-        expand(rules.dedup_filter.output.docs, shard=WET),
+        expand(rules.decontaminate.output.docs, shard=WET),

@@ -294,7 +294,7 @@ def test_samples_come_from_train_text_when_val_has_too_few_documents(byte_tokens
     long_doc = max(text.split("<|endoftext|>"), key=len)
     write_shard(tokens / "val" / "part-0.bin", [list(long_doc.strip().encode("utf-8")) + [EOS]], VOCAB)
     write_manifest(tokens / "manifest.json", stage="tokenize", config={}, inputs=[],
-                   outputs={p: None for p in sorted(tokens.rglob("*.bin"))}, metrics={"vocab_size": VOCAB, "eos_id": EOS})
+                   outputs={p: None for p in sorted(tokens.rglob("*.[bi][id][nx]"))}, metrics={"vocab_size": VOCAB, "eos_id": EOS})
     assert run(tokens, tmp_path / "out", max_steps=2, eval_every=2, samples=4)["finished"]
     samples = (tmp_path / "out" / "samples.md").read_text()
     assert samples.count("## Prompt") == 4 and "(0 tokens)" not in samples.split("**greedy**")[0]

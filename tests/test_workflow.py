@@ -15,7 +15,7 @@ from conftest import ROOT
 from pipeline.artifacts import verify
 from pipeline.data.report import data_report
 
-STAGES = ["ingest", "langid", "quality", "dedup"]
+STAGES = ["ingest", "langid", "quality", "dedup", "decontaminate"]
 
 
 def snakemake_data(results, run="it"):

@@ -23,7 +23,8 @@ from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 # (report name, folder whose sealed manifest counts that stage), in pipeline order
-STAGES = [("ingest", "ingest"), ("langid", "langid"), ("quality", "quality"), ("dedup", "clean")]
+STAGES = [("ingest", "ingest"), ("langid", "langid"), ("quality", "quality"), ("dedup", "deduped"),
+          ("decontaminate", "clean")]
 FIELDS = ("docs_in", "docs_out", "bytes_in", "bytes_out")
 
 
@@ -53,10 +54,23 @@ def build_report(data: Path) -> dict[str, Any]:
     languages = read_manifest(data / "langid" / "manifest.json")["metrics"].get("languages_in", {})
     return {
         "stages": rows,
+        "contamination": contamination(data),
         "input_errors": ingest["counts"].get("errors", []),
         "languages_in": dict(sorted(languages.items(), key=lambda kv: (-kv[1], kv[0]))),
         "dedup": {k: clusters[k] for k in ("clusters", "cluster_sizes", "removed", "example_pairs")},
     }
+
+
+def contamination(data: Path) -> dict[str, Any]:
+    """Documents overlapping each eval set (summed over the decontaminate jobs), and whether they were removed."""
+    overlapping: dict[str, int] = {}
+    remove = None
+    for shard_manifest in sorted((data / "clean").glob("*.manifest.json")):
+        manifest = read_manifest(shard_manifest)
+        remove = manifest["config"]["remove"]
+        for name, n in manifest["metrics"]["overlapping_docs"].items():
+            overlapping[name] = overlapping.get(name, 0) + n
+    return {"overlapping_docs": overlapping, "removed": remove}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -82,6 +96,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "| removed | kept (representative) | reason | est. Jaccard |", "| --- | --- | --- | ---: |"]
         lines += [f"| {p['url']} | {p['duplicate_of_url']} | {p['reason']} | {p['similarity']:.3f} |"
                   for p in dedup["example_pairs"]]
+    found = report["contamination"]
+    lines += ["", "## Contamination (n-gram overlap with the eval sets)", "",
+              f"Overlapping documents were {'removed' if found['removed'] else 'counted, not removed'}.", "",
+              "| eval set | overlapping docs |", "| --- | ---: |"]
+    lines += [f"| {name} | {n} |" for name, n in found["overlapping_docs"].items()]
     lines += ["", "## Languages in (fastText lid.176, top 15)", "", "| language | docs |", "| --- | ---: |"]
     lines += [f"| {lang} | {n} |" for lang, n in list(report["languages_in"].items())[:15]]
     return "\n".join(lines) + "\n"
