@@ -42,6 +42,7 @@ wildcard_constraints:
 include: "rules/data.smk"
 include: "rules/tokenizer.smk"
 include: "rules/pretrain.smk"
+include: "rules/posttrain.smk"
 include: "rules/inference.smk"
 include: "rules/eval.smk"  # last: it evaluates the models of every training rule included before it
 
@@ -53,6 +54,7 @@ rule all:
         rules.tokenizer.output,
         rules.tokens.output,
         expand(rules.pretrain.output.manifest, size=config["pretrain"]["sizes"]),
+        expand(rules.sft.output.manifest, size=config["pretrain"]["sizes"]),
         expand(rules.eval.output.manifest, size=config["pretrain"]["sizes"]),
         expand(rules.export_hf.output.manifest, stage=MODEL_STAGES, size=config["pretrain"]["sizes"]),
         expand(rules.inference_bench.output.manifest, size=config["inference"]["sizes"]),
