@@ -2,6 +2,7 @@
 #
 #   snakemake --cores all                      the whole DAG on the bundled sample
 #   snakemake --cores all data                 only the web-data stages (ends at the drop report)
+#   snakemake --cores all scaling_fit          the scaling sweep and its fit
 #   snakemake --cores all --forcerun quality   rerun one stage (and what depends on it)
 #   snakemake --configfile my.yaml --cores all your own WET files / settings
 #
@@ -40,6 +41,7 @@ wildcard_constraints:
 include: "rules/data.smk"
 include: "rules/tokenizer.smk"
 include: "rules/pretrain.smk"
+include: "rules/scaling.smk"
 
 
 rule all:
@@ -49,3 +51,4 @@ rule all:
         rules.tokenizer.output,
         rules.tokens.output,
         expand(rules.pretrain.output.manifest, size=config["pretrain"]["sizes"]),
+        rules.scaling_fit.output.manifest,

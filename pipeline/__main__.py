@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("pipeline.tokenizer.tokenize_stage", "one source -> train/val token shards"),
     "tokens": ("pipeline.tokenizer.gather_stage", "check and gather the shards into tokens/manifest.json"),
     "pretrain": ("pipeline.train.pretrain", "pretrain a GPT (run under torchrun for DDP / FSDP2)"),
+    "scaling-plan": ("pipeline.scaling.plan", "the scaling sweep's runs, tokens per run, run count and GPU-hours"),
+    "scaling-fit": ("pipeline.scaling.fit_stage", "scaling laws from the sweep: approach 3 (+ bootstrap CIs) and IsoFLOP"),
     "seal": ("pipeline.seal", "merge per-shard manifests into a stage folder's manifest.json"),
     "verify": ("pipeline.verify", "re-hash every artifact under a results folder against its manifest"),
 }

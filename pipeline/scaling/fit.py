@@ -1,0 +1,211 @@
+"""Scaling-law fits: Chinchilla's approach 3 (a parametric L(N, D)) and approach 2 (IsoFLOP parabolas).
+
+Approach 3 (Hoffmann et al. 2022, https://arxiv.org/abs/2203.15556, section 3.3; refitted by
+Besiroglu et al. 2024, https://arxiv.org/abs/2404.10102):
+
+    L(N, D) = E + A / N^alpha + B / D^beta,   log L = LSE(a - alpha log N, b - beta log D, e)
+
+with A = exp(a), B = exp(b), E = exp(e). The fit minimises the sum of Huber losses (delta 1e-3)
+of the log-loss residuals with L-BFGS-B from every point of a grid of initialisations, keeping the
+best converged result. Under C = 6 N D the compute-optimal allocation is
+
+    N*(C) = G (C/6)^(beta/(alpha+beta)),  D*(C) = (C/6)^(alpha/(alpha+beta)) / G,
+    G = (alpha A / (beta B))^(1/(alpha+beta)).
+
+Approach 2: per compute budget, a parabola of the loss in log N; its vertex is that budget's
+optimal N, and the vertices are fitted as power laws N* = k C^a, D* = C / (6 N*).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+from tqdm import tqdm
+
+PARAMS = ("E", "A", "B", "alpha", "beta")
+# Besiroglu et al. 2024's grid (the Chinchilla paper's, with a and b widened): 6 x 6 x 5 x 5 x 5 = 4,500 starts
+GRID = {"a": np.arange(0, 26, 5.0), "b": np.arange(0, 26, 5.0), "e": np.arange(-1, 1.01, 0.5),
+        "alpha": np.arange(0, 2.01, 0.5), "beta": np.arange(0, 2.01, 0.5)}
+# scipy's default ftol (2.2e-9, relative to max(|f|, 1)) stops a run as soon as the objective, a sum
+# of Huber terms of ~1e-6 each, moves by less than that: right at the start. Measured on synthetic
+# sweeps: default tolerances leave each start near where it began (and bootstrap refits unmoved);
+# these run every start to its minimum (~100 iterations).
+LBFGSB_OPTIONS = {"ftol": 1e-15, "gtol": 1e-10, "maxiter": 5000}
+SOLUTIONS_KEPT = 8  # distinct local minima kept from the grid (objective, theta), best first
+# published approach-3 fits, for the comparison table (N counts all parameters in both)
+PUBLISHED = {
+    "Chinchilla (Hoffmann et al. 2022)": {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28},
+    "Epoch AI (Besiroglu et al. 2024)": {"E": 1.82, "A": 482.0, "B": 2085.0, "alpha": 0.35, "beta": 0.37},
+}
+
+
+# --- approach 3 ------------------------------------------------------------------------------------
+
+def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
+               delta: float) -> tuple[float, np.ndarray]:
+    """Sum of Huber(log L_hat - log L) and its gradient in theta = (a, b, e, alpha, beta)."""
+    a, b, e, alpha, beta = theta
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])  # (3, points)
+    top = terms.max(axis=0)
+    weights = np.exp(terms - top)
+    total = weights.sum(axis=0)
+    r = top + np.log(total) - log_l
+    weights /= total  # d LSE / d term
+    small = np.abs(r) <= delta
+    huber = np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))
+    dr = np.where(small, r, delta * np.sign(r))  # d Huber / d r
+    grad = np.array([(dr * weights[0]).sum(), (dr * weights[1]).sum(), (dr * weights[2]).sum(),
+                     -(dr * weights[0] * log_n).sum(), -(dr * weights[1] * log_d).sum()])
+    return float(huber.sum()), grad
+
+
+def _as_params(theta: np.ndarray) -> dict[str, float]:
+    a, b, e, alpha, beta = (float(x) for x in theta)
+    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta}
+
+
+def _converged(starts: np.ndarray, N: np.ndarray, D: np.ndarray, loss: np.ndarray,
+               delta: float) -> list[tuple[float, np.ndarray]]:
+    """(objective, theta) of every L-BFGS-B run from a row of `starts` (a, b, e, alpha, beta) that
+    converged, best first."""
+    args = (np.log(N), np.log(D), np.log(loss), delta)
+    found = []
+    for x0 in starts:
+        result = minimize(_objective, x0, args=args, jac=True, method="L-BFGS-B", options=LBFGSB_OPTIONS)
+        if result.success and np.isfinite(result.fun):
+            found.append((float(result.fun), result.x))
+    if not found:
+        raise RuntimeError(f"no L-BFGS-B run converged from {len(starts)} starts on {len(N)} points")
+    return sorted(found, key=lambda t: t[0])
+
+
+def grid_starts() -> np.ndarray:
+    """The grid of initialisations as rows (a, b, e, alpha, beta)."""
+    return np.array(list(itertools.product(GRID["a"], GRID["b"], GRID["e"], GRID["alpha"], GRID["beta"])))
+
+
+def fit_loss(N: Sequence[float], D: Sequence[float], loss: Sequence[float], *,
+             delta: float = 1e-3) -> dict[str, Any]:
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta to points (N params, D tokens, final loss) by
+    Chinchilla's approach 3 (the module docstring). Returns E, A, B, alpha, beta; theta (a, b, e,
+    alpha, beta); the summed Huber objective; how many grid starts converged; and `solutions`, the
+    best distinct converged thetas (local minima show up there; the bootstrap starts from them)."""
+    N, D, loss = (np.asarray(x, dtype=np.float64) for x in (N, D, loss))
+    if not (len(N) == len(D) == len(loss)) or len(N) < len(PARAMS):
+        raise ValueError(f"fit_loss needs at least {len(PARAMS)} points with N, D and loss each; "
+                         f"got {len(N)}, {len(D)}, {len(loss)}")
+    if (N <= 0).any() or (D <= 0).any() or not np.isfinite(loss).all() or (loss <= 0).any():
+        raise ValueError("fit_loss needs positive N and D and positive finite losses")
+    found = _converged(grid_starts(), N, D, loss, delta)
+    solutions, seen = [], set()
+    for value, theta in found:
+        key = tuple(np.round(theta, 3))
+        if key not in seen and len(solutions) < SOLUTIONS_KEPT:
+            seen.add(key)
+            solutions.append({"objective": value, "theta": [float(x) for x in theta]})
+    value, theta = found[0]
+    return {**_as_params(theta), "theta": [float(x) for x in theta], "objective": value,
+            "converged_starts": len(found), "grid_starts": len(grid_starts()), "points": len(N),
+            "solutions": solutions}
+
+
+def compute_optimal(params: dict[str, float], C: float | np.ndarray) -> dict[str, Any]:
+    """N*(C), D*(C) and D*/N* under C = 6 N D for fitted approach-3 parameters."""
+    alpha, beta = params["alpha"], params["beta"]
+    G = (alpha * params["A"] / (beta * params["B"])) ** (1 / (alpha + beta))
+    n_opt = G * (np.asarray(C, dtype=np.float64) / 6) ** (beta / (alpha + beta))
+    d_opt = np.asarray(C, dtype=np.float64) / (6 * n_opt)
+    return {"N": n_opt, "D": d_opt, "tokens_per_param": d_opt / n_opt}
+
+
+def predict(params: dict[str, float], N: np.ndarray, D: np.ndarray) -> np.ndarray:
+    return params["E"] + params["A"] / np.asarray(N) ** params["alpha"] + params["B"] / np.asarray(D) ** params["beta"]
+
+
+def fit_from(starts: np.ndarray, N: np.ndarray, D: np.ndarray, loss: np.ndarray, *,
+             delta: float = 1e-3) -> dict[str, float]:
+    """The best converged approach-3 fit from the given starts (rows a, b, e, alpha, beta)."""
+    return _as_params(_converged(np.asarray(starts, dtype=np.float64), N, D, loss, delta)[0][1])
+
+
+def bootstrap(N: Sequence[float], D: Sequence[float], loss: Sequence[float], starts: np.ndarray, *,
+              resamples: int, seed: int, budgets: Sequence[float], delta: float = 1e-3,
+              level: float = 0.95) -> dict[str, Any]:
+    """Percentile bootstrap: refit on `resamples` draws of the points with replacement, each from
+    `starts` (the full fit's `solutions`: the whole grid per resample would cost
+    thousands of L-BFGS-B runs each), and give every parameter's and every budget's N*, D* and
+    D*/N* interval at `level`. A draw whose fit does not converge is counted and skipped."""
+    N, D, loss = (np.asarray(x, dtype=np.float64) for x in (N, D, loss))
+    rng = np.random.default_rng(seed)
+    rows, failed = [], 0
+    for _ in tqdm(range(resamples), desc="bootstrap", unit="fit", mininterval=5):
+        pick = rng.integers(0, len(N), len(N))
+        try:
+            rows.append(fit_from(starts, N[pick], D[pick], loss[pick], delta=delta))
+        except RuntimeError:
+            failed += 1
+    if not rows:
+        raise RuntimeError(f"none of {resamples} bootstrap fits converged")
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+
+    def interval(values: np.ndarray) -> list[float]:
+        return [float(np.percentile(values, lo)), float(np.percentile(values, hi))]
+
+    params = {name: interval(np.array([r[name] for r in rows])) for name in PARAMS}
+    optimal = [compute_optimal(r, np.asarray(budgets, dtype=np.float64)) for r in rows]
+    per_budget = {key: [interval(np.array([o[key][i] for o in optimal])) for i in range(len(budgets))]
+                  for key in ("N", "D", "tokens_per_param")}
+    return {"level": level, "resamples": resamples, "seed": seed, "failed": failed, "params": params,
+            "budgets": [float(c) for c in budgets], "optimal": per_budget}
+
+
+# --- approach 2: IsoFLOP parabolas -----------------------------------------------------------------
+
+def isoflop_minimum(N: Sequence[float], loss: Sequence[float]) -> dict[str, Any]:
+    """Fit loss = c2 x^2 + c1 x + c0 in x = log N over one budget's runs; the vertex is that
+    budget's optimal N. A parabola that opens downward has no minimum (None, with the reason); a
+    vertex outside the sizes trained is kept but flagged, since it is extrapolated."""
+    x = np.log(np.asarray(N, dtype=np.float64))
+    if len(np.unique(x)) < 3:
+        raise ValueError(f"an IsoFLOP parabola needs 3 distinct sizes; got {len(np.unique(x))}")
+    c2, c1, c0 = np.polyfit(x, np.asarray(loss, dtype=np.float64), 2)
+    out = {"coef": [float(c2), float(c1), float(c0)], "N": None, "loss": None, "inside": False, "note": ""}
+    if c2 <= 0:
+        out["note"] = "loss is not convex in log N here: no minimum"
+        return out
+    vertex = -c1 / (2 * c2)
+    out.update(N=float(np.exp(vertex)), loss=float(c0 - c1 * c1 / (4 * c2)),
+               inside=bool(x.min() <= vertex <= x.max()))
+    if not out["inside"]:
+        out["note"] = "minimum outside the sizes trained (extrapolated)"
+    return out
+
+
+def power_law(C: Sequence[float], Y: Sequence[float]) -> dict[str, float]:
+    """Least squares of log Y = log k + a log C: Y = k C^a."""
+    a, log_k = np.polyfit(np.log(np.asarray(C, dtype=np.float64)), np.log(np.asarray(Y, dtype=np.float64)), 1)
+    return {"k": float(np.exp(log_k)), "a": float(a)}
+
+
+def isoflop_fit(budgets: Sequence[float], N: Sequence[float], loss: Sequence[float]) -> dict[str, Any]:
+    """Approach 2: a parabola per budget, then N*(C) = k C^a through the minima and D* = C / (6 N*)."""
+    budgets, N, loss = (np.asarray(x, dtype=np.float64) for x in (budgets, N, loss))
+    minima = []
+    for c in np.unique(budgets):
+        at = budgets == c
+        minima.append({"flops": float(c), **isoflop_minimum(N[at], loss[at])})
+    found = [m for m in minima if m["N"] is not None]
+    out: dict[str, Any] = {"minima": minima, "N_opt": None, "D_opt": None}
+    if len(found) >= 2:
+        C = np.array([m["flops"] for m in found])
+        n_opt = np.array([m["N"] for m in found])
+        out["N_opt"] = power_law(C, n_opt)
+        out["D_opt"] = power_law(C, C / (6 * n_opt))
+    else:
+        out["note"] = f"{len(found)} budget(s) with a minimum; a power law needs 2"
+    return out
