@@ -35,7 +35,11 @@ GRID = {"a": np.arange(0, 26, 5.0), "b": np.arange(0, 26, 5.0), "e": np.arange(-
 # of Huber terms of ~1e-6 each, moves by less than that: right at the start. Measured on synthetic
 # sweeps: default tolerances leave each start near where it began (and bootstrap refits unmoved);
 # these run every start to its minimum (~100 iterations).
-LBFGSB_OPTIONS = {"ftol": 1e-15, "gtol": 1e-10, "maxiter": 5000}
+LBFGSB_OPTIONS = {"ftol": 1e-15, "gtol": 1e-10, "maxiter": 500}
+# Box bounds on (a, b, e, alpha, beta), far outside any published fit: on points the law does not
+# describe (our CPU sweep), starts otherwise run off to a = 700+ (A overflows) and alpha = 10+. A
+# fit that ends on a bound is reported as such (`at_bound`), not silently trusted.
+BOUNDS = [(-10.0, 100.0), (-10.0, 100.0), (-10.0, 5.0), (0.0, 10.0), (0.0, 10.0)]
 SOLUTIONS_KEPT = 8  # distinct local minima kept from the grid (objective, theta), best first
 # published approach-3 fits, for the comparison table (N counts all parameters in both)
 PUBLISHED = {
@@ -70,13 +74,14 @@ def _as_params(theta: np.ndarray) -> dict[str, float]:
 
 
 def _converged(starts: np.ndarray, N: np.ndarray, D: np.ndarray, loss: np.ndarray,
-               delta: float) -> list[tuple[float, np.ndarray]]:
+               delta: float, progress: bool = False) -> list[tuple[float, np.ndarray]]:
     """(objective, theta) of every L-BFGS-B run from a row of `starts` (a, b, e, alpha, beta) that
     converged, best first."""
     args = (np.log(N), np.log(D), np.log(loss), delta)
     found = []
-    for x0 in starts:
-        result = minimize(_objective, x0, args=args, jac=True, method="L-BFGS-B", options=LBFGSB_OPTIONS)
+    for x0 in tqdm(starts, desc="L-BFGS-B grid", unit="start", mininterval=5, disable=not progress):
+        result = minimize(_objective, x0, args=args, jac=True, method="L-BFGS-B", bounds=BOUNDS,
+                          options=LBFGSB_OPTIONS)
         if result.success and np.isfinite(result.fun):
             found.append((float(result.fun), result.x))
     if not found:
@@ -101,7 +106,7 @@ def fit_loss(N: Sequence[float], D: Sequence[float], loss: Sequence[float], *,
                          f"got {len(N)}, {len(D)}, {len(loss)}")
     if (N <= 0).any() or (D <= 0).any() or not np.isfinite(loss).all() or (loss <= 0).any():
         raise ValueError("fit_loss needs positive N and D and positive finite losses")
-    found = _converged(grid_starts(), N, D, loss, delta)
+    found = _converged(grid_starts(), N, D, loss, delta, progress=True)
     solutions, seen = [], set()
     for value, theta in found:
         key = tuple(np.round(theta, 3))
@@ -109,7 +114,9 @@ def fit_loss(N: Sequence[float], D: Sequence[float], loss: Sequence[float], *,
             seen.add(key)
             solutions.append({"objective": value, "theta": [float(x) for x in theta]})
     value, theta = found[0]
-    return {**_as_params(theta), "theta": [float(x) for x in theta], "objective": value,
+    at_bound = [name for name, x, (lo, hi) in zip(("a", "b", "e", "alpha", "beta"), theta, BOUNDS)
+                if min(x - lo, hi - x) < 1e-6]
+    return {**_as_params(theta), "theta": [float(x) for x in theta], "objective": value, "at_bound": at_bound,
             "converged_starts": len(found), "grid_starts": len(grid_starts()), "points": len(N),
             "solutions": solutions}
 

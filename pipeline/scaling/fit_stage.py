@@ -114,6 +114,9 @@ def markdown(result: dict[str, Any], scaling: dict[str, Any]) -> str:
         fmt = ".3g" if name in ("A", "B") else ".3f"
         lines.append(f"| {name} | {_ci(fit[name], boot['params'][name], fmt)} | "
                      f"{PUBLISHED[names[0]][name]:g} | {PUBLISHED[names[1]][name]:g} |")
+    if fit["at_bound"]:
+        lines += ["", f"**The best fit ends on the search bounds of {', '.join(fit['at_bound'])}**: the runs do not "
+                  "pin this functional form down (see below), so these parameters are not estimates of anything."]
     exp = result["exponents"]
     lines += ["", f"Implied compute-optimal exponents: N* ∝ C^{exp['N_opt']:.3f}, D* ∝ C^{exp['D_opt']:.3f} "
               "(Chinchilla's approach 3: 0.46 and 0.54; Epoch AI's refit: 0.51 and 0.49).", "",
