@@ -26,6 +26,7 @@ from pipeline.scaling.plan import plan_sweep
 from pipeline.scaling.plots import plot_fit, plot_frontier, plot_isoflop
 
 log = logging.getLogger(__name__)
+BOOTSTRAP_STARTS = 3  # bootstrap refits start from the full fit's best 3 distinct minima, not the whole grid
 OUTPUTS = ("fit.json", "fit.md", "isoflop.png", "fit.png", "frontier.png", "plan.json")
 
 
@@ -71,7 +72,7 @@ def fit_sweep(points: list[dict[str, Any]], scaling: dict[str, Any]) -> dict[str
     fit = fit_loss(N, D, loss, delta=scaling["delta"])
     budgets = sorted({p["flops"] for p in points if p["flops"] is not None})
     targets = budgets + [float(scaling["target_flops"])]
-    boot = bootstrap(N, D, loss, np.array([s["theta"] for s in fit["solutions"]]),
+    boot = bootstrap(N, D, loss, np.array([s["theta"] for s in fit["solutions"][:BOOTSTRAP_STARTS]]),
                      resamples=scaling["bootstrap"]["resamples"], seed=scaling["bootstrap"]["seed"],
                      budgets=targets, delta=scaling["delta"], level=scaling["bootstrap"]["level"])
     optimal = compute_optimal(fit, np.array(targets))
