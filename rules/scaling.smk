@@ -36,7 +36,8 @@ rule scaling_run:
     wildcard_constraints:
         budget="[A-Za-z0-9.]+",
         size="[A-Za-z0-9.-]+",
-    threads: 8 * SWEEP_PRETRAIN["nproc"]  # clamped to --cores on a workstation
+    # on CPU one thread a run, so `--cores 2` trains two tiny runs at once (each barely uses two)
+    threads: 8 * SWEEP_PRETRAIN["nproc"] if SWEEP_PRETRAIN["device"] == "cuda" else 1
     resources:
         nproc=SWEEP_PRETRAIN["nproc"],
         gpu=SWEEP_PRETRAIN["nproc"] if SWEEP_PRETRAIN["device"] == "cuda" else 0,
@@ -46,7 +47,7 @@ rule scaling_run:
         data=f"{RUN}/tokens",
         out=lambda wc: f"{SCALING}/runs/{wc.budget}/{wc.size}",
     shell:
-        "{PY} -m torch.distributed.run --standalone --nproc_per_node={resources.nproc}"
+        "OMP_NUM_THREADS={threads} {PY} -m torch.distributed.run --standalone --nproc_per_node={resources.nproc}"
         " -m pipeline -- pretrain --data {params.data:q} --out {params.out:q} --size {wildcards.size}"
         " --tokenizer {input.tokenizer:q} --config {params.config:q} --log {log:q}"
 
