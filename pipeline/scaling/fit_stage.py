@@ -98,8 +98,9 @@ def markdown(result: dict[str, Any], scaling: dict[str, Any]) -> str:
     lines = ["# Scaling-law fit", "",
              f"{len(points)} pretrain runs; N counts {result['params_counted'].replace('_', '-')} parameters; "
              f"D is the tokens each run trained on. Approach 3 fits {fit['points']} points "
-             f"({scaling['exclude_highest']} highest-loss excluded), from {fit['grid_starts']} L-BFGS-B starts "
-             f"({fit['converged_starts']} converged), Huber delta {scaling['delta']:g} on log L. CIs are "
+             f"({scaling['exclude_highest']} highest-loss excluded): {fit['grid_starts']} grid starts descended, "
+             f"the {fit['polished']} best distinct end points run to convergence by L-BFGS-B ({fit['converged_starts']} "
+             f"converged), Huber delta {scaling['delta']:g} on log L. CIs are "
              f"{level} percentile intervals over {boot['resamples']} bootstrap resamples of the runs "
              f"(seed {boot['seed']}, {boot['failed']} failed).", "",
              "## Runs", "", "| budget | size | N | D (tokens) | D/N | C = 6ND | C (model count) | final val loss |",
