@@ -2,6 +2,7 @@
 #
 #   snakemake --cores all                      the whole DAG on the bundled sample
 #   snakemake --cores all data                 only the web-data stages (ends at the drop report)
+#   snakemake --cores all scaling_fit          the scaling sweep and its fit
 #   snakemake --cores all --forcerun quality   rerun one stage (and what depends on it)
 #   snakemake --configfile my.yaml --cores all your own WET files / settings
 #
@@ -43,6 +44,7 @@ include: "rules/data.smk"
 include: "rules/tokenizer.smk"
 include: "rules/pretrain.smk"
 include: "rules/posttrain.smk"
+include: "rules/scaling.smk"
 include: "rules/inference.smk"
 include: "rules/eval.smk"  # last: it evaluates the models of every training rule included before it
 
@@ -58,3 +60,4 @@ rule all:
         expand(rules.eval.output.manifest, size=config["pretrain"]["sizes"]),
         expand(rules.export_hf.output.manifest, stage=MODEL_STAGES, size=config["pretrain"]["sizes"]),
         expand(rules.inference_bench.output.manifest, size=config["inference"]["sizes"]),
+        rules.scaling_fit.output.manifest,

@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("pipeline.export", "a final.pt as a transformers GPT2LMHeadModel folder + fast tokenizer"),
     "serve": ("pipeline.inference.server", "OpenAI-compatible HTTP server (SSE streaming, /metrics) over the engine"),
     "inference-bench": ("pipeline.inference.bench", "serving benchmark: naive .. continuous batching, paged, speculative, HF"),
+    "scaling-plan": ("pipeline.scaling.plan", "the scaling sweep's runs, tokens per run, run count and GPU-hours"),
+    "scaling-fit": ("pipeline.scaling.fit_stage", "scaling laws from the sweep: approach 3 (+ bootstrap CIs) and IsoFLOP"),
     "seal": ("pipeline.seal", "merge per-shard manifests into a stage folder's manifest.json"),
     "verify": ("pipeline.verify", "re-hash every artifact under a results folder against its manifest"),
 }
