@@ -2,14 +2,16 @@
 #
 #   snakemake --cores all                      the whole DAG on the bundled sample
 #   snakemake --cores all data                 only the web-data stages (ends at the drop report)
+#   snakemake --cores all scaling_fit          the scaling sweep and its fit
 #   snakemake --cores all --forcerun quality   rerun one stage (and what depends on it)
 #   snakemake --configfile my.yaml --cores all your own WET files / settings
 #
 # Rules are wiring only: each calls `python -m pipeline <stage>`, which also runs by hand.
 import json
+import os
 import sys
 
-from pipeline.config import validate_config, wet_shards
+from pipeline.config import input_shards, validate_config
 
 
 configfile: "config.yaml"
@@ -25,7 +27,8 @@ DATA = f"{RUN}/data"
 LOGS = f"{RUN}/logs"
 BENCH = f"{RUN}/benchmarks"
 PY = sys.executable  # the interpreter running Snakemake, so rules use the same environment
-WET = wet_shards(config["inputs"]["wet"], base=workflow.basedir)  # {shard: path or URL}
+WET, WARC = input_shards(config["inputs"], base=workflow.basedir)  # {shard: path or URL} each
+SHARDS = {**WET, **WARC}  # every web shard: both kinds meet at langid
 
 
 def section(name):
@@ -41,6 +44,9 @@ include: "rules/data.smk"
 include: "rules/tokenizer.smk"
 include: "rules/pretrain.smk"
 include: "rules/posttrain.smk"
+include: "rules/scaling.smk"
+include: "rules/inference.smk"
+include: "rules/eval.smk"  # last: it evaluates the models of every training rule included before it
 
 
 rule all:
@@ -50,3 +56,9 @@ rule all:
         rules.tokenizer.output,
         rules.tokens.output,
         expand(rules.pretrain.output.manifest, size=config["pretrain"]["sizes"]),
+        expand(rules.sft.output.manifest, size=config["pretrain"]["sizes"]),
+        expand(rules.grpo.output.manifest, size=config["pretrain"]["sizes"]),
+        expand(rules.eval.output.manifest, size=config["pretrain"]["sizes"]),
+        expand(rules.export_hf.output.manifest, stage=MODEL_STAGES, size=config["pretrain"]["sizes"]),
+        expand(rules.inference_bench.output.manifest, size=config["inference"]["sizes"]),
+        rules.scaling_fit.output.manifest,

@@ -17,15 +17,26 @@ from pipeline.cli import configure_logging
 COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("pipeline.data.fetch", "download one input file (a WET URL) atomically"),
     "ingest": ("pipeline.data.ingest", "WET file -> documents (warcio), bad records dropped with a reason"),
+    "url_filter": ("pipeline.data.url_filter", "WARC file -> responses whose URL passes the block lists"),
+    "extract": ("pipeline.data.extract", "WARC responses -> main text (trafilatura), drops with a reason"),
     "langid": ("pipeline.data.langid", "fastText lid.176 language ID; keep configured languages"),
     "quality": ("pipeline.data.quality", "Gopher, C4 and FineWeb quality filters"),
     "dedup": ("pipeline.data.dedup", "exact + MinHash-LSH dedup: signatures | clusters | filter"),
+    "decontaminate": ("pipeline.data.decontaminate", "n-gram overlap with the eval sets; drop contaminated documents"),
+    "pii": ("pipeline.data.pii", "replace e-mail and public IP addresses with placeholders"),
     "data-report": ("pipeline.data.report", "drop report (json, md, plots) of the web-data stages"),
     "tokenizer": ("pipeline.tokenizer.train_stage", "train our byte-level BPE; compression report"),
     "tokenize": ("pipeline.tokenizer.tokenize_stage", "one source -> train/val token shards"),
     "tokens": ("pipeline.tokenizer.gather_stage", "check and gather the shards into tokens/manifest.json"),
     "pretrain": ("pipeline.train.pretrain_cli", "pretrain a GPT (run under torchrun for DDP / FSDP2)"),
+    "sft": ("pipeline.train.sft_cli", "fine-tune a pretrained GPT on task conversations (chat template)"),
     "grpo": ("pipeline.train.grpo_cli", "GRPO of the SFT model on a verifiable task (group-relative rewards)"),
+    "eval": ("pipeline.eval.stage", "val loss/bpb, MMLU, task pass@k of every model of a size; the table"),
+    "export-hf": ("pipeline.export", "a final.pt as a transformers GPT2LMHeadModel folder + fast tokenizer"),
+    "serve": ("pipeline.inference.server", "OpenAI-compatible HTTP server (SSE streaming, /metrics) over the engine"),
+    "inference-bench": ("pipeline.inference.bench", "serving benchmark: naive .. continuous batching, paged, speculative, HF"),
+    "scaling-plan": ("pipeline.scaling.plan", "the scaling sweep's runs, tokens per run, run count and GPU-hours"),
+    "scaling-fit": ("pipeline.scaling.fit_stage", "scaling laws from the sweep: approach 3 (+ bootstrap CIs) and IsoFLOP"),
     "seal": ("pipeline.seal", "merge per-shard manifests into a stage folder's manifest.json"),
     "verify": ("pipeline.verify", "re-hash every artifact under a results folder against its manifest"),
 }
@@ -33,7 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     lines = ["usage: python -m pipeline <command> [--help] [args]", "", "commands:"]
-    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {summary}" for name, (_, summary) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from pipeline.cli import ConfigError
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "workflow" / "schemas"
 WET_SUFFIXES = (".warc.wet.gz", ".wet.gz", ".warc.gz", ".gz", ".wet")
 URL_SCHEMES = ("http://", "https://")
+WARC_SHARD_SUFFIX = ".warc"
 
 
 def _read_yaml(path: Path) -> Any:
@@ -165,11 +167,14 @@ def shard_name(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def wet_shards(patterns: list[str], base: str | os.PathLike = ".") -> dict[str, str]:
-    """Expand `inputs.wet` (paths, globs, or http(s) URLs) into {shard name: path or URL}.
+def warc_shard_name(path: str) -> str:
+    """CC-MAIN-...-00395.warc.gz -> CC-MAIN-...-00395.warc: a segment's WARC and WET files share
+    their stem, and both kinds of shard flow through the same langid..dedup folders."""
+    return shard_name(path) + WARC_SHARD_SUFFIX
 
-    A pattern matching nothing or a folder, a file name that leaves no shard name
-    (`.warc.wet.gz`), or two inputs with the same shard name, is a config error."""
+
+def _input_shards(key: str, patterns: list[str], base: str | os.PathLike, name_of: Callable[[str], str],
+                  example: str, taken: dict[str, str]) -> dict[str, str]:
     shards: dict[str, str] = {}
     for pattern in patterns:
         if pattern.startswith(URL_SCHEMES):
@@ -177,19 +182,45 @@ def wet_shards(patterns: list[str], base: str | os.PathLike = ".") -> dict[str, 
         else:
             matches = sorted(glob.glob(os.path.join(base, pattern)))
             if not matches:
-                raise ConfigError(f"config key 'inputs.wet': {pattern!r} matches no file")
+                raise ConfigError(f"config key '{key}': {pattern!r} matches no file")
         for match in matches:
             if not pattern.startswith(URL_SCHEMES) and not os.path.isfile(match):
-                raise ConfigError(f"config key 'inputs.wet': {match!r} is not a file (a folder? name "
-                                  f"the files, e.g. {os.path.join(pattern, '*.warc.wet.gz')!r})")
-            name = shard_name(match)
-            if not name.strip("._"):
-                raise ConfigError(f"config key 'inputs.wet': {match!r} leaves no shard name once "
+                raise ConfigError(f"config key '{key}': {match!r} is not a file (a folder? name "
+                                  f"the files, e.g. {os.path.join(pattern, '*' + example)!r})")
+            name = name_of(match)
+            if not name.removesuffix(WARC_SHARD_SUFFIX).strip("._"):
+                raise ConfigError(f"config key '{key}': {match!r} leaves no shard name once "
                                   f"{WET_SUFFIXES} is taken off; rename it")
+            if name in taken:
+                raise ConfigError(f"config key '{key}': {match!r} makes shard {name!r}, which "
+                                  f"{taken[name]!r} (another input) makes too; rename one")
             if name in shards and shards[name] != match:
-                raise ConfigError(f"config key 'inputs.wet': {shards[name]!r} and {match!r} "
+                raise ConfigError(f"config key '{key}': {shards[name]!r} and {match!r} "
                                   f"both make shard {name!r}; rename one")
             shards[name] = match
-    if not shards:
-        raise ConfigError("config key 'inputs.wet': no input WET files")
     return shards
+
+
+def wet_shards(patterns: list[str], base: str | os.PathLike = ".") -> dict[str, str]:
+    """Expand `inputs.wet` (paths, globs, or http(s) URLs) into {shard name: path or URL}.
+
+    A pattern matching nothing or a folder, a file name that leaves no shard name
+    (`.warc.wet.gz`), or two inputs with the same shard name, is a config error."""
+    return _input_shards("inputs.wet", patterns, base, shard_name, ".warc.wet.gz", taken={})
+
+
+def warc_shards(patterns: list[str], base: str | os.PathLike = ".",
+                wet: dict[str, str] | None = None) -> dict[str, str]:
+    """Expand `inputs.warc` like `wet_shards`; shard names end in `.warc`, and one that a WET
+    input (in `wet`) also makes is a config error (a WET file named `x.warc.wet` makes `x.warc`)."""
+    return _input_shards("inputs.warc", patterns, base, warc_shard_name, ".warc.gz", taken=wet or {})
+
+
+def input_shards(inputs: dict[str, Any], base: str | os.PathLike = ".") -> tuple[dict[str, str], dict[str, str]]:
+    """({WET shard: path or URL}, {WARC shard: path or URL}) of the `inputs` section; at least
+    one input file in all."""
+    wet = wet_shards(inputs.get("wet", []), base)
+    warc = warc_shards(inputs.get("warc", []), base, wet)
+    if not wet and not warc:
+        raise ConfigError("config keys 'inputs.wet' and 'inputs.warc': no input files (give at least one)")
+    return wet, warc

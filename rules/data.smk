@@ -1,11 +1,21 @@
-# The web-data half: per WET file (one job each, so a cluster spreads them over nodes)
-#   ingest -> langid -> quality -> dedup_signatures
-# then one global dedup (clusters) job, then dedup_filter per file -> clean/, and the report.
+# The web-data half: per input file (one job each, so a cluster spreads them over nodes)
+#   WET:  ingest ------------------\
+#   WARC: url_filter -> extract ----> langid -> quality -> dedup_signatures
+# then one global dedup (clusters) job, then per file dedup_filter -> deduped/, decontaminate ->
+# decontaminated/ (on the text as crawled), pii -> clean/ (the last text change), and the report.
+# WARC shards are named <stem>.warc, so they never meet a WET shard's name.
 # Every per-file stage writes <shard>.manifest.json; `seal` merges them into the stage folder's
 # manifest.json. A stage checks each input against the manifest that names it (inputs `upstream`),
 # so those manifests are inputs too: a lost one reruns the job that writes it.
+import os
 
-STAGE_FOLDERS = ["ingest", "langid", "quality", "dedup/signatures", "clean"]
+from pipeline.data.url_filter import block_lists
+
+# stage folder -> the shards whose jobs write into it (an entry point with no inputs has none)
+FOLDER_SHARDS = {"ingest": WET, "url_filter": WARC, "extract": WARC, "langid": SHARDS, "quality": SHARDS,
+                 "dedup/signatures": SHARDS, "deduped": SHARDS, "decontaminated": SHARDS, "clean": SHARDS}
+STAGE_FOLDERS = [folder for folder, shards in FOLDER_SHARDS.items() if shards]
+ENTRIES = [entry for entry, shards in (("wet", WET), ("warc", WARC)) if shards]
 
 
 def wet_input(wildcards):
@@ -14,6 +24,26 @@ def wet_input(wildcards):
     if source.startswith(("http://", "https://")):
         return f"{RUN}/downloads/{wildcards.shard}.warc.wet.gz"
     return source
+
+
+def warc_input(wildcards):
+    """A local WARC file as is; a URL comes through the fetch_warc rule into the run folder."""
+    source = WARC[wildcards.shard]
+    if source.startswith(("http://", "https://")):
+        return f"{RUN}/downloads/warc/{wildcards.shard}.gz"
+    return source
+
+
+# url_filter.lists: {name: path or URL}, and the local files the job reads (fetch_url_list downloads URLs)
+URL_LISTS = block_lists(config["url_filter"]["lists"], base=workflow.basedir)
+URL_LIST_FILES = {name: f"{RUN}/downloads/lists/{name}.txt" if path.startswith(("http://", "https://")) else path
+                  for name, path in URL_LISTS.items()}
+
+
+def entry_output(wildcards, kind):
+    """langid's input for a shard: ingest's output for a WET shard, extract's for a WARC shard."""
+    folder = "extract" if wildcards.shard in WARC else "ingest"
+    return f"{DATA}/{folder}/{wildcards.shard}.{kind}"
 
 
 rule fetch_wet:
@@ -25,6 +55,36 @@ rule fetch_wet:
         f"{BENCH}/fetch_wet/{{shard}}.tsv"
     params:
         url=lambda wc: WET[wc.shard],
+        config=section("fetch"),
+    retries: 3
+    shell:
+        "{PY} -m pipeline fetch {params.url:q} {output:q} --config {params.config:q} --log {log:q}"
+
+
+rule fetch_warc:
+    output:
+        f"{RUN}/downloads/warc/{{shard}}.gz",
+    log:
+        f"{LOGS}/fetch_warc/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/fetch_warc/{{shard}}.tsv"
+    params:
+        url=lambda wc: WARC[wc.shard],
+        config=section("fetch"),
+    retries: 3
+    shell:
+        "{PY} -m pipeline fetch {params.url:q} {output:q} --config {params.config:q} --log {log:q}"
+
+
+rule fetch_url_list:
+    output:
+        f"{RUN}/downloads/lists/{{name}}.txt",
+    log:
+        f"{LOGS}/fetch_url_list/{{name}}.log",
+    benchmark:
+        f"{BENCH}/fetch_url_list/{{name}}.tsv"
+    params:
+        url=lambda wc: URL_LISTS[wc.name],
         config=section("fetch"),
     retries: 3
     shell:
@@ -52,10 +112,57 @@ rule ingest:
         " --config {params.config:q} --log {log:q}"
 
 
+# --- WARC input (url_filter -> extract), joining the WET documents at langid
+rule url_filter:
+    input:
+        warc=warc_input,
+        lists=list(URL_LIST_FILES.values()),
+    output:
+        docs=f"{DATA}/url_filter/{{shard}}.parquet",
+        removed=f"{DATA}/removed/url_filter/{{shard}}.parquet",
+        manifest=f"{DATA}/url_filter/{{shard}}.manifest.json",
+    log:
+        f"{LOGS}/url_filter/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/url_filter/{{shard}}.tsv"
+    resources:
+        mem_mb=8000,
+    params:
+        config=section("url_filter"),
+        lists=json.dumps(URL_LIST_FILES, sort_keys=True),
+    shell:
+        "{PY} -m pipeline url_filter --input {input.warc:q} --output {output.docs:q}"
+        " --removed {output.removed:q} --manifest {output.manifest:q}"
+        " --config {params.config:q} --lists {params.lists:q} --log {log:q}"
+
+
+rule extract:
+    input:
+        warc=warc_input,
+        passed=rules.url_filter.output.docs,
+        upstream=rules.url_filter.output.manifest,
+    output:
+        docs=f"{DATA}/extract/{{shard}}.parquet",
+        removed=f"{DATA}/removed/extract/{{shard}}.parquet",
+        manifest=f"{DATA}/extract/{{shard}}.manifest.json",
+    log:
+        f"{LOGS}/extract/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/extract/{{shard}}.tsv"
+    resources:
+        mem_mb=8000,
+    params:
+        config=section("extract"),
+    shell:
+        "{PY} -m pipeline extract --input {input.warc:q} --passed {input.passed:q} --output {output.docs:q}"
+        " --removed {output.removed:q} --manifest {output.manifest:q}"
+        " --config {params.config:q} --log {log:q}"
+
+
 rule langid:
     input:
-        docs=rules.ingest.output.docs,
-        upstream=rules.ingest.output.manifest,
+        docs=lambda wc: entry_output(wc, "parquet"),
+        upstream=lambda wc: entry_output(wc, "manifest.json"),
     output:
         docs=f"{DATA}/langid/{{shard}}.parquet",
         removed=f"{DATA}/removed/langid/{{shard}}.parquet",
@@ -118,8 +225,8 @@ rule dedup_signatures:
 
 rule dedup:
     input:
-        signatures=expand(rules.dedup_signatures.output.signatures, shard=WET),
-        upstream=expand(rules.dedup_signatures.output.manifest, shard=WET),
+        signatures=expand(rules.dedup_signatures.output.signatures, shard=SHARDS),
+        upstream=expand(rules.dedup_signatures.output.manifest, shard=SHARDS),
     output:
         clusters=f"{DATA}/dedup/clusters.parquet",
         manifest=f"{DATA}/dedup/manifest.json",
@@ -142,9 +249,9 @@ rule dedup_filter:
         clusters=rules.dedup.output.clusters,
         upstream=[rules.quality.output.manifest, rules.dedup.output.manifest],
     output:
-        docs=f"{DATA}/clean/{{shard}}.parquet",
+        docs=f"{DATA}/deduped/{{shard}}.parquet",
         removed=f"{DATA}/removed/dedup/{{shard}}.parquet",
-        manifest=f"{DATA}/clean/{{shard}}.manifest.json",
+        manifest=f"{DATA}/deduped/{{shard}}.manifest.json",
     log:
         f"{LOGS}/dedup_filter/{{shard}}.log",
     benchmark:
@@ -159,9 +266,63 @@ rule dedup_filter:
         " --config {params.config:q} --log {log:q}"
 
 
+# --- decontaminate: dedup's output -> decontaminated/, dropping documents that quote an eval set;
+# before pii, so it sees the text as crawled
+EVALSETS = json.dumps({"mmlu": os.path.join(workflow.basedir, config["eval"]["mmlu"]["path"]),
+                       "tasks": config["eval"]["tasks"]["names"]}, sort_keys=True)
+
+
+rule decontaminate:
+    input:
+        docs=rules.dedup_filter.output.docs,
+        upstream=rules.dedup_filter.output.manifest,
+        mmlu=os.path.join(workflow.basedir, config["eval"]["mmlu"]["path"]),
+    output:
+        docs=f"{DATA}/decontaminated/{{shard}}.parquet",
+        removed=f"{DATA}/removed/decontaminate/{{shard}}.parquet",
+        manifest=f"{DATA}/decontaminated/{{shard}}.manifest.json",
+    log:
+        f"{LOGS}/decontaminate/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/decontaminate/{{shard}}.tsv"
+    resources:
+        mem_mb=4000,
+    params:
+        config=section("decontaminate"),
+        evalsets=EVALSETS,
+        tasks=section("tasks") if "tasks" in config else "{}",
+    shell:
+        "{PY} -m pipeline decontaminate --input {input.docs:q} --output {output.docs:q}"
+        " --removed {output.removed:q} --manifest {output.manifest:q} --config {params.config:q}"
+        " --evalsets {params.evalsets:q} --tasks-config {params.tasks:q} --log {log:q}"
+
+
+# --- pii: the last text change, after decontaminate -> clean/
+rule pii:
+    input:
+        docs=rules.decontaminate.output.docs,
+        upstream=rules.decontaminate.output.manifest,
+    output:
+        docs=f"{DATA}/clean/{{shard}}.parquet",
+        removed=f"{DATA}/removed/pii/{{shard}}.parquet",
+        manifest=f"{DATA}/clean/{{shard}}.manifest.json",
+    log:
+        f"{LOGS}/pii/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/pii/{{shard}}.tsv"
+    resources:
+        mem_mb=4000,
+    params:
+        config=section("pii"),
+    shell:
+        "{PY} -m pipeline pii --input {input.docs:q} --output {output.docs:q}"
+        " --removed {output.removed:q} --manifest {output.manifest:q}"
+        " --config {params.config:q} --log {log:q}"
+
+
 rule seal:
     input:
-        lambda wc: expand(f"{DATA}/{wc.folder}/{{shard}}.manifest.json", shard=WET),
+        lambda wc: expand(f"{DATA}/{wc.folder}/{{shard}}.manifest.json", shard=FOLDER_SHARDS[wc.folder]),
     output:
         f"{DATA}/{{folder}}/manifest.json",
     wildcard_constraints:
@@ -191,11 +352,12 @@ rule data_report:
         f"{BENCH}/data_report.tsv"
     params:
         data=DATA,
+        entries=ENTRIES,
     shell:
-        "{PY} -m pipeline data-report --data {params.data:q} --log {log:q}"
+        "{PY} -m pipeline data-report --data {params.data:q} --entries {params.entries} --log {log:q}"
 
 
 rule data:
     input:
         rules.data_report.output,
-        expand(rules.dedup_filter.output.docs, shard=WET),
+        expand(rules.pii.output.docs, shard=SHARDS),

@@ -1,17 +1,56 @@
-# Post-training. GRPO of every SFT model (config pretrain.sizes): one process of
-# `python -m pipeline grpo` (GRPO runs in one process; see pipeline/train/grpo_stage.py). Like
-# pretraining, checkpoints and the metrics history under {RUN}/grpo/{size}/checkpoints/ are not
-# declared outputs, so a rerun after a failed, preempted or killed job resumes from them.
+# Post-training: SFT of every pretrained size (config pretrain.sizes), each a torchrun launch of
+# `python -m pipeline sft` with sft.nproc processes. Like pretraining, checkpoints and the metrics
+# history under {RUN}/sft/{size}/checkpoints/ are not declared outputs, so a rerun after a failed,
+# preempted or killed job resumes from them.
 #
-# On SLURM: set grpo.device: cuda so the job asks for a GPU.
+# On SLURM: set sft.device: cuda and sft.nproc: <GPUs per node> so the job asks for the GPUs.
+
+SFT = config["sft"]
+
+
+rule sft:
+    input:
+        model=rules.pretrain.output.model,
+        upstream=rules.pretrain.output.manifest,  # what final.pt is checked against
+        tokenizer=rules.tokenizer.output.tokenizer,
+        tokenizer_manifest=rules.tokenizer.output.manifest,
+    output:
+        model=f"{RUN}/sft/{{size}}/final.pt",
+        metrics=f"{RUN}/sft/{{size}}/metrics.jsonl",
+        loss=report(f"{RUN}/sft/{{size}}/loss.png", caption="../workflow/report/sft_loss.rst",
+                    category="SFT", subcategory="{size}"),
+        samples=f"{RUN}/sft/{{size}}/samples.md",
+        manifest=f"{RUN}/sft/{{size}}/manifest.json",
+    log:
+        f"{LOGS}/sft/{{size}}.log",
+    benchmark:
+        f"{BENCH}/sft/{{size}}.tsv"
+    wildcard_constraints:
+        size="[A-Za-z0-9.-]+",
+    threads: 8 * SFT["nproc"]  # clamped to --cores on a workstation; a few cores per GPU on a cluster
+    resources:
+        nproc=SFT["nproc"],
+        gpu=SFT["nproc"] if SFT["device"] == "cuda" else 0,
+        mem_mb=8000 * SFT["nproc"],
+    params:
+        config=section("sft"),
+        tasks=section("tasks"),
+        out=lambda wc: f"{RUN}/sft/{wc.size}",
+    shell:
+        # `--` ends torchrun's options: its argparse would take `--log` for its own `--log-dir`
+        "{PY} -m torch.distributed.run --standalone --nproc_per_node={resources.nproc}"
+        " -m pipeline -- sft --model {input.model:q} --tokenizer {input.tokenizer:q} --out {params.out:q}"
+
+# GRPO of every SFT model: one process of `python -m pipeline grpo` (GRPO runs in one process;
+# see pipeline/train/grpo_stage.py); checkpoints resume like SFT's. On SLURM: set grpo.device: cuda.
 
 GRPO = config["grpo"]
 
 
 rule grpo:
     input:
-        model=f"{RUN}/sft/{{size}}/final.pt",
-        upstream=f"{RUN}/sft/{{size}}/manifest.json",  # what final.pt is checked against
+        model=rules.sft.output.model,
+        upstream=rules.sft.output.manifest,  # what final.pt is checked against
         tokenizer=rules.tokenizer.output.tokenizer,
         tokenizer_manifest=rules.tokenizer.output.manifest,
     output:
@@ -38,4 +77,3 @@ rule grpo:
         out=lambda wc: f"{RUN}/grpo/{wc.size}",
     shell:
         "{PY} -m pipeline grpo --model {input.model:q} --tokenizer {input.tokenizer:q} --out {params.out:q}"
-        " --config {params.config:q} --tasks-config {params.tasks:q} --log {log:q}"

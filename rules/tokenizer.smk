@@ -11,14 +11,14 @@ TOKENS = f"{RUN}/tokens"
 # OpenAI's GPT-2 files: the compression report's yardstick (bundled, with provenance and license)
 GPT2_FILES = [os.path.join(workflow.basedir, "resources", "gpt2", name) for name in ("encoder.json", "vocab.bpe")]
 # {source name: Source}: every clean web shard, then every inputs.text corpus
-TEXT = text_sources(config["inputs"]["text"], base=workflow.basedir, taken=WET)
-SOURCES = {shard: web_source(shard, f"{DATA}/clean/{shard}.parquet") for shard in WET} | TEXT
+TEXT = text_sources(config["inputs"]["text"], base=workflow.basedir, taken=SHARDS)
+SOURCES = {shard: web_source(shard, f"{DATA}/clean/{shard}.parquet") for shard in SHARDS} | TEXT
 
 
 rule tokenizer:
     input:
-        clean=expand(f"{DATA}/clean/{{shard}}.parquet", shard=WET),
-        upstream=expand(f"{DATA}/clean/{{shard}}.manifest.json", shard=WET),  # what clean/ is checked against
+        clean=expand(f"{DATA}/clean/{{shard}}.parquet", shard=SHARDS),
+        upstream=expand(f"{DATA}/clean/{{shard}}.manifest.json", shard=SHARDS),  # what clean/ is checked against
         text=[source.path for source in TEXT.values()],
         gpt2=GPT2_FILES,
     output:
@@ -46,7 +46,7 @@ rule tokenize:
         docs=lambda wc: SOURCES[wc.source].path,
         tokenizer=rules.tokenizer.output.tokenizer,
         upstream=lambda wc: [rules.tokenizer.output.manifest]
-        + ([f"{DATA}/clean/{wc.source}.manifest.json"] if wc.source in WET else []),
+        + ([f"{DATA}/clean/{wc.source}.manifest.json"] if wc.source in SHARDS else []),
     output:
         train=f"{TOKENS}/train/{{source}}.bin",
         train_index=f"{TOKENS}/train/{{source}}.idx",

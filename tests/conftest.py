@@ -11,6 +11,9 @@ RESOURCES = ROOT / "resources"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SAMPLE_WET = RESOURCES / "commoncrawl" / "CC-MAIN-20201129214615-20201130004615-00404.head.warc.wet.gz"
 
+WARC_SAMPLES = RESOURCES / "commoncrawl" / "warc"
+SAMPLE_WARC = WARC_SAMPLES / "CC-MAIN-20200808165417-20200808195417-00395.head.warc.gz"
+
 
 @pytest.fixture
 def sample_wet() -> Path:
@@ -41,6 +44,27 @@ def write_wet(path: Path, bodies: list[bytes], gzip: bool = True, with_warcinfo:
                 f"http://example.com/{i}", "conversion", payload=BytesIO(body),
                 warc_headers_dict={"Content-Type": "text/plain", "WARC-Record-ID": f"<urn:uuid:doc-{i:04d}>"})
             writer.write_record(record)
+    return path
+
+
+def write_warc(path: Path, responses: list[tuple], gzip: bool = True) -> Path:
+    """Write a real WARC file with warcio, as a crawler does: a warcinfo record, then a request
+    and a response record per (url, HTTP status line, HTTP headers, payload bytes)."""
+    from io import BytesIO
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=gzip)
+        writer.write_record(writer.create_warcinfo_record(path.name, {"software": "wetstone-tests"}))
+        for i, (url, status, headers, payload) in enumerate(responses):
+            request = StatusAndHeaders("GET / HTTP/1.1", [("Host", "example.com")], is_http_request=True)
+            writer.write_record(writer.create_warc_record(url, "request", payload=BytesIO(b""), http_headers=request))
+            http = StatusAndHeaders(status, list(headers), protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(
+                url, "response", payload=BytesIO(payload), http_headers=http,
+                warc_headers_dict={"WARC-Record-ID": f"<urn:uuid:page-{i:04d}>"}))
     return path
 
 

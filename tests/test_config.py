@@ -28,7 +28,7 @@ def test_missing_sections_take_schema_defaults():
     ({"langid": {"min_score": 1.5}}, "langid.min_score"),
     ({"dedup": {"bands": "14"}}, "dedup.bands"),
     ({"run": "has space"}, "run"),
-    ({"inputs": {"wet": []}}, "inputs.wet"),
+    ({"inputs": {"wet": "x.warc.wet.gz"}}, "inputs.wet"),  # a list; [] is fine when inputs.warc names files
     ({"colour": "blue"}, "colour"),
 ])
 def test_bad_key_or_value_names_the_key(config, key):

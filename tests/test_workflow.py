@@ -15,7 +15,7 @@ from conftest import ROOT
 from pipeline.artifacts import verify
 from pipeline.data.report import data_report
 
-STAGES = ["ingest", "langid", "quality", "dedup"]
+STAGES = ["ingest", "langid", "quality", "dedup", "decontaminate", "pii"]
 
 
 def snakemake_data(results, run="it"):
@@ -44,12 +44,19 @@ def test_drop_report_contract(two_runs):
     for name in ("funnel", "drop_reasons", "languages"):
         assert (data / "plots" / f"{name}.png").stat().st_size > 1000
     assert "| quality |" in (data / "drop_report.md").read_text()
+    # contamination is counted by decontaminate (decontaminated/), which runs before pii
+    found = report["contamination"]
+    assert sorted(found["overlapping_docs"]) == ["arithmetic", "gsm8k", "mmlu"] and found["removed"] is True
+    decontaminate = stages[STAGES.index("decontaminate")]
+    assert all(n <= found["overlapping_docs"][reason.removeprefix("contamination:")]
+               for reason, n in decontaminate["dropped"].items())
 
 
 def test_clean_and_removed_documents(two_runs):
     data, _ = two_runs
     clean = pl.concat([pl.read_parquet(p) for p in sorted((data / "clean").glob("*.parquet"))])
-    assert {"id", "url", "text", "lang", "lang_score"} <= set(clean.columns)
+    assert {"id", "url", "text", "lang", "lang_score", "input", "extractor"} <= set(clean.columns)
+    assert clean["input"].unique().to_list() == ["wet"]
     assert clean["lang"].unique().to_list() == ["en"] and clean["id"].is_unique().all()
     report = json.loads((data / "drop_report.json").read_text())
     for stage in report["stages"]:

@@ -22,8 +22,10 @@ DOC_COLUMNS: dict[str, pl.DataType] = {
     "id": pl.String,        # WARC-Record-ID, e.g. <urn:uuid:...>
     "url": pl.String,       # WARC-Target-URI
     "date": pl.String,      # WARC-Date
-    "source": pl.String,    # the WET file's shard name
+    "source": pl.String,    # the input file's shard name
     "text": pl.String,
+    "input": pl.String,     # provenance: "wet" or "warc"
+    "extractor": pl.String, # what made the text: "commoncrawl-wet" (WET) or "trafilatura <version>"
 }
 LANG_COLUMNS: dict[str, pl.DataType] = {"lang": pl.String, "lang_score": pl.Float64}
 REMOVED_COLUMNS: dict[str, pl.DataType] = {

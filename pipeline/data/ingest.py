@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 REMOVED_PREVIEW_BYTES = 4096  # what an oversize record keeps of its body, for inspection
 ERROR_CHARS = 200
+WET_EXTRACTOR = "commoncrawl-wet"  # Common Crawl's own HTML-to-text conversion made the text
 READ_CHUNK = 1 << 20
 MAX_HEADER_BYTES = 1 << 16  # a WARC header block is a few hundred bytes
 # what a damaged or cut file raises mid-stream: bad gzip data, a cut gzip member
@@ -151,7 +152,8 @@ def read_conversion_records(path: str, max_doc_bytes: int, check_digests: bool,
             continue
         records += 1
         doc = {"id": headers.get_header("WARC-Record-ID"), "url": headers.get_header("WARC-Target-URI"),
-               "date": headers.get_header("WARC-Date"), "source": shard, "text": ""}
+               "date": headers.get_header("WARC-Date"), "source": shard, "text": "",
+               "input": "wet", "extractor": WET_EXTRACTOR}
         if length > max_doc_bytes:
             doc["text"] = body[:REMOVED_PREVIEW_BYTES].decode("utf-8", errors="replace")
             yield doc, "oversize", length
@@ -161,7 +163,7 @@ def read_conversion_records(path: str, max_doc_bytes: int, check_digests: bool,
     if records == 0:
         types = ", ".join(f"{k.removeprefix('records_')}: {n}" for k, n in sorted(stats.items())
                           if k.startswith("records_"))
-        hint = ("; a WARC of `response` records: WARC input (inputs.warc) is not supported yet"
+        hint = ("; a WARC of `response` records: list it under inputs.warc, not inputs.wet"
                 if stats["records_response"] else "")
         raise NotWet(f"{path}: not a WET file: no `conversion` record (found {types}){hint}"
                      f"{'; ' + error if error else ''}")

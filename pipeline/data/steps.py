@@ -86,12 +86,13 @@ def write_stage_outputs(stage: str, *, kept: list[Doc], removed: list[Doc], funn
 def tally(stage: str, decisions: Iterable[tuple[Doc, str | None, int]], funnel: Funnel,
           total: int | None = None) -> tuple[list[Doc], list[Doc]]:
     """Count and sort (document, drop reason or None, bytes it came in with) into kept and removed
-    documents. A kept document counts its text's bytes out (a stage may have changed the text)."""
+    documents. A kept document counts its text's bytes out (a stage may have changed the text);
+    one with no text yet (a WARC record before extraction) passes its bytes on unchanged."""
     kept, removed = [], []
     for doc, reason, nbytes in tqdm(decisions, total=total, desc=stage, unit="doc", disable=None):
         funnel.take(nbytes)
         if reason is None:
-            funnel.keep(text_bytes(doc))
+            funnel.keep(text_bytes(doc) if "text" in doc else nbytes)
             kept.append(doc)
         else:
             funnel.drop(reason, nbytes)

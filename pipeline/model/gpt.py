@@ -16,7 +16,8 @@ Notable features:
   `flops_per_token()` for MFU;
 - `generate` (greedy or top-p, on the KV cache) and `load_final`, the one loader of final.pt files.
 
-Sizes are named in `MODEL_SIZES`; `GPTConfig.from_size("tiny", vocab_size=..., seq_len=...)`.
+Sizes are named in `MODEL_SIZES` or generated as `d<depth>w<width>` (`size_shape`);
+`GPTConfig.from_size("tiny", vocab_size=..., seq_len=...)`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,25 @@ VOCAB_MULTIPLE = 64
 LOSS_REDUCTIONS = ("mean", "sum", "none")
 FINAL_KEYS = ("model_config", "model", "step", "vocab_size", "eos_id")  # what pretrain writes to final.pt
 
+GENERATED_SIZE = re.compile(r"d(\d+)w(\d+)")  # "d<depth>w<width>", e.g. d12w768 (= gpt2-124m's shape)
+
+
+def size_shape(size: str) -> dict[str, int]:
+    """A size name -> (n_layer, n_head, n_embd): a MODEL_SIZES name, or a generated `d<depth>w<width>`
+    with 64-wide heads as GPT-2 (nanochat's rule; one head below width 128), so a scaling sweep can
+    name any shape without editing this file."""
+    if size in MODEL_SIZES:
+        return MODEL_SIZES[size]
+    match = GENERATED_SIZE.fullmatch(size)
+    if match is None:
+        raise ValueError(f"unknown model size {size!r}; known: {', '.join(MODEL_SIZES)}, or d<depth>w<width>")
+    depth, width = int(match[1]), int(match[2])
+    heads = max(1, width // 64)
+    if depth < 1 or width < 1 or width % heads:
+        raise ValueError(f"model size {size!r}: needs depth >= 1 and a width divisible by its "
+                         f"{heads} heads (width // 64)")
+    return dict(n_layer=depth, n_head=heads, n_embd=width)
+
 
 @dataclass
 class GPTConfig:
@@ -68,9 +88,7 @@ class GPTConfig:
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> GPTConfig:
-        if size not in MODEL_SIZES:
-            raise ValueError(f"unknown model size {size!r}; known: {', '.join(MODEL_SIZES)}")
-        return cls(**{**MODEL_SIZES[size], **overrides})
+        return cls(**{**size_shape(size), **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,70 @@
+"""Task accuracy: greedy pass@1 and sampled pass@k on a task's held-out split.
+
+Each example's prompt is rendered with the chat template (`render_prompt`, ending in
+<|assistant_start|>), the model completes it until <|assistant_end|> (or max_new_tokens), and the
+task's `reward(completion, answer)` says whether it is right (reward > 0). pass@1 is greedy: one
+completion at temperature 0. pass@k draws n >= k samples per example and uses the unbiased
+estimator of Chen et al. (2021, "Evaluating Large Language Models Trained on Code", eq. 1):
+pass@k = 1 - C(n - c, k) / C(n, k) for c correct of n, averaged over examples; drawing exactly k
+and asking "any right?" would be the same in expectation but noisier.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm import tqdm
+
+from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """1 - C(n - c, k) / C(n, k): the chance that k of the n samples, drawn without replacement,
+    hold at least one of the c correct ones."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@torch.no_grad()
+def complete(model: torch.nn.Module, prompt: list[int], n: int, *, temperature: float, max_new_tokens: int,
+             stop_id: int, generator: torch.Generator | None = None) -> list[list[int]]:
+    """n completions of one prompt (one batch, on the model's KV cache), each cut before the first stop_id."""
+    idx = torch.tensor([prompt] * n, dtype=torch.long)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, generator=generator,
+                         stop_tokens=[stop_id])[:, len(prompt):]
+    completions = []
+    for row in out.tolist():
+        completions.append(row[:row.index(stop_id)] if stop_id in row else row)
+    return completions
+
+
+def task_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task, *, max_examples: int, samples: int,
+                  k: int, temperature: float, max_new_tokens: int, seed: int) -> dict:
+    """Greedy pass@1 and sampled pass@k (n = samples) over the first max_examples of the task's
+    held-out split."""
+    from pipeline.tokenizer.chat import render_prompt
+
+    if not 1 <= k <= samples:
+        raise ValueError(f"eval.tasks: k {k} must be between 1 and samples {samples}")
+    stop_id = tokenizer.special_tokens[ASSISTANT_END]
+    generator = torch.Generator().manual_seed(seed)
+    examples = task.examples("test")[:max_examples]
+    greedy, sampled, shown = [], [], []
+    for example in tqdm(examples, desc=f"task {task.name}", unit="example", disable=None):
+        prompt = render_prompt(tokenizer, example.prompt)
+        [best] = complete(model, prompt, 1, temperature=0.0, max_new_tokens=max_new_tokens, stop_id=stop_id)
+        text = tokenizer.decode(best)
+        greedy.append(float(task.reward(text, example.answer) > 0))
+        draws = complete(model, prompt, samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                         stop_id=stop_id, generator=generator)
+        correct = sum(task.reward(tokenizer.decode(d), example.answer) > 0 for d in draws)
+        sampled.append(pass_at_k(samples, correct, k))
+        if len(shown) < 3:
+            shown.append({"answer": example.answer, "greedy": text})
+    n = max(1, len(examples))
+    return {"pass@1": sum(greedy) / n, "pass@k": sum(sampled) / n, "n": len(examples), "samples": samples,
+            "k": k, "examples": shown}

@@ -1,0 +1,194 @@
+"""Sampling: stateless functions on logits, and the decoding strategies built from them.
+
+Per request, the logits of the next token go through, in this order (the order of HF
+`generate`'s logits processors and vLLM's sampler):
+    repetition penalty -> temperature -> top-k -> top-p -> min-p -> softmax -> draw.
+Each filter sets the logits it removes to -inf, so the draw is one `torch.multinomial` over the
+whole vocabulary: with every filter off it is exactly plain multinomial sampling.
+Temperature 0 is greedy (argmax after the repetition penalty), as in vLLM.
+
+`SamplingParams` carries the settings under vLLM's field names; each request gets its own
+`torch.Generator`, seeded from `seed` (or by the engine when `seed` is None), so a request's
+tokens do not depend on what else is in the batch.
+
+Beam search and contrastive search are decoding strategies of their own: they need the model's
+logits (and, for contrastive search, hidden states) for several candidate continuations, so they
+take a `forward` callable and are used one request at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+
+
+@dataclass
+class SamplingParams:
+    """One request's decoding settings, named as vLLM's `SamplingParams`."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 (or -1, vLLM's old spelling): all
+    top_p: float = 1.0  # keep the smallest set whose probability reaches top_p (Holtzman et al., 2019)
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability (Nguyen et al., 2024)
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (Keskar et al., 2019)
+    max_tokens: int = 16  # completion tokens at most
+    ignore_eos: bool = False  # keep going past the stop tokens (fixed output lengths for benchmarks)
+    seed: int | None = None  # per-request generator seed; None: drawn from the engine's seeded generator
+    stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens beside the engine's
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_k", self.top_k >= -1, "must be >= 0 (0 or -1: off)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    def generator(self, fallback: torch.Generator) -> torch.Generator:
+        """This request's generator: from `seed`, or seeded by a draw from the engine's generator."""
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,), generator=fallback))
+        return torch.Generator().manual_seed(seed)
+
+
+# --- logits processors: (V,) or (n, V) float logits in, same shape out ------------------------
+
+def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:
+    """CTRL's penalty as HF and vLLM apply it: a seen token's logit is divided by `penalty` when
+    positive and multiplied by it when negative, so it always becomes less likely."""
+    if penalty == 1.0 or not history:
+        return logits
+    ids = torch.tensor(sorted(set(history)), dtype=torch.long)
+    seen = logits[..., ids]
+    logits = logits.clone()
+    logits[..., ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (ties at the k-th value are broken by position, so exactly k stay)."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    keep = logits.topk(k, dim=-1).indices
+    return torch.full_like(logits, -float("inf")).scatter(-1, keep, logits.gather(-1, keep))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the most likely tokens until their probability reaches p (the first always stays)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= p  # the mass before this token reaches p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -float("inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least min_p x the top token's."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), -float("inf"))
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, history: Sequence[int]) -> torch.Tensor:
+    """All of a request's transforms, in the order above (temperature 0: only the penalty)."""
+    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
+    if params.greedy:
+        return logits
+    logits = apply_temperature(logits, params.temperature)
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    return min_p_filter(logits, params.min_p)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams, history: Sequence[int]) -> torch.Tensor:
+    """The distribution the next token is drawn from; greedy is the one-hot of the argmax.
+    Speculative decoding compares these for the draft and the target."""
+    logits = process_logits(logits, params, history)
+    if params.greedy:
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+    return logits.softmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, history: Sequence[int],
+           generator: torch.Generator | None = None) -> int:
+    """Draw the next token from one request's (V,) logits."""
+    logits = process_logits(logits, params, history)
+    if params.greedy:
+        return int(logits.argmax())
+    return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax(logits), -inf logits counting as zero probability."""
+    logp = logits.log_softmax(dim=-1)
+    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(dim=-1)
+
+
+# --- decoding strategies that look at several continuations ------------------------------------
+
+# forward(idx (n, T)) -> (logits (n, T, V), hidden (n, T, C)) with padding ids already masked
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def beam_search(forward: Forward, prompt: list[int], beam_width: int, max_tokens: int,
+                stop_token_ids: Sequence[int] = (), length_penalty: float = 1.0) -> list[int]:
+    """The most likely completion found by keeping the `beam_width` best partial completions by
+    summed log-probability. A beam that emits a stop token is finished; the best finished or
+    unfinished beam wins by score / length ** length_penalty (HF's convention). Width 1 is greedy."""
+    beams: list[tuple[list[int], float]] = [([], 0.0)]
+    finished: list[tuple[list[int], float]] = []
+    for _ in range(max_tokens):
+        logp = forward(torch.tensor([prompt + b for b, _ in beams]))[0][:, -1].float().log_softmax(dim=-1)
+        scores = torch.tensor([s for _, s in beams]).unsqueeze(1) + logp  # (beams, V)
+        V = logp.size(-1)
+        top = scores.flatten().topk(min(beam_width, scores.numel()))
+        grown = [(beams[i // V][0] + [i % V], s) for s, i in zip(top.values.tolist(), top.indices.tolist())]
+        finished += [(b, s) for b, s in grown if b[-1] in stop_token_ids]
+        beams = [(b, s) for b, s in grown if b[-1] not in stop_token_ids]
+        if not beams:
+            break
+    best = max(finished + beams, key=lambda bs: bs[1] / len(bs[0]) ** length_penalty)
+    return best[0]
+
+
+@torch.no_grad()
+def contrastive_search(forward: Forward, prompt: list[int], top_k: int, alpha: float, max_tokens: int,
+                       stop_token_ids: Sequence[int] = ()) -> list[int]:
+    """Contrastive search (Su et al., 2022, https://arxiv.org/abs/2202.06417): among the top_k
+    most likely next tokens pick argmax (1 - alpha) p(v) - alpha max_j cos(h_v, h_j), where h_v
+    is the candidate's last hidden state and h_j those of the context: likely, yet unlike what
+    came before (a degeneration penalty). alpha 0 (or top_k 1) is greedy."""
+    out: list[int] = []
+    for _ in range(max_tokens):
+        ctx = torch.tensor([prompt + out])
+        logits, hidden = forward(ctx)
+        probs = logits[0, -1].float().softmax(dim=-1)
+        cand_p, cand = probs.topk(top_k)
+        # each candidate appended: its last hidden state against the context's
+        h_cand = forward(torch.cat([ctx.expand(top_k, -1), cand.unsqueeze(1)], dim=1))[1][:, -1]  # (k, C)
+        sim = F.cosine_similarity(h_cand.unsqueeze(1), hidden[0].unsqueeze(0), dim=-1).amax(dim=-1)  # (k,)
+        out.append(int(cand[((1 - alpha) * cand_p - alpha * sim).argmax()]))
+        if out[-1] in stop_token_ids:
+            break
+    return out

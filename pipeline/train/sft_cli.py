@@ -1,0 +1,58 @@
+"""sft: fine-tune a pretrained GPT on task conversations (chat template, loss on assistant tokens).
+
+The command line of `pipeline/train/sft.py` (kept apart so that --help imports no torch).
+
+Reads --model (pretrain's final.pt) and --tokenizer (the tokenizer it was pretrained with), renders
+the train conversations of the mixture's tasks (the `tasks` section: arithmetic, GSM8K,
+Self-Instruct) and writes into <out>: final.pt (the fine-tuned weights, loadable like pretrain's),
+metrics.jsonl, loss.png (train and held-out loss per assistant token), samples.md (held-out
+arithmetic and instruction prompts answered greedily, and the held-out arithmetic accuracy of the
+base and the SFT model), manifest.json (counts per task, conversations dropped as too long,
+accuracies), and checkpoints/ (rerunning the same command resumes from the newest good one).
+One trainer per --out at a time; SIGTERM / SIGINT stop it after the current step with a
+checkpoint.
+
+One process:           python -m pipeline sft --model results/sample/pretrain/tiny/final.pt \\
+                         --tokenizer results/sample/tokenizer/tokenizer.json --out results/sample/sft/tiny
+N processes (DDP/FSDP): python -m torch.distributed.run --standalone --nproc_per_node=N \\
+                         -m pipeline -- sft ... --parallel fsdp
+
+The settings are the `sft` config section (workflow/schemas/sft.schema.yaml), given as --config
+JSON, and the `tasks` section as --tasks-config; the flags below override single `sft` keys. W&B
+logs offline under <out>/wandb unless WANDB_MODE says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.cli import json_arg
+from pipeline.config import section_config
+from pipeline.train.flags import add_config_flags, exit_code, section_from_args
+
+# the sft section's own flags: flag -> (config key, type, help); the shared ones are in flags.py
+FLAGS: dict[str, tuple[str, type, str]] = {
+    "--global-batch": ("global_batch", int, "conversations per optimizer step over all processes"),
+    "--micro-batch": ("micro_batch", int, "conversations per process per micro step"),
+    "--accuracy-examples": ("accuracy_examples", int, "held-out arithmetic problems answered at the end"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="the pretrained model (pretrain's final.pt)")
+    parser.add_argument("--tokenizer", required=True, type=Path,
+                        help="the tokenizer.json the model was pretrained with (chat special tokens included)")
+    parser.add_argument("--out", required=True, type=Path, help="the run folder to write (and resume from)")
+    add_config_flags(parser, "sft", FLAGS)
+    parser.add_argument("--tasks-config", type=json_arg, default={},
+                        help="the tasks config section as JSON (or @file.yaml); default: its defaults")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = section_from_args("sft", args, FLAGS)
+    tasks_config = section_config("tasks", args.tasks_config)
+
+    from pipeline.train.sft import train  # torch is imported only when a run starts, not for --help
+    return exit_code(train(cfg, model_path=args.model, tokenizer_path=args.tokenizer, out=args.out,
+                           tasks_config=tasks_config, stop_at=args.stop_at))

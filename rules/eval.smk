@@ -1,0 +1,75 @@
+# Eval: per model size, every model of that size the run trains, side by side (rows base / SFT /
+# GRPO of the table); and export-hf of every final model, so lm-evaluation-harness, vLLM and HF
+# `generate` can load any of them. Included after the training rules: a post-training stage whose
+# rule exists (rules.sft, rules.grpo) adds its model to the table and to the exports by itself.
+import os
+import shlex
+
+EVAL_MMLU = os.path.join(workflow.basedir, config["eval"]["mmlu"]["path"])
+# the training stages in order, and those this run has rules for
+MODEL_STAGES = [stage for stage in ("pretrain", "sft", "grpo") if stage in {rule.name for rule in workflow.rules}]
+
+
+def final_model(stage, size):
+    return f"{RUN}/{stage}/{size}/final.pt"
+
+
+def eval_inputs(wildcards):
+    """The final.pt of every model of this size the run trains, plus what scoring needs."""
+    return {**{stage: final_model(stage, wildcards.size) for stage in MODEL_STAGES},
+            "tokens": rules.tokens.output[0], "tokenizer": rules.tokenizer.output.tokenizer, "mmlu": EVAL_MMLU}
+
+
+rule export_hf:
+    input:
+        model=final_model("{stage}", "{size}"),
+        tokenizer=rules.tokenizer.output.tokenizer,
+    output:
+        weights=f"{RUN}/export/{{stage}}/{{size}}/model.safetensors",
+        manifest=f"{RUN}/export/{{stage}}/{{size}}/manifest.json",
+    log:
+        f"{LOGS}/export_hf/{{stage}}/{{size}}.log",
+    benchmark:
+        f"{BENCH}/export_hf/{{stage}}/{{size}}.tsv"
+    wildcard_constraints:
+        stage="|".join(MODEL_STAGES),
+        size="[A-Za-z0-9.-]+",
+    resources:
+        mem_mb=4000,
+    params:
+        out=lambda wc: f"{RUN}/export/{wc.stage}/{wc.size}",
+    shell:
+        "{PY} -m pipeline export-hf --model {input.model:q} --tokenizer {input.tokenizer:q}"
+        " --out {params.out:q} --log {log:q}"
+
+
+rule eval:
+    input:
+        unpack(eval_inputs),
+    output:
+        json=report(f"{RUN}/eval/{{size}}/eval.json", caption="../workflow/report/eval_json.rst",
+                    category="Eval", subcategory="{size}"),
+        md=report(f"{RUN}/eval/{{size}}/eval.md", caption="../workflow/report/eval_table.rst",
+                  category="Eval", subcategory="{size}"),
+        plot=report(f"{RUN}/eval/{{size}}/eval.png", caption="../workflow/report/eval_plot.rst",
+                    category="Eval", subcategory="{size}"),
+        manifest=f"{RUN}/eval/{{size}}/manifest.json",
+    log:
+        f"{LOGS}/eval/{{size}}.log",
+    benchmark:
+        f"{BENCH}/eval/{{size}}.tsv"
+    wildcard_constraints:
+        size="[A-Za-z0-9.-]+",
+    threads: 1  # a CPU-sized model scores no faster on 2 threads, and 2 threads on a busy machine thrash
+    resources:
+        mem_mb=4000,
+    params:
+        config=section("eval"),
+        tasks=section("tasks") if "tasks" in config else "{}",
+        models=lambda wc: " ".join(f"--model {shlex.quote(f'{s}={final_model(s, wc.size)}')}" for s in MODEL_STAGES),
+        tokens=f"{RUN}/tokens",
+        out=lambda wc: f"{RUN}/eval/{wc.size}",
+    shell:
+        "{PY} -m pipeline eval {params.models} --tokens {params.tokens:q} --tokenizer {input.tokenizer:q}"
+        " --out {params.out:q} --size {wildcards.size} --config {params.config:q}"
+        " --tasks-config {params.tasks:q} --threads {threads} --log {log:q}"

@@ -1,0 +1,53 @@
+# Inference benchmark: one job per model size in inference.sizes, serving one seeded workload with
+# naive decoding, a KV cache, static and continuous batching, the paged/prefix cache, speculative
+# decoding (draft: inference.draft_size, pretrained by this run) and the HTTP server
+# (pipeline/inference/bench.py, docs/inference.md).
+
+INFERENCE = config["inference"]
+# the section without `sizes`: adding a size must not rerun the sizes benchmarked
+INFERENCE_PARAMS = json.dumps({k: v for k, v in INFERENCE.items() if k != "sizes"}, sort_keys=True)
+# the draft model, when there is one: a named input only then
+DRAFT = {"draft": f"{RUN}/pretrain/{INFERENCE['draft_size']}/final.pt"} if INFERENCE["draft_size"] else {}
+# the HF transformers peer runs on the export_hf rule's folder of the same model (rules/eval.smk)
+HF_PEER = {"hf": f"{RUN}/export/pretrain/{{size}}/manifest.json"} if "hf_generate" in INFERENCE["systems"] else {}
+
+
+rule inference_bench:
+    input:
+        model=f"{RUN}/pretrain/{{size}}/final.pt",
+        tokenizer=rules.tokenizer.output.tokenizer,
+        tokens=rules.tokens.output[0],
+        **DRAFT,
+        **HF_PEER,
+    output:
+        json=f"{RUN}/inference/{{size}}/bench.json",
+        md=report(f"{RUN}/inference/{{size}}/bench.md", caption="../workflow/report/inference_bench.rst",
+                  category="Inference", subcategory="{size}"),
+        throughput=report(f"{RUN}/inference/{{size}}/throughput.png", caption="../workflow/report/inference_throughput.rst",
+                          category="Inference", subcategory="{size}"),
+        latency=report(f"{RUN}/inference/{{size}}/latency.png", caption="../workflow/report/inference_latency.rst",
+                       category="Inference", subcategory="{size}"),
+        manifest=f"{RUN}/inference/{{size}}/manifest.json",
+    log:
+        f"{LOGS}/inference/{{size}}.log",
+    benchmark:
+        f"{BENCH}/inference/{{size}}.tsv"
+    wildcard_constraints:
+        size="[A-Za-z0-9.-]+",
+    threads: 2  # the engine and, for the http system, the server and its client side by side
+    resources:
+        mem_mb=4000,
+    params:
+        config=INFERENCE_PARAMS,
+        tokens=TOKENS,
+        draft=lambda wc, input: f"--draft {input.draft}" if "draft" in input.keys() else "",
+        hf=lambda wc, input: f"--hf-model {os.path.dirname(input.hf)}" if "hf" in input.keys() else "",
+        out=lambda wc: f"{RUN}/inference/{wc.size}",
+    shell:
+        "{PY} -m pipeline inference-bench --model {input.model:q} {params.draft} {params.hf} --tokenizer {input.tokenizer:q}"
+        " --tokens {params.tokens:q} --out {params.out:q} --config {params.config:q} --log {log:q}"
+
+
+rule inference:
+    input:
+        expand(rules.inference_bench.output.manifest, size=INFERENCE["sizes"]),

@@ -1,0 +1,116 @@
+"""Sampling functions and decoding strategies (pipeline/inference/sampling.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.inference.engine import forward_full
+from pipeline.inference.sampling import (SamplingParams, apply_repetition_penalty, beam_search,
+                                         contrastive_search, entropy, min_p_filter, process_logits, sample,
+                                         top_k_filter, top_p_filter)
+from test_inference_engine import nano, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+
+
+def random_logits(n: int = 100, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_is_deterministic_and_the_argmax():
+    logits = random_logits()
+    params = SamplingParams(temperature=0.0)
+    draws = {sample(logits, params, [], torch.Generator().manual_seed(s)) for s in range(20)}
+    assert draws == {int(logits.argmax())}
+
+
+def test_no_filters_is_plain_multinomial():
+    """top_p 1.0, top_k 0, min_p 0: the same draws as torch.multinomial on softmax(logits / T)."""
+    logits = random_logits()
+    params = SamplingParams(temperature=2.5, top_k=0, top_p=1.0)
+    ours, plain = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = [sample(logits, params, [], ours) for _ in range(300)]
+    b = [int(torch.multinomial((logits / 2.5).softmax(-1), 1, generator=plain)) for _ in range(300)]
+    assert a == b
+    assert len(set(a)) > 10  # really sampling
+
+
+def test_temperature_raises_entropy():
+    logits = random_logits()
+    h = [float(entropy(process_logits(logits, SamplingParams(temperature=t), []))) for t in (0.25, 0.5, 1.0, 2.0, 4.0)]
+    assert h == sorted(h) and len(set(h)) == len(h), h
+
+
+@pytest.mark.parametrize("k", [1, 5, 50, 99])
+def test_top_k_keeps_exactly_k(k):
+    logits = random_logits()
+    kept = torch.isfinite(top_k_filter(logits, k))
+    assert int(kept.sum()) == k
+    assert logits[kept].min() >= logits[~kept].max()  # the k largest
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    assert torch.isfinite(top_p_filter(logits, 0.8)).tolist() == [True, True, False, False]  # 0.5 + 0.3 reach 0.8
+    assert torch.isfinite(top_p_filter(logits, 0.81)).tolist() == [True, True, True, False]
+    assert torch.isfinite(top_p_filter(logits, 0.01)).tolist() == [True, False, False, False]  # the top stays
+
+
+def test_min_p_scales_with_the_top_probability():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    assert torch.isfinite(min_p_filter(logits, 0.5)).tolist() == [True, True, False, False]  # >= 0.25
+
+
+def test_repetition_penalty_makes_seen_tokens_less_likely():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    out = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert out.tolist() == [1.0, -2.0, 0.5, 3.0]  # positive / 2, negative x 2, unseen unchanged
+    assert apply_repetition_penalty(logits, [0], 1.0) is logits
+
+
+def test_sampling_params_name_the_bad_field():
+    with pytest.raises(ValueError, match="SamplingParams.top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="SamplingParams.max_tokens"):
+        SamplingParams(max_tokens=-1)
+
+
+def test_seeded_request_is_reproducible():
+    logits = random_logits()
+    params = SamplingParams(temperature=1.0, seed=7)
+    fallback = torch.Generator().manual_seed(0)
+    g1, g2 = params.generator(fallback), params.generator(fallback)
+    assert [sample(logits, params, [], g1) for _ in range(20)] == [sample(logits, params, [], g2) for _ in range(20)]
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_beam_width_1_is_greedy(rope):
+    model = nano(rope=rope)
+    prompt = [3, 1, 4, 1, 5]
+    greedy = model.generate(torch.tensor([prompt]), 12)[0, len(prompt):].tolist()
+    assert beam_search(forward_full(model), prompt, beam_width=1, max_tokens=12) == greedy
+    assert contrastive_search(forward_full(model), prompt, top_k=4, alpha=0.0, max_tokens=12) == greedy
+
+
+def test_wider_beam_finds_a_sequence_at_least_as_likely():
+    model = nano()
+    prompt, forward = [3, 1, 4, 1, 5], forward_full(model)
+
+    def logprob(completion: list[int]) -> float:
+        logits = forward(torch.tensor([prompt + completion]))[0][0].log_softmax(-1)
+        return float(sum(logits[len(prompt) - 1 + i, t] for i, t in enumerate(completion)))
+
+    one, four = (beam_search(forward, prompt, beam_width=w, max_tokens=6) for w in (1, 4))
+    assert logprob(four) >= logprob(one) - 1e-5
+
+
+def test_contrastive_search_penalises_repeating_the_context():
+    """With a strong degeneration penalty the output differs from greedy's and stays a top-k token."""
+    model = nano()
+    prompt = [3, 1, 4, 1, 5]
+    forward = forward_full(model)
+    greedy = contrastive_search(forward, prompt, top_k=4, alpha=0.0, max_tokens=8)
+    out = contrastive_search(forward, prompt, top_k=4, alpha=0.9, max_tokens=8)
+    assert out != greedy
+    first_top = forward(torch.tensor([prompt]))[0][0, -1].topk(4).indices.tolist()
+    assert out[0] in first_top
