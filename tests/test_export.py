@@ -30,7 +30,7 @@ def chat_tokenizer(stories) -> BPETokenizer:
 
 
 def save_final(model: GPT, path: Path) -> Path:
-    """A final.pt as the pretrain stage writes it (pipeline/train/loop.py)."""
+    """A final.pt as the pretrain stage writes it (pipeline/train/engine.py export)."""
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 3,
                 "vocab_size": model.config.vocab_size, "eos_id": model.config.vocab_size - 1}, path)
     return path

@@ -4,13 +4,14 @@ sampling, loading final.pt."""
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import load_schema
-from pipeline.model.gpt import GPT, MODEL_SIZES, GPTConfig, load_final
+from pipeline.model.gpt import GPT, MODEL_SIZES, GPTConfig, load_final, size_shape
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -133,9 +134,11 @@ def test_tiny_top_p_is_greedy_and_generation_is_seeded():
 
 def test_schema_size_names_are_the_model_sizes():
     """The pretrain schema's enum gives config errors that name the key; it must list exactly
-    MODEL_SIZES, in order (a size added to one place only fails here)."""
-    enum = load_schema()["properties"]["pretrain"]["properties"]["sizes"]["items"]["enum"]
-    assert enum == list(MODEL_SIZES)
+    MODEL_SIZES, in order (a size added to one place only fails here), beside the pattern of
+    generated d<depth>w<width> sizes, which size_shape must accept."""
+    named, generated = load_schema()["properties"]["pretrain"]["properties"]["sizes"]["items"]["anyOf"]
+    assert named["enum"] == list(MODEL_SIZES)
+    assert re.fullmatch(generated["pattern"].strip("^$"), "d3w96") and size_shape("d3w96")["n_embd"] == 96
 
 
 # --- the KV cache ---------------------------------------------------------------------------------------
@@ -283,7 +286,7 @@ def test_stop_tokens_end_each_row_and_then_generation():
 # --- load_final -----------------------------------------------------------------------------------------
 
 def save_final(path, model: GPT, **extra) -> None:
-    """What pretrain writes (pipeline/train/loop.py)."""
+    """What pretrain writes (pipeline/train/engine.py export)."""
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 8,
                 "vocab_size": 257, "eos_id": 256, **extra}, path)
 
