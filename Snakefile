@@ -57,6 +57,7 @@ rule all:
         rules.tokens.output,
         expand(rules.pretrain.output.manifest, size=config["pretrain"]["sizes"]),
         expand(rules.sft.output.manifest, size=config["pretrain"]["sizes"]),
+        expand(rules.grpo.output.manifest, size=config["pretrain"]["sizes"]),
         expand(rules.eval.output.manifest, size=config["pretrain"]["sizes"]),
         expand(rules.export_hf.output.manifest, stage=MODEL_STAGES, size=config["pretrain"]["sizes"]),
         expand(rules.inference_bench.output.manifest, size=config["inference"]["sizes"]),

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokens": ("pipeline.tokenizer.gather_stage", "check and gather the shards into tokens/manifest.json"),
     "pretrain": ("pipeline.train.pretrain_cli", "pretrain a GPT (run under torchrun for DDP / FSDP2)"),
     "sft": ("pipeline.train.sft_cli", "fine-tune a pretrained GPT on task conversations (chat template)"),
+    "grpo": ("pipeline.train.grpo_cli", "GRPO of the SFT model on a verifiable task (group-relative rewards)"),
     "eval": ("pipeline.eval.stage", "val loss/bpb, MMLU, task pass@k of every model of a size; the table"),
     "export-hf": ("pipeline.export", "a final.pt as a transformers GPT2LMHeadModel folder + fast tokenizer"),
     "serve": ("pipeline.inference.server", "OpenAI-compatible HTTP server (SSE streaming, /metrics) over the engine"),

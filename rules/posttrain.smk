@@ -40,4 +40,40 @@ rule sft:
         # `--` ends torchrun's options: its argparse would take `--log` for its own `--log-dir`
         "{PY} -m torch.distributed.run --standalone --nproc_per_node={resources.nproc}"
         " -m pipeline -- sft --model {input.model:q} --tokenizer {input.tokenizer:q} --out {params.out:q}"
-        " --config {params.config:q} --tasks-config {params.tasks:q} --log {log:q}"
+
+# GRPO of every SFT model: one process of `python -m pipeline grpo` (GRPO runs in one process;
+# see pipeline/train/grpo_stage.py); checkpoints resume like SFT's. On SLURM: set grpo.device: cuda.
+
+GRPO = config["grpo"]
+
+
+rule grpo:
+    input:
+        model=rules.sft.output.model,
+        upstream=rules.sft.output.manifest,  # what final.pt is checked against
+        tokenizer=rules.tokenizer.output.tokenizer,
+        tokenizer_manifest=rules.tokenizer.output.manifest,
+    output:
+        model=f"{RUN}/grpo/{{size}}/final.pt",
+        metrics=f"{RUN}/grpo/{{size}}/metrics.jsonl",
+        loss=f"{RUN}/grpo/{{size}}/loss.png",
+        rewards=report(f"{RUN}/grpo/{{size}}/rewards.png", caption="../workflow/report/grpo_rewards.rst",
+                       category="GRPO", subcategory="{size}"),
+        samples=f"{RUN}/grpo/{{size}}/samples.md",
+        manifest=f"{RUN}/grpo/{{size}}/manifest.json",
+    log:
+        f"{LOGS}/grpo/{{size}}.log",
+    benchmark:
+        f"{BENCH}/grpo/{{size}}.tsv"
+    wildcard_constraints:
+        size="[A-Za-z0-9.-]+",
+    threads: 8  # clamped to --cores on a workstation
+    resources:
+        gpu=1 if GRPO["device"] == "cuda" else 0,
+        mem_mb=8000,
+    params:
+        config=section("grpo"),
+        tasks=section("tasks"),
+        out=lambda wc: f"{RUN}/grpo/{wc.size}",
+    shell:
+        "{PY} -m pipeline grpo --model {input.model:q} --tokenizer {input.tokenizer:q} --out {params.out:q}"

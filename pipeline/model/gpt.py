@@ -211,6 +211,28 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# --- sampling --------------------------------------------------------------------------------------
+
+def sample_token(logits: torch.Tensor, vocab_size: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits [B, V]: greedy at temperature 0, else sampled at
+    `temperature` from the k likeliest (top_k, None for all) that reach probability top_p
+    (nucleus sampling, Holtzman et al., 2019; the first token always kept). Ids >= vocab_size are
+    padding, never drawn. Shared by `GPT.generate` and GRPO's rollouts."""
+    logits = logits.float().clone()
+    logits[:, vocab_size:] = -float("inf")
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits[logits < kth] = -float("inf")
+    probs = F.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # drop a token when the ones before it already reach top_p (the first always stays)
+    sorted_probs[(sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p] = 0.0
+    return order.gather(-1, torch.multinomial(sorted_probs, 1, generator=generator))[:, 0]
+
+
 # --- the model -------------------------------------------------------------------------------------
 
 class GPT(nn.Module):
@@ -331,17 +353,8 @@ class GPT(nn.Module):
                 logits = self(idx[:, cache.length:], kv_cache=cache)
             else:  # the window slides past the context, shifting every position: read it whole
                 logits = self(idx[:, -seq_len:])
-            logits = logits[:, -1, :].float()
-            logits[:, self.config.vocab_size:] = -float("inf")  # padding ids are not tokens
-            if temperature == 0.0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                probs = F.softmax(logits / temperature, dim=-1)
-                sorted_probs, order = probs.sort(dim=-1, descending=True)
-                # drop a token when the ones before it already reach top_p (the first always stays)
-                sorted_probs[(sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p] = 0.0
-                choice = torch.multinomial(sorted_probs, 1, generator=generator)
-                next_id = order.gather(-1, choice)
+            next_id = sample_token(logits[:, -1, :], self.config.vocab_size, temperature, None, top_p,
+                                   generator)[:, None]
             if stop_tokens:
                 next_id = torch.where(stopped[:, None], idx[:, -1:], next_id)  # a stopped row repeats its stop
                 stopped |= torch.isin(next_id[:, 0], stops)

@@ -351,10 +351,12 @@ def export(run: Run, model: torch.nn.Module, *, final: dict[str, Any], config: d
            counts: dict[str, Any], metrics: dict[str, Any], plot_title: str,
            plot_baseline: tuple[float, str] | None,
            make_samples: Callable[[dict[str, torch.Tensor]], list[dict[str, Any]]],
-           decode: Callable[[list[int]], str] | None, samples_header: str) -> dict[str, Any]:
+           decode: Callable[[list[int]], str] | None, samples_header: str,
+           extra_outputs: Sequence[str] = ()) -> dict[str, Any]:
     """The stage's outputs in `out`: final.pt (the full, unsharded weights on CPU plus `final`,
     e.g. model_config, vocab_size, eos_id; loads with torch.load(weights_only=True)),
-    metrics.jsonl (the whole history), loss.png, samples.md and manifest.json. Every rank calls
+    metrics.jsonl (the whole history), loss.png, samples.md and manifest.json, which also names
+    `extra_outputs` (files the stage wrote into `out` before, e.g. its own plots). Every rank calls
     this (gathering FSDP shards is collective); rank 0 writes. Returns the manifest metrics."""
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not run.d.is_main:
@@ -371,7 +373,7 @@ def export(run: Run, model: torch.nn.Module, *, final: dict[str, Any], config: d
     write_manifest(out / "manifest.json", stage=run.stage, config=config,
                    inputs=inputs,
                    outputs={out / name: (len(run.metrics.records) if name == "metrics.jsonl" else None)
-                            for name in OUTPUTS},
+                            for name in (*OUTPUTS, *extra_outputs)},
                    counts=counts, metrics=summary)
     return {"counts": counts, "metrics": summary}
 
