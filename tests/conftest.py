@@ -93,3 +93,35 @@ def write_stage_docs(path: Path, rows: list[dict], schema: dict) -> Path:
 def make_docs(texts: list[str], source: str = "s", **extra) -> list[dict]:
     return [{"id": f"<urn:uuid:{source}-{i:04d}>", "url": f"http://{source}.example/{i}", "date": "2020-11-30",
              "source": source, "text": t, **extra} for i, t in enumerate(texts)]
+
+
+def save_chat_model(folder: Path, stories: list[str], seq_len: int, stage: str) -> tuple[Path, Path]:
+    """(final.pt, tokenizer.json): a seeded nano GPT saved as the training engine exports it, beside
+    a small tokenizer with the chat special tokens, both named by a `stage` manifest."""
+    import torch
+
+    from pipeline.artifacts import write_manifest
+    from pipeline.model.gpt import GPT, GPTConfig
+    from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS, BPETokenizer
+
+    tokenizer = BPETokenizer.train(stories, 400, special_tokens=CHAT_SPECIAL_TOKENS)
+    tokenizer.save(folder / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_size("nano", vocab_size=tokenizer.n_vocab, seq_len=seq_len))
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 100,
+                "vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id}, folder / "final.pt")
+    write_manifest(folder / "manifest.json", stage=stage, config={}, inputs=[],
+                   outputs={folder / "final.pt": None, folder / "tokenizer.json": None})
+    return folder / "final.pt", folder / "tokenizer.json"
+
+
+@pytest.fixture
+def one_torch_thread(monkeypatch):
+    """W&B off; one torch thread (on 2 shared cores, two threads per process spin against each other)."""
+    import torch
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.artifacts import verify, write_manifest
+from conftest import save_chat_model
+from pipeline.artifacts import verify
 from pipeline.cli import ConfigError
 from pipeline.config import section_config
-from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.model.gpt import GPT
 from pipeline.tasks import get_task
-from pipeline.tokenizer import BPETokenizer
-from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS
 from pipeline.train import grpo_stage
 from pipeline.train.grpo_stage import engine_config, step_prompts, train
 
@@ -33,28 +32,14 @@ SEQ_LEN = 64
 
 
 @pytest.fixture(autouse=True)
-def no_wandb_one_thread(monkeypatch):
-    """W&B off; one torch thread (on 2 shared cores, two threads per process spin against each other)."""
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def sft_model(stories, tmp_path_factory) -> tuple[Path, Path]:
     """(final.pt, tokenizer.json): a nano GPT saved the way the engine exports it, and its tokenizer."""
-    folder = tmp_path_factory.mktemp("sft")
-    tokenizer = BPETokenizer.train(stories, 400, special_tokens=CHAT_SPECIAL_TOKENS)
-    tokenizer.save(folder / "tokenizer.json")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_size("nano", vocab_size=tokenizer.n_vocab, seq_len=SEQ_LEN))
-    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 100,
-                "vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id}, folder / "final.pt")
-    write_manifest(folder / "manifest.json", stage="sft", config={}, inputs=[],
-                   outputs={folder / "final.pt": None, folder / "tokenizer.json": None})
-    return folder / "final.pt", folder / "tokenizer.json"
+    return save_chat_model(tmp_path_factory.mktemp("sft_model"), stories, SEQ_LEN, stage="sft")
 
 
 def run(sft_model, out: Path, stop_at: int | None = None, **overrides) -> dict:

@@ -14,10 +14,11 @@ import pytest
 import torch
 import yaml
 
+from conftest import save_chat_model
 from pipeline.artifacts import ChangedInput, verify, write_manifest
 from pipeline.cli import ConfigError
 from pipeline.config import SCHEMA_DIR, section_config
-from pipeline.model.gpt import GPT, GPTConfig, load_final
+from pipeline.model.gpt import GPT, load_final
 from pipeline.tasks import TASKS
 from pipeline.tokenizer import BPETokenizer
 from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS
@@ -33,28 +34,14 @@ SEQ_LEN = 96
 
 
 @pytest.fixture(autouse=True)
-def no_wandb_one_thread(monkeypatch):
-    """W&B off; one torch thread (on 2 shared cores, two threads per process spin against each other)."""
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def base(stories, tmp_path_factory) -> tuple[Path, Path]:
     """(final.pt, tokenizer.json): a nano GPT saved the way pretrain exports it, and its tokenizer."""
-    folder = tmp_path_factory.mktemp("base")
-    tokenizer = BPETokenizer.train(stories, 400, special_tokens=CHAT_SPECIAL_TOKENS)
-    tokenizer.save(folder / "tokenizer.json")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_size("nano", vocab_size=tokenizer.n_vocab, seq_len=SEQ_LEN))
-    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 100,
-                "vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id}, folder / "final.pt")
-    write_manifest(folder / "manifest.json", stage="pretrain", config={}, inputs=[],
-                   outputs={folder / "final.pt": None, folder / "tokenizer.json": None})
-    return folder / "final.pt", folder / "tokenizer.json"
+    return save_chat_model(tmp_path_factory.mktemp("base"), stories, SEQ_LEN, stage="pretrain")
 
 
 def run(base, out: Path, stop_at: int | None = None, **overrides) -> dict:

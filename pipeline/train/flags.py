@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import signal
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipeline.cli import json_arg
@@ -55,3 +57,25 @@ def exit_code(summary: dict[str, Any]) -> int:
     """0 when the run finished or stopped at --stop-at; 128 + the signal's number when a signal
     stopped it, so Snakemake and schedulers see an interrupted job, not a finished one."""
     return 128 + signal.Signals[summary["signal"]].value if summary.get("signal") else 0
+
+
+def add_post_training_arguments(parser: argparse.ArgumentParser, section: str,
+                                stage_flags: dict[str, tuple[str, type, str]], model_help: str) -> None:
+    """The command line SFT and GRPO share: the input model, its tokenizer, the output folder, the
+    stage's config flags and the `tasks` section."""
+    parser.add_argument("--model", required=True, type=Path, help=model_help)
+    parser.add_argument("--tokenizer", required=True, type=Path,
+                        help="the tokenizer.json the model was trained with (chat special tokens included)")
+    parser.add_argument("--out", required=True, type=Path, help="the run folder to write (and resume from)")
+    add_config_flags(parser, section, stage_flags)
+    parser.add_argument("--tasks-config", type=json_arg, default={},
+                        help="the tasks config section as JSON (or @file.yaml); default: its defaults")
+
+
+def run_post_training(section: str, args: argparse.Namespace, stage_flags: dict[str, tuple[str, type, str]],
+                      train: Callable[..., dict[str, Any]]) -> int:
+    """Validate the stage's and the tasks section, run `train`, and return the exit code."""
+    cfg = section_from_args(section, args, stage_flags)
+    tasks_config = section_config("tasks", args.tasks_config)
+    return exit_code(train(cfg, model_path=args.model, tokenizer_path=args.tokenizer, out=args.out,
+                           tasks_config=tasks_config, stop_at=args.stop_at))

@@ -21,11 +21,8 @@ JSON, and the `tasks` section as --tasks-config; the flags below override single
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from pipeline.cli import json_arg
-from pipeline.config import section_config
-from pipeline.train.flags import add_config_flags, exit_code, section_from_args
+from pipeline.train.flags import add_post_training_arguments, run_post_training
 
 # the grpo section's own flags: flag -> (config key, type, help); the shared ones are in flags.py
 FLAGS: dict[str, tuple[str, type, str]] = {
@@ -39,18 +36,9 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="the model to train (SFT's final.pt)")
-    parser.add_argument("--tokenizer", required=True, type=Path, help="the tokenizer.json the model was trained with")
-    parser.add_argument("--out", required=True, type=Path, help="the run folder to write (and resume from)")
-    add_config_flags(parser, "grpo", FLAGS)
-    parser.add_argument("--tasks-config", type=json_arg, default={},
-                        help="the tasks config section as JSON (or @file.yaml); default: its defaults")
+    add_post_training_arguments(parser, "grpo", FLAGS, "the model to train (SFT's final.pt)")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = section_from_args("grpo", args, FLAGS)
-    tasks_config = section_config("tasks", args.tasks_config)
-
     from pipeline.train.grpo_stage import train  # torch is imported only when a run starts, not for --help
-    return exit_code(train(cfg, model_path=args.model, tokenizer_path=args.tokenizer, out=args.out,
-                           tasks_config=tasks_config, stop_at=args.stop_at))
+    return run_post_training("grpo", args, FLAGS, train)

@@ -25,11 +25,8 @@ logs offline under <out>/wandb unless WANDB_MODE says otherwise.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from pipeline.cli import json_arg
-from pipeline.config import section_config
-from pipeline.train.flags import add_config_flags, exit_code, section_from_args
+from pipeline.train.flags import add_post_training_arguments, run_post_training
 
 # the sft section's own flags: flag -> (config key, type, help); the shared ones are in flags.py
 FLAGS: dict[str, tuple[str, type, str]] = {
@@ -40,19 +37,9 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="the pretrained model (pretrain's final.pt)")
-    parser.add_argument("--tokenizer", required=True, type=Path,
-                        help="the tokenizer.json the model was pretrained with (chat special tokens included)")
-    parser.add_argument("--out", required=True, type=Path, help="the run folder to write (and resume from)")
-    add_config_flags(parser, "sft", FLAGS)
-    parser.add_argument("--tasks-config", type=json_arg, default={},
-                        help="the tasks config section as JSON (or @file.yaml); default: its defaults")
+    add_post_training_arguments(parser, "sft", FLAGS, "the pretrained model (pretrain's final.pt)")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = section_from_args("sft", args, FLAGS)
-    tasks_config = section_config("tasks", args.tasks_config)
-
     from pipeline.train.sft import train  # torch is imported only when a run starts, not for --help
-    return exit_code(train(cfg, model_path=args.model, tokenizer_path=args.tokenizer, out=args.out,
-                           tasks_config=tasks_config, stop_at=args.stop_at))
+    return run_post_training("sft", args, FLAGS, train)
