@@ -11,7 +11,7 @@ import torch
 
 from conftest import RESOURCES
 from pipeline.artifacts import verify
-from pipeline.export import export_hf, hf_tokenizer
+from pipeline.export import export_hf, hf_tokenizer, load_hf, tokenizer_from_hf
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS, BPETokenizer
 from pipeline.tokenizer.chat import render_conversation, render_prompt
@@ -134,3 +134,53 @@ def test_gpt2_files_convert_exactly(corpus):
     fast = hf_tokenizer(gpt2)
     for text in corpus[:25]:
         assert fast(text, add_special_tokens=False)["input_ids"] == gpt2.encode(text, allowed_special="all")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_exported_folder_loads_back_as_our_gpt_and_tokenizer(tmp_path, chat_tokenizer, stories, bias):
+    """load_hf and tokenizer_from_hf undo the export: the same logits on the real ids (the padded
+    rows come back as zeros), the same tokenizer file, and load_final's metadata."""
+    tok_path = tmp_path / "tokenizer.json"
+    chat_tokenizer.save(tok_path)
+    model = tiny_gpt(chat_tokenizer.n_vocab, bias=bias)
+    out = tmp_path / "hf"
+    export_hf(save_final(model, tmp_path / "final.pt"), tok_path, out)
+    back, meta = load_hf(out)
+    assert meta["eos_id"] == chat_tokenizer.eos_id and meta["vocab_size"] == chat_tokenizer.n_vocab
+    assert back.config.padded_vocab_size == model.config.padded_vocab_size
+    x = torch.tensor([chat_tokenizer.encode(stories[1])[:64]])
+    with torch.no_grad():
+        assert torch.equal(back(x)[..., :chat_tokenizer.n_vocab], model(x)[..., :chat_tokenizer.n_vocab])
+    assert tokenizer_from_hf(out / "tokenizer.json").to_dict() == chat_tokenizer.to_dict()
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_tokenizer_round_trips_through_the_fast_tokenizer_file(tmp_path, stories, pattern):
+    """Trained tokenizers of both regexes, and OpenAI's GPT-2 files: merges, ranks, regex and
+    specials all come back (GPT-2's 50,000 merges too, recovered from the ranks alone)."""
+    tokenizers = [BPETokenizer.train(stories + wet_texts(20), 700, pattern=pattern)]
+    if pattern == "gpt2":
+        tokenizers.append(BPETokenizer.from_gpt2_files(RESOURCES / "gpt2" / "encoder.json",
+                                                       RESOURCES / "gpt2" / "vocab.bpe"))
+    for i, tok in enumerate(tokenizers):
+        hf_tokenizer(tok).save_pretrained(tmp_path / str(i))
+        assert tokenizer_from_hf(tmp_path / str(i) / "tokenizer.json").to_dict() == tok.to_dict()
+
+
+def test_load_hf_names_what_it_cannot_read(tmp_path, chat_tokenizer):
+    tok_path = tmp_path / "tokenizer.json"
+    chat_tokenizer.save(tok_path)
+    out = tmp_path / "hf"
+    export_hf(save_final(tiny_gpt(chat_tokenizer.n_vocab), tmp_path / "final.pt"), tok_path, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    with pytest.raises(ValueError, match="config.json: activation_function is 'relu'"):
+        load_hf(out)
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        load_hf(out)
+    with pytest.raises(FileNotFoundError, match="config.json: no such file"):
+        load_hf(tmp_path)
+    with pytest.raises(ValueError, match="tokenizer.json: not a byte-level BPE"):
+        tokenizer_from_hf(tok_path)  # ours, not the fast tokenizer's file

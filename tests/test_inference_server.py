@@ -200,20 +200,32 @@ def test_concurrent_load_all_answered_nothing_leaked_metrics_add_up(model, token
         s.close()
 
 
-def test_serve_command_on_a_saved_model(model, tokenizer, tmp_path):
-    """`python -m pipeline serve --model final.pt --tokenizer tokenizer.json --port N`, as a user runs it."""
+@pytest.mark.parametrize("source", ["final.pt", "exported folder"])
+def test_serve_command_on_a_saved_model(model, tokenizer, tmp_path, source):
+    """`python -m pipeline serve --model final.pt --tokenizer tokenizer.json --port N`, and
+    `serve --model <export-hf folder>` alone, as a user runs them: both complete greedily as the
+    engine on the model in memory (so as each other), and chat through the same template."""
     import subprocess
     import sys
 
-    (tmp_path / "tiny").mkdir()
+    from pipeline.export import export_hf
+
+    (tmp_path / "trained").mkdir()
+    final = tmp_path / "trained" / "final.pt"
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 0,
-                "vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id}, tmp_path / "tiny" / "final.pt")
+                "vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id}, final)
     tokenizer.save(tmp_path / "tokenizer.json")
+    if source == "final.pt":
+        (tmp_path / "tiny").mkdir()
+        final = final.rename(tmp_path / "tiny" / "final.pt")
+        args = ["--model", str(final), "--tokenizer", str(tmp_path / "tokenizer.json")]
+    else:
+        export_hf(final, tmp_path / "tokenizer.json", tmp_path / "tiny")
+        args = ["--model", str(tmp_path / "tiny")]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", str(tmp_path / "tiny" / "final.pt"),
-                             "--tokenizer", str(tmp_path / "tokenizer.json"), "--host", "127.0.0.1", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -230,6 +242,14 @@ def test_serve_command_on_a_saved_model(model, tokenizer, tmp_path):
         text, _ = greedy_text(model, tokenizer, "Once upon a time", 12)
         assert client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12,
                                          temperature=0).choices[0].text == text
+        messages = [{"role": "user", "content": "Tell me a story."}]
+        ids = render_prompt(tokenizer, messages)
+        expected = Engine(model, max_batch_size=1, stop_token_ids=[tokenizer.eos_id]).generate(
+            [ids], SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[tokenizer.special_tokens[ASSISTANT_END]]))[0]
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+        assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == len(expected)
+        specials = set(tokenizer.special_tokens.values())
+        assert reply.choices[0].message.content == tokenizer.decode([t for t in expected if t not in specials])
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -6,6 +6,10 @@
     GET  /health                200 while the engine loop is alive
     GET  /metrics               Prometheus text, vLLM's metric names (vllm:...)
 
+`python -m pipeline serve --model <final.pt> --tokenizer <tokenizer.json>`, or `--model <folder>`
+alone for a folder written by export-hf (its safetensors weights and tokenizer.json read back by
+pipeline/export.py's `load_hf` and `tokenizer_from_hf`).
+
 One thread runs the engine: it steps while there is work and hands each request's new tokens to
 that request's asyncio queue; HTTP handlers only queue requests and read their queues. A full
 waiting queue answers 429; a stream whose client goes away aborts its request, which frees its
@@ -31,8 +35,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from pipeline.export import load_hf, tokenizer_from_hf
 from pipeline.inference.engine import Engine, RequestOutput
 from pipeline.inference.sampling import SamplingParams
+from pipeline.model.gpt import GPT, load_final
 from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
 from pipeline.tokenizer.chat import render_prompt
 
@@ -370,13 +376,21 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_
 
 # --- command line: python -m pipeline serve ----------------------------------------------------
 
+def load_model(path: str | Path, device: str) -> tuple[GPT, dict]:
+    """A final.pt (`load_final`) or an export-hf folder (`load_hf`): the GPT and its metadata."""
+    return load_hf(path, device) if Path(path).is_dir() else load_final(path, device)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="final.pt (pretrain, sft or grpo)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer.json (the tokenizer stage's)")
+    parser.add_argument("--model", required=True,
+                        help="final.pt (pretrain, sft or grpo), or a folder written by export-hf (weights and tokenizer)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (the tokenizer stage's); needed with a final.pt, "
+                                            "default with an exported folder: the folder's own")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--served-model-name", help="the model's name in the API (default: the model's folder name)")
-    parser.add_argument("--draft-model", help="final.pt of a smaller model for speculative decoding")
+    parser.add_argument("--served-model-name", help="the model's name in the API (default: the final.pt's folder "
+                                                    "name, or the exported folder's)")
+    parser.add_argument("--draft-model", help="final.pt or exported folder of a smaller model for speculative decoding")
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most")
     parser.add_argument("--block-size", type=int, default=16, help="token slots per KV-cache block")
@@ -391,20 +405,26 @@ def run(args) -> int:
     import torch
     import uvicorn
 
-    from pipeline.model.gpt import load_final
-
     torch.set_num_threads(args.threads)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    model, meta = load_final(args.model, device)
-    draft = load_final(args.draft_model, device)[0] if args.draft_model else None
-    tokenizer = BPETokenizer.load(args.tokenizer)
+    exported = Path(args.model).is_dir()
+    if not exported and args.tokenizer is None:
+        raise SystemExit(f"--model {args.model} is a final.pt: give its --tokenizer (tokenizer.json)")
+    model, meta = load_model(args.model, device)
+    draft = load_model(args.draft_model, device)[0] if args.draft_model else None
+    if args.tokenizer is not None:
+        tokenizer = BPETokenizer.load(args.tokenizer)
+    else:
+        tokenizer = tokenizer_from_hf(Path(args.model) / "tokenizer.json")
     if tokenizer.n_vocab != model.config.vocab_size:
-        raise ValueError(f"{args.tokenizer}: {tokenizer.n_vocab} ids, but {args.model} was trained on "
+        raise ValueError(f"{args.tokenizer or args.model}: {tokenizer.n_vocab} ids, but {args.model} was trained on "
                          f"{model.config.vocab_size}: not this model's tokenizer")
+    stop = [] if meta["eos_id"] is None else [int(meta["eos_id"])]  # an export without eos_token_id stops at max_tokens
     engine = Engine(model, max_batch_size=args.max_batch_size, block_size=args.block_size, num_blocks=args.num_blocks,
                     draft_model=draft, num_speculative_tokens=args.num_speculative_tokens,
-                    chunked_prefill=args.chunked_prefill, stop_token_ids=[int(meta["eos_id"])])
-    name = args.served_model_name or Path(args.model).resolve().parent.name
+                    chunked_prefill=args.chunked_prefill, stop_token_ids=stop)
+    path = Path(args.model).resolve()
+    name = args.served_model_name or (path.name if exported else path.parent.name)
     app = create_app(engine, tokenizer, name, max_waiting=args.max_waiting)
     log.info("serving %s (%s, context %d) on http://%s:%d/v1", name, args.model, model.config.seq_len, args.host,
              args.port)
