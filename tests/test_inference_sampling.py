@@ -7,8 +7,8 @@ import torch
 
 from pipeline.inference.engine import forward_full
 from pipeline.inference.sampling import (SamplingParams, apply_repetition_penalty, beam_search,
-                                         contrastive_search, entropy, min_p_filter, process_logits, sample,
-                                         top_k_filter, top_p_filter)
+                                         contrastive_search, entropy, min_p_filter, probabilities, process_logits,
+                                         sample, sample_token, top_k_filter, top_p_filter)
 from test_inference_engine import nano, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 
@@ -32,6 +32,30 @@ def test_no_filters_is_plain_multinomial():
     b = [int(torch.multinomial((logits / 2.5).softmax(-1), 1, generator=plain)) for _ in range(300)]
     assert a == b
     assert len(set(a)) > 10  # really sampling
+
+
+def test_sample_token_filters():
+    logits = torch.tensor([[0.0, 3.0, 2.9, 1.0, 9.0]] * 200)  # id 4 is padding (vocab_size 4)
+    g = torch.Generator().manual_seed(0)
+    assert sample_token(logits, 4, 0.0, None, 1.0, g).unique().tolist() == [1]  # greedy
+    assert sample_token(logits, 4, 1.0, 2, 1.0, g).unique().tolist() == [1, 2]  # top-k 2
+    assert sample_token(logits, 4, 1.0, None, 0.3, g).unique().tolist() == [1]  # top-p: id 1 alone has ~0.47
+    assert sample_token(logits, 4, 1.0, None, 1.0, g).unique().tolist() == [0, 1, 2, 3]  # never 4
+
+
+def test_batched_sample_token_draws_from_the_same_distribution_as_sample():
+    """sample_token (batched, sorted draw) and the per-request transforms give one distribution:
+    8,000 rows at temperature 0.8, top-k 20, top-p 0.9 against `probabilities` (each id's count
+    within 5 standard deviations, and no id outside the kept set)."""
+    logits = random_logits(64, seed=5)
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
+    expected = probabilities(logits, params, [])
+    n = 8000
+    draws = sample_token(logits.expand(n, -1), 64, 0.8, 20, 0.9, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=64).float()
+    assert (counts[expected == 0] == 0).all()
+    sd = (n * expected * (1 - expected)).sqrt()
+    assert ((counts - n * expected).abs() <= 5 * sd + 1).all(), (counts, n * expected)
 
 
 def test_temperature_raises_entropy():

@@ -138,6 +138,22 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: Sequence[int],
     return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
 
 
+def sample_token(logits: torch.Tensor, vocab_size: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits (B, V), for batched decoding (`GPT.generate`, GRPO's
+    rollouts): ids >= vocab_size are padding, never drawn; greedy at temperature 0, else the
+    processors above (temperature -> top-k, None for all -> top-p). The draw runs over the
+    probabilities sorted most likely first: the same distribution as `sample`'s draw in id order,
+    and the same draws that GRPO's rollouts and eval's pass@k samples have always made."""
+    logits = logits.float().clone()
+    logits[:, vocab_size:] = -float("inf")
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(apply_temperature(logits, temperature), top_k or 0), top_p)
+    probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+    return order.gather(-1, torch.multinomial(probs, 1, generator=generator))[:, 0]
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(logits), -inf logits counting as zero probability."""
     logp = logits.log_softmax(dim=-1)

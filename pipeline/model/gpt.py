@@ -211,28 +211,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-# --- sampling --------------------------------------------------------------------------------------
-
-def sample_token(logits: torch.Tensor, vocab_size: int, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row of logits [B, V]: greedy at temperature 0, else sampled at
-    `temperature` from the k likeliest (top_k, None for all) that reach probability top_p
-    (nucleus sampling, Holtzman et al., 2019; the first token always kept). Ids >= vocab_size are
-    padding, never drawn. Shared by `GPT.generate` and GRPO's rollouts."""
-    logits = logits.float().clone()
-    logits[:, vocab_size:] = -float("inf")
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    if top_k is not None and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits[logits < kth] = -float("inf")
-    probs = F.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # drop a token when the ones before it already reach top_p (the first always stays)
-    sorted_probs[(sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p] = 0.0
-    return order.gather(-1, torch.multinomial(sorted_probs, 1, generator=generator))[:, 0]
-
-
 # --- the model -------------------------------------------------------------------------------------
 
 class GPT(nn.Module):
@@ -343,7 +321,9 @@ class GPT(nn.Module):
         smallest set of tokens whose probability reaches top_p (nucleus sampling, Holtzman et al.,
         2019). On a KV cache: the prompt is read once, then one token per step. With stop_tokens, a
         row that emits one repeats it from then on, and generation ends early once every row has
-        (cut each row at its first stop token)."""
+        (cut each row at its first stop token). Tokens come from `pipeline.inference.sampling.sample_token`."""
+        from pipeline.inference.sampling import sample_token  # not at the top: pipeline.inference imports this module
+
         seq_len = self.config.seq_len
         cache = self.new_kv_cache(idx.size(0), min(seq_len, idx.size(1) + max_new_tokens))
         stops = torch.tensor(sorted(stop_tokens), dtype=idx.dtype, device=idx.device)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.gpt import sample_token
+from pipeline.inference.sampling import sample_token
 from pipeline.tasks.answers import extract_answer
 
 # --- rollouts ---------------------------------------------------------------------------------------
