@@ -27,9 +27,9 @@ from benchmarks.common import machine, write_section
 from pipeline.config import load_config
 from pipeline.model.gpt import load_final
 from pipeline.tasks import get_task
+from pipeline.tasks.evaluate import greedy_accuracy
 from pipeline.tokenizer import BPETokenizer
-from pipeline.tokenizer.bpe import ASSISTANT_END
-from pipeline.train.grpo_stage import fitting_prompts, held_out_accuracy, train
+from pipeline.train.grpo_stage import fitting_prompts, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,8 +55,8 @@ def main() -> int:
     held_out, _ = fitting_prompts(tokenizer, task.examples("test"), meta["model_config"]["seq_len"],
                                   cfg["max_completion_tokens"])
     n = cfg["accuracy_examples"]
-    base_accuracy = held_out_accuracy(base, tokenizer, task, held_out[:n], cfg,
-                                      tokenizer.special_tokens[ASSISTANT_END])
+    base_accuracy = greedy_accuracy(base, tokenizer, task, [e for _, e in held_out[:n]],
+                                    max_new_tokens=cfg["max_completion_tokens"])["accuracy"]
 
     rows, gains = [], {}
     with tempfile.TemporaryDirectory() as tmp:

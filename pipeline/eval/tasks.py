@@ -16,7 +16,9 @@ import math
 import torch
 from tqdm import tqdm
 
+from pipeline.tasks.evaluate import greedy_accuracy
 from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
+from pipeline.tokenizer.chat import render_prompt
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -32,7 +34,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 @torch.no_grad()
 def complete(model: torch.nn.Module, prompt: list[int], n: int, *, temperature: float, max_new_tokens: int,
              stop_id: int, generator: torch.Generator | None = None) -> list[list[int]]:
-    """n completions of one prompt (one batch, on the model's KV cache), each cut before the first stop_id."""
+    """n sampled completions of one prompt (one batch, on the model's KV cache), each cut before the first stop_id."""
     idx = torch.tensor([prompt] * n, dtype=torch.long)
     out = model.generate(idx, max_new_tokens, temperature=temperature, generator=generator,
                          stop_tokens=[stop_id])[:, len(prompt):]
@@ -44,27 +46,20 @@ def complete(model: torch.nn.Module, prompt: list[int], n: int, *, temperature: 
 
 def task_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task, *, max_examples: int, samples: int,
                   k: int, temperature: float, max_new_tokens: int, seed: int) -> dict:
-    """Greedy pass@1 and sampled pass@k (n = samples) over the first max_examples of the task's
-    held-out split."""
-    from pipeline.tokenizer.chat import render_prompt
-
+    """Greedy pass@1 (`greedy_accuracy`, the one greedy scorer SFT and GRPO use too) and sampled
+    pass@k (n = samples) over the first max_examples of the task's held-out split."""
     if not 1 <= k <= samples:
         raise ValueError(f"eval.tasks: k {k} must be between 1 and samples {samples}")
     stop_id = tokenizer.special_tokens[ASSISTANT_END]
     generator = torch.Generator().manual_seed(seed)
     examples = task.examples("test")[:max_examples]
-    greedy, sampled, shown = [], [], []
-    for example in tqdm(examples, desc=f"task {task.name}", unit="example", disable=None):
-        prompt = render_prompt(tokenizer, example.prompt)
-        [best] = complete(model, prompt, 1, temperature=0.0, max_new_tokens=max_new_tokens, stop_id=stop_id)
-        text = tokenizer.decode(best)
-        greedy.append(float(task.reward(text, example.answer) > 0))
-        draws = complete(model, prompt, samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                         stop_id=stop_id, generator=generator)
+    greedy = greedy_accuracy(model, tokenizer, task, examples, max_new_tokens=max_new_tokens)
+    sampled = []
+    for example in tqdm(examples, desc=f"task {task.name} pass@{k}", unit="example", disable=None):
+        draws = complete(model, render_prompt(tokenizer, example.prompt), samples, temperature=temperature,
+                         max_new_tokens=max_new_tokens, stop_id=stop_id, generator=generator)
         correct = sum(task.reward(tokenizer.decode(d), example.answer) > 0 for d in draws)
         sampled.append(pass_at_k(samples, correct, k))
-        if len(shown) < 3:
-            shown.append({"answer": example.answer, "greedy": text})
-    n = max(1, len(examples))
-    return {"pass@1": sum(greedy) / n, "pass@k": sum(sampled) / n, "n": len(examples), "samples": samples,
-            "k": k, "examples": shown}
+    shown = [{"answer": a["answer"], "greedy": a["completion"]} for a in greedy["answers"][:3]]
+    return {"pass@1": greedy["accuracy"], "pass@k": sum(sampled) / len(examples), "n": len(examples),
+            "samples": samples, "k": k, "examples": shown}

@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.artifacts import atomic_path, check_file, sha256_file
 from pipeline.cli import ConfigError
 from pipeline.model.gpt import GPT, GPTConfig, load_final
-from pipeline.tasks import Example, Task, get_task
+from pipeline.tasks import Example, get_task
+from pipeline.tasks.evaluate import greedy_accuracy
 from pipeline.tokenizer import BPETokenizer
 from pipeline.tokenizer.bpe import ASSISTANT_END
 from pipeline.tokenizer.chat import render_prompt
@@ -83,11 +83,11 @@ def step_prompts(n: int, count: int, seed: int, step: int) -> list[int]:
 
 
 def fitting_prompts(tokenizer: BPETokenizer, examples: Sequence[Example], seq_len: int,
-                    max_completion_tokens: int) -> tuple[list[tuple[list[int], str]], int]:
-    """(prompt ids, answer) of the examples whose prompt leaves room for a whole completion in the
-    context (see `sample_completions`), and how many were dropped as too long."""
-    rendered = [(render_prompt(tokenizer, e.prompt), e.answer) for e in examples]
-    kept = [(ids, answer) for ids, answer in rendered if len(ids) + max_completion_tokens - 1 <= seq_len]
+                    max_completion_tokens: int) -> tuple[list[tuple[list[int], Example]], int]:
+    """(prompt ids, example) of the examples whose prompt leaves room for a whole completion in
+    the context (see `sample_completions`), and how many were dropped as too long."""
+    rendered = [(render_prompt(tokenizer, e.prompt), e) for e in examples]
+    kept = [(ids, e) for ids, e in rendered if len(ids) + max_completion_tokens - 1 <= seq_len]
     return kept, len(rendered) - len(kept)
 
 
@@ -124,19 +124,6 @@ def completion_texts(tokenizer: BPETokenizer, rollouts: Rollouts, stop: int) -> 
     """Each completion's text: its sampled tokens without the stop token."""
     return [tokenizer.decode([t for t in ids.tolist() if t != stop][:int(m.sum())])
             for ids, m in zip(rollouts.ids, rollouts.mask)]
-
-
-@torch.no_grad()
-def held_out_accuracy(model: GPT, tokenizer: BPETokenizer, task: Task, prompts: Sequence[tuple[list[int], str]],
-                      cfg: dict[str, Any], stop: int) -> float:
-    """Greedy exact-answer accuracy on held-out (prompt ids, answer) pairs, scored by the task's
-    verifier. (The SFT branch's pipeline/tasks/evaluate.py greedy_accuracy does the same batched:
-    swap to it once it is in main.)"""
-    right = 0
-    for prompt, answer in tqdm(prompts, desc=f"{task.name} accuracy", unit="problem", disable=None):
-        r = rollout(model, [prompt], cfg, stop, step=0, group_size=1, temperature=0.0)
-        right += task.reward(completion_texts(tokenizer, r, stop)[0], answer) > 0
-    return right / len(prompts)
 
 
 def plot_rewards(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -192,8 +179,8 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
     if len(train_prompts) < P:
         raise ValueError(f"task {task.name}: {len(train_prompts)} train prompts fit the context with "
                          f"max_completion_tokens {L} ({dropped} dropped); grpo.prompts_per_step is {P}")
-    eval_prompts = held_out[:cfg["eval_examples"]]
-    accuracy_prompts = held_out[:cfg["accuracy_examples"]]
+    eval_examples = [e for _, e in held_out[:cfg["eval_examples"]]]
+    accuracy_examples = [e for _, e in held_out[:cfg["accuracy_examples"]]]
 
     with setup_run("grpo", engine_config(cfg), out=out,
                    identity=run_identity(cfg, tasks_config, model_path, tokenizer_path),
@@ -223,7 +210,7 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
         resume(run, model, optimizer)
 
         def evaluate() -> float:  # the engine keeps the best checkpoint by this "loss": the error rate
-            accuracy = held_out_accuracy(policy, tokenizer, task, eval_prompts, cfg, stop)
+            accuracy = greedy_accuracy(policy, tokenizer, task, eval_examples, max_new_tokens=L)["accuracy"]
             run.metrics.write({"step": run.step, "grpo_step": run.step // mu, "held_out_accuracy": accuracy})
             return 1.0 - accuracy
 
@@ -235,7 +222,7 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
             rollouts = rollout(policy, [p for p, _ in chosen], cfg, stop, step)
             rollout_s = time.perf_counter() - t0
             texts = completion_texts(tokenizer, rollouts, stop)
-            answers = [answer for _, answer in chosen for _ in range(G)]
+            answers = [example.answer for _, example in chosen for _ in range(G)]
             rewards, task_rewards = score_completions(task, texts, answers, (~rollouts.truncated).tolist(),
                                                       cfg["format_weight"])
             advantages = group_advantages(rewards, G, cfg["advantage_scale"])
@@ -275,7 +262,7 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
                          rollout_stats["reward_mean"], rollout_stats["accuracy"], rollout_stats["kl"],
                          rollout_stats["clip_frac"], rollout_stats["completion_tokens"],
                          rollout_stats["zero_adv_groups"], P, rollout_stats["rollout_tokens_per_s"])
-            if eval_and_checkpoint(run, model, optimizer, evaluate=evaluate if eval_prompts else None,
+            if eval_and_checkpoint(run, model, optimizer, evaluate=evaluate if eval_examples else None,
                                    state=lambda: {"grpo_step": run.step // mu},
                                    stop_at=stop_at * mu if stop_at is not None else None):
                 break
@@ -286,20 +273,21 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
 
         # --- outputs: held-out accuracy of the input and the trained model, then the files ---------------------
         accuracy: dict[str, Any] = {}
-        if accuracy_prompts:
-            before = held_out_accuracy(load_final(model_path, d.device)[0], tokenizer, task, accuracy_prompts, cfg, stop)
-            after = held_out_accuracy(policy, tokenizer, task, accuracy_prompts, cfg, stop)
+        if accuracy_examples:
+            before = greedy_accuracy(load_final(model_path, d.device)[0], tokenizer, task, accuracy_examples,
+                                     max_new_tokens=L)["accuracy"]
+            after = greedy_accuracy(policy, tokenizer, task, accuracy_examples, max_new_tokens=L)["accuracy"]
             accuracy = {f"{task.name}_accuracy_input": before, f"{task.name}_accuracy": after,
-                        f"{task.name}_scored": len(accuracy_prompts)}
+                        f"{task.name}_scored": len(accuracy_examples)}
             log.info("held-out %s accuracy (greedy, exact answer, %d problems): input %.1f%% -> GRPO %.1f%%",
-                     task.name, len(accuracy_prompts), 100 * before, 100 * after)
+                     task.name, len(accuracy_examples), 100 * before, 100 * after)
         steps = [r for r in run.metrics.records if "grpo_step" in r and "reward_mean" in r]
         title = f"GRPO {out.name} on {task.name}: {cfg['loss_type']}, {P} x {G} per step"
         plot_rewards(run.metrics.records, out / "rewards.png", title)
         header = (f"`{out.name}` after {run.step // mu} GRPO steps: held-out {task.name} prompts, answered greedily "
                   f"and sampled at temperature {cfg['temperature']} (top-p {cfg['top_p']}), up to {ASSISTANT_END}.")
         if accuracy:
-            header += (f" Held-out accuracy (greedy, {len(accuracy_prompts)} problems): input "
+            header += (f" Held-out accuracy (greedy, {len(accuracy_examples)} problems): input "
                        f"{accuracy[f'{task.name}_accuracy_input']:.1%}, GRPO {accuracy[f'{task.name}_accuracy']:.1%}.")
 
         def make_samples(weights: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
