@@ -409,7 +409,7 @@ def run(args) -> int:
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     exported = Path(args.model).is_dir()
     if not exported and args.tokenizer is None:
-        raise SystemExit(f"--model {args.model} is a final.pt: give its --tokenizer (tokenizer.json)")
+        raise SystemExit(f"--model {args.model} is not an export-hf folder: a final.pt needs --tokenizer (tokenizer.json)")
     model, meta = load_model(args.model, device)
     draft = load_model(args.draft_model, device)[0] if args.draft_model else None
     if args.tokenizer is not None:

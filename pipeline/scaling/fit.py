@@ -6,7 +6,8 @@ Besiroglu et al. 2024, https://arxiv.org/abs/2404.10102):
     L(N, D) = E + A / N^alpha + B / D^beta,   log L = LSE(a - alpha log N, b - beta log D, e)
 
 with A = exp(a), B = exp(b), E = exp(e). The fit minimises the sum of Huber losses (delta 1e-3)
-of the log-loss residuals with L-BFGS-B from every point of a grid of initialisations, keeping the
+of the log-loss residuals from every point of a grid of initialisations (all descended at once,
+the best distinct end points run to convergence by L-BFGS-B: see LM_STEPS below), keeping the
 best converged result. Under C = 6 N D the compute-optimal allocation is
 
     N*(C) = G (C/6)^(beta/(alpha+beta)),  D*(C) = (C/6)^(alpha/(alpha+beta)) / G,
@@ -37,7 +38,9 @@ GRID = {"a": np.arange(0, 26, 5.0), "b": np.arange(0, 26, 5.0), "e": np.arange(-
 LBFGSB_OPTIONS = {"ftol": 1e-12, "gtol": 1e-9, "maxiter": 500}
 # Every grid start is first descended by a vectorised Levenberg-Marquardt (Gauss-Newton on the
 # Huber weights, all 4,500 starts as one array); L-BFGS-B then polishes each distinct end point.
-# One scipy call per start cost ~10-50 ms each (4,500 of them: minutes); this costs ~1 s.
+# One scipy run per start (issue 10's wording) reached the same minimum to every printed digit for
+# ~30 CPU-s a fit with one BLAS thread, and ~15 CPU-minutes with OpenBLAS's default threads on a
+# loaded 2-core machine; this costs ~1-3 s (docs/scaling.md, benchmarks/bench_scaling_fit.py).
 LM_STEPS = 150
 POLISHED = 8  # distinct LM end points (lowest objective first) polished by L-BFGS-B
 BOUNDS = [(-10.0, 100.0), (-10.0, 100.0), (-10.0, 5.0), (0.0, 10.0), (0.0, 10.0)]

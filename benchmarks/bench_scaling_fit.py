@@ -1,0 +1,65 @@
+"""What Chinchilla approach 3 costs with one scipy L-BFGS-B run per grid start (issue 10's wording)
+against `fit_loss` as built (vectorised Levenberg-Marquardt from every start, L-BFGS-B polish of
+the best distinct end points), on the default CPU sweep's 9 points and a synthetic 30-point sweep.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_scaling_fit      # BLAS on one thread (as Snakemake runs a 1-thread rule)
+    python -m benchmarks.bench_scaling_fit --every 45             # BLAS threads as they come; every 45th start
+
+Prints one line per sweep and method: wall and CPU seconds, converged runs, the objective and
+the fitted parameters (docs/scaling.md quotes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+
+from pipeline.scaling import fit
+
+# the default sweep's final val losses (docs/scaling.md, "Measured: the default CPU sweep")
+DEFAULT_SWEEP = {
+    "N": [69872, 145888, 316352] * 3,
+    "D": [477184, 228352, 105472, 1431040, 685568, 315904, 4293632, 2056192, 948224],
+    "loss": [4.719, 5.268, 6.025, 4.436, 4.377, 5.003, 4.398, 4.092, 4.102],
+}
+PLANTED = {"E": 1.8, "A": 400.0, "B": 1200.0, "alpha": 0.34, "beta": 0.30}
+
+
+def synthetic_sweep(budgets: int = 6, sizes: int = 5, noise: float = 0.002, seed: int = 0) -> dict[str, np.ndarray]:
+    """An IsoFLOP design around Chinchilla's sqrt(C / 120), losses from PLANTED with log-normal noise."""
+    C = np.repeat(np.logspace(17, 19.5, budgets), sizes)
+    N = C ** 0.5 / math.sqrt(120) * np.tile(np.logspace(-0.6, 0.6, sizes), budgets)
+    D = C / (6 * N)
+    loss = fit.predict(PLANTED, N, D) * np.exp(np.random.default_rng(seed).normal(0.0, noise, len(N)))
+    return {"N": N, "D": D, "loss": loss}
+
+
+def timed(f):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = f()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--every", type=int, default=1, help="L-BFGS-B from every k-th grid start only")
+    args = parser.parse_args()
+    starts = fit.grid_starts()[::args.every]
+    for name, sweep in {"default 9-point": DEFAULT_SWEEP, "synthetic 30-point": synthetic_sweep()}.items():
+        N, D, loss = (np.asarray(sweep[k], dtype=np.float64) for k in ("N", "D", "loss"))
+        built, wall, cpu = timed(lambda: fit.fit_loss(N, D, loss))
+        print(f"{name} | fit_loss (LM from {built['grid_starts']}, L-BFGS-B x {built['polished']}) | "
+              f"{wall:.1f} s | {cpu:.1f} CPU-s | {built['objective']:.6g} | "
+              + ", ".join(f"{k} {built[k]:.4g}" for k in fit.PARAMS), flush=True)
+        found, wall, cpu = timed(lambda: fit._polish(starts, N, D, loss, 1e-3))
+        params = fit._as_params(found[0][1])
+        print(f"{name} | L-BFGS-B from {len(starts)} starts ({len(found)} converged) | {wall:.1f} s | "
+              f"{cpu:.1f} CPU-s | {found[0][0]:.6g} | " + ", ".join(f"{k} {params[k]:.4g}" for k in fit.PARAMS),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
