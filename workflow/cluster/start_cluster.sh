@@ -31,6 +31,11 @@ wait_for() {  # wait_for <what> <command...>: retry the command for WAIT_S secon
 
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages and starts system daemons)"
 [ -r /etc/debian_version ] || die "written for Debian 12 (apt, Debian's slurm-wlm 22.05)"
+# never overwrite a SLURM configuration this script did not write (a real cluster's)
+for file in "$CONF/slurm.conf" "$CONF/slurmdbd.conf"; do
+    [ ! -e "$file" ] || head -n 1 "$file" | grep -q "written by workflow/cluster/start_cluster.sh" \
+        || die "$file exists and was not written by this script: not touching a real cluster's configuration"
+done
 
 # --- packages -------------------------------------------------------------------------------
 PACKAGES="slurm-wlm slurmdbd munge mariadb-server"
