@@ -1,8 +1,9 @@
-# Two entry points: `make run` (set up, then the whole DAG on the bundled sample) and `make test`.
+# Two entry points: `make run` (set up, then the whole DAG on the bundled sample) and `make test`;
+# `make test-cluster` (root, Debian 12) starts a one-node SLURM cluster and runs the DAG through it.
 PY      := .venv/bin/python
 CORES   ?= all
 
-.PHONY: venv run test clean
+.PHONY: venv run test test-cluster clean
 venv: .venv/.installed
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -16,6 +17,10 @@ run: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+test-cluster: venv
+	workflow/cluster/start_cluster.sh
+	$(PY) -m pytest -q -m cluster tests/test_cluster.py
 
 clean:
 	rm -rf results .snakemake

@@ -115,13 +115,14 @@ def _validate(instance: Any, schema: dict[str, Any], prefix: str = "") -> None:
 
 
 def check_batch(section: str, cfg: dict[str, Any]) -> None:
-    """A training section's global batch must split into whole micro batches over nproc processes
-    (torchrun's process count is checked again when the run starts)."""
-    per_micro = cfg["micro_batch"] * cfg["seq_len"] * cfg["nproc"]
+    """A training section's global batch must split into whole micro batches over its nodes x nproc
+    processes (torchrun's process count is checked again when the run starts)."""
+    processes = cfg["nproc"] * cfg.get("nodes", 1)
+    per_micro = cfg["micro_batch"] * cfg["seq_len"] * processes
     if cfg["global_batch_tokens"] % per_micro:
         raise ConfigError(f"config key '{section}.global_batch_tokens' = {cfg['global_batch_tokens']} is not a "
-                          f"multiple of micro_batch x seq_len x nproc = {cfg['micro_batch']} x {cfg['seq_len']} "
-                          f"x {cfg['nproc']} = {per_micro}")
+                          f"multiple of micro_batch x seq_len x processes (nodes x nproc) = {cfg['micro_batch']} "
+                          f"x {cfg['seq_len']} x {processes} = {per_micro}")
 
 
 # section -> checks across its keys, run after the schema's

@@ -8,6 +8,9 @@
 #
 # On SLURM (--executor slurm): `gpu` becomes --gpus=N, `threads` --cpus-per-task; set
 # pretrain.device: cuda and pretrain.nproc: <GPUs per node> so the job asks for the GPUs.
+# pretrain.nodes: N > 1 makes it one job over N nodes, `srun` starting a torchrun on each, meeting
+# at a c10d rendezvous on the first node (pipeline/train/launch.py renders the command).
+from pipeline.train.launch import launch_resources, torchrun_command
 
 PRETRAIN = config["pretrain"]
 # the section without `sizes`, as the job's params: adding a size must not rerun the sizes trained
@@ -34,14 +37,14 @@ rule pretrain:
     threads: 8 * PRETRAIN["nproc"]  # clamped to --cores on a workstation; a few cores per GPU on a cluster
     resources:
         nproc=PRETRAIN["nproc"],
-        gpu=PRETRAIN["nproc"] if PRETRAIN["device"] == "cuda" else 0,
-        mem_mb=8000 * PRETRAIN["nproc"],
+        mem_mb=8000 * PRETRAIN["nproc"],  # per node
+        **launch_resources(PRETRAIN["nodes"], PRETRAIN["nproc"], PRETRAIN["device"]),
     params:
         config=PRETRAIN_PARAMS,
         data=f"{RUN}/tokens",
         out=lambda wc: f"{RUN}/pretrain/{wc.size}",
     shell:
         # `--` ends torchrun's options: its argparse would take `--log` for its own `--log-dir`
-        "{PY} -m torch.distributed.run --standalone --nproc_per_node={resources.nproc}"
+        torchrun_command(PY, PRETRAIN["nodes"], PRETRAIN["nproc"]) +
         " -m pipeline -- pretrain --data {params.data:q} --out {params.out:q} --size {wildcards.size}"
         " --tokenizer {input.tokenizer:q} --config {params.config:q} --log {log:q}"

@@ -124,10 +124,11 @@ def run_config(pretrain: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
 
 def sweep_pretrain(config: dict[str, Any]) -> dict[str, Any]:
     """The pretrain section with scaling.pretrain's overrides, validated (`sizes` left out: the
-    sweep names its own, and a change to pretrain.sizes must not rerun it)."""
+    sweep names its own, and a change to pretrain.sizes must not rerun it; `nodes` left out: each
+    sweep run is a one-node torchrun, however many nodes the pretrain jobs span)."""
     from pipeline.config import section_config
     merged = {**config["pretrain"], **config["scaling"]["pretrain"]}
-    return section_config("pretrain", {k: v for k, v in merged.items() if k != "sizes"})
+    return section_config("pretrain", {k: v for k, v in merged.items() if k not in ("sizes", "nodes")})
 
 
 def cost(plan: list[dict[str, Any]], *, peak_flops: float, mfu: float) -> dict[str, float]:

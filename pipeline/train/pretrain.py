@@ -34,8 +34,8 @@ from pipeline.train.watchdog import OK, RESTORE
 log = logging.getLogger(__name__)
 
 # Config keys that may change between a run and its resume: they do not change what the weights
-# become (`parallel` and `nproc` change only the summation order). Any other change starts fresh.
-RESUME_FREE_KEYS = ("sizes", "nproc", "parallel", "device", "compile", "eval_every", "eval_tokens",
+# become (`parallel`, `nproc` and `nodes` change only the summation order). Any other change starts fresh.
+RESUME_FREE_KEYS = ("sizes", "nproc", "nodes", "parallel", "device", "compile", "eval_every", "eval_tokens",
                     "checkpoint_every", "keep", "log_every", "peak_flops", "wandb_project", "wandb_mode",
                     "samples", "sample_tokens", "top_p")
 PROMPT_TOKENS = 8  # a sample's prompt: the opening tokens of a document
