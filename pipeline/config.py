@@ -216,6 +216,23 @@ def warc_shards(patterns: list[str], base: str | os.PathLike = ".",
     return _input_shards("inputs.warc", patterns, base, warc_shard_name, ".warc.gz", taken=wet or {})
 
 
+def wet_batches(wet: dict[str, str], batch_size: int, taken: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Group WET shards (`wet_shards`' order) into {batch name: [shard, ...]}: runs of `batch_size`
+    consecutive shards, each run the unit of one data job. A batch is named after its first shard,
+    plus `.x<n>` when it holds n > 1, so `batch_size` 1 keeps every shard's own name (and bytes).
+    A name also made by another batch or by a WARC shard (in `taken`) is a config error."""
+    names = list(wet)
+    batches: dict[str, list[str]] = {}
+    for start in range(0, len(names), batch_size):
+        shards = names[start:start + batch_size]
+        name = shards[0] if len(shards) == 1 else f"{shards[0]}.x{len(shards)}"
+        if name in batches or name in (taken or {}):
+            raise ConfigError(f"config key 'inputs.batch_size': batch {name!r} (from {wet[shards[0]]!r}) "
+                              "has the name of another batch or input; rename that input")
+        batches[name] = shards
+    return batches
+
+
 def input_shards(inputs: dict[str, Any], base: str | os.PathLike = ".") -> tuple[dict[str, str], dict[str, str]]:
     """({WET shard: path or URL}, {WARC shard: path or URL}) of the `inputs` section; at least
     one input file in all."""
