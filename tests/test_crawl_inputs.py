@@ -1,8 +1,10 @@
-"""inputs.batch_size: WET files batched into shards, one ingest over a batch, the same clean
-documents whatever the batch size, and SLURM seeing one group job per shard's chain."""
+"""A crawl's worth of inputs: WET files named by a list file (inputs.wet_list), batched into shards
+(inputs.batch_size) with one ingest over a batch and the same clean documents whatever the batch
+size, and SLURM seeing one group job per shard's chain."""
 
 from __future__ import annotations
 
+import gzip
 import re
 import shutil
 import subprocess
@@ -14,10 +16,31 @@ import yaml
 
 from conftest import ROOT, write_wet
 from pipeline.cli import ConfigError
-from pipeline.config import wet_batches
+from pipeline.config import input_shards, wet_batches
 from pipeline.data.ingest import ingest
 
 GOOD = "A perfectly ordinary paragraph of English text about gardens.\n".encode() * 3
+
+
+def test_a_list_file_names_wet_files_after_inputs_wet(tmp_path):
+    (tmp_path / "mirror").mkdir()
+    for name in ["a", "b", "c"]:
+        (tmp_path / "mirror" / f"{name}.warc.wet.gz").touch()
+    with gzip.open(tmp_path / "wet.paths.gz", "wt") as f:  # like Common Crawl's wet.paths.gz
+        f.write("# a comment\nb.warc.wet.gz\n\nhttps://data.commoncrawl.org/x/u.warc.wet.gz\n"
+                f"{tmp_path / 'mirror' / 'c.warc.wet.gz'}\n")
+    inputs = {"wet": ["mirror/a.warc.wet.gz"], "wet_list": "wet.paths.gz", "wet_list_prefix": "mirror/"}
+    wet, _ = input_shards(inputs, base=tmp_path)
+    assert wet == {"a": str(tmp_path / "mirror" / "a.warc.wet.gz"), "b": str(tmp_path / "mirror" / "b.warc.wet.gz"),
+                   "u": "https://data.commoncrawl.org/x/u.warc.wet.gz", "c": str(tmp_path / "mirror" / "c.warc.wet.gz")}
+    (tmp_path / "more.txt").write_text("missing.warc.wet.gz\n")
+    with pytest.raises(ConfigError, match="inputs.wet_list.*missing.warc.wet.gz"):
+        input_shards({**inputs, "wet_list": "more.txt"}, base=tmp_path)
+    (tmp_path / "again.txt").write_text("a.warc.wet.gz\n")
+    with pytest.raises(ConfigError, match="inputs.wet_list.*makes shard 'a'"):
+        input_shards({**inputs, "wet_list": "again.txt"}, base=tmp_path)
+    with pytest.raises(ConfigError, match="inputs.wet_list.*nowhere.txt"):
+        input_shards({**inputs, "wet_list": "nowhere.txt"}, base=tmp_path)
 
 
 def test_batches_are_consecutive_runs_named_after_their_first_file():
