@@ -7,7 +7,7 @@
 # the report. On a cluster each group runs a shard's chain as one job (the SLURM profile's
 # group-components packs several shards into one), not one job per shard per stage.
 # WARC shards are named <stem>.warc, so they never meet a WET shard's name.
-# Every per-file stage writes <shard>.manifest.json; `seal` merges them into the stage folder's
+# Every per-shard stage writes <shard>.manifest.json; `seal` merges them into the stage folder's
 # manifest.json. A stage checks each input against the manifest that names it (inputs `upstream`),
 # so those manifests are inputs too: a lost one reruns the job that writes it.
 import os
@@ -48,7 +48,7 @@ def entry_output(wildcards, kind):
     return f"{DATA}/{folder}/{wildcards.shard}.{kind}"
 
 
-rule fetch_wet:
+rule fetch_wet:  # one per WET file given as a URL (`shard`: that file's own name, not its batch's)
     output:
         f"{RUN}/downloads/{{shard}}.warc.wet.gz",
     log:

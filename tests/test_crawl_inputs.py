@@ -118,3 +118,15 @@ def test_slurm_sees_one_group_job_per_shard_chain_and_group_components_packs_sha
     assert out.count("Group job signatures") == 3 and out.count("Group job clean") == 3
     packed = slurm_dry_run(tmp_path, "--group-components", "signatures=3", "clean=2")
     assert packed.count("Group job signatures") == 1 and packed.count("Group job clean") == 2
+
+
+def test_a_batch_of_urls_is_fetched_file_by_file_into_one_ingest(tmp_path):
+    config = tmp_path / "c.yaml"
+    urls = [f"https://data.commoncrawl.org/x/CC-{i}.warc.wet.gz" for i in range(3)]
+    config.write_text(yaml.safe_dump({"inputs": {"wet": urls, "batch_size": 2}, "results": str(tmp_path / "r")}))
+    cmd = [sys.executable, "-m", "snakemake", "-n", "data", "--configfile", str(config)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^fetch_wet\s+3$", result.stdout, re.M) and re.search(r"^ingest\s+2$", result.stdout, re.M)
+    downloads = tmp_path / "r" / "sample" / "downloads"
+    assert f"input: {downloads}/CC-0.warc.wet.gz, {downloads}/CC-1.warc.wet.gz\n" in result.stdout
