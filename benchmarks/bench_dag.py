@@ -7,8 +7,9 @@ For each number of WET files, that many empty files (named like Common Crawl's) 
 folder, a config names them with one glob, and `snakemake -n --quiet rules` (every target of the
 default run, nothing executed) runs once per `inputs.batch_size`. A dry run reads no input, so empty
 files cost what real ones would. Figures: wall and CPU seconds and peak memory of the Snakemake
-process, and the jobs it planned. A run past `--timeout` is stopped and reported as such, with an
-estimate from the two largest runs of that batch size that finished (a power law through them).
+process, and the jobs it planned. A run past `--timeout` is stopped (one whose estimate is past it
+is not started) and reported with an estimate of its CPU seconds: a power law through the two
+largest finished runs of that batch size (CPU, not wall: the steadier figure on shared cores).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def dry_run(glob: str, batch_size: int, results: Path, timeout: float) -> dict:
 
 
 def estimate(points: list[tuple[int, float]], n: int) -> float:
-    """Seconds at n inputs from a power law through the two largest finished runs."""
+    """CPU seconds at n inputs from a power law through the two largest finished runs."""
     (n1, t1), (n2, t2) = points[-2:]
     slope = math.log(t2 / t1) / math.log(n2 / n1)
     return t2 * (n / n2) ** slope
@@ -92,12 +93,12 @@ def main() -> None:
             for n in sorted(args.inputs):
                 folder = Path(tmp) / str(n)
                 glob = make_inputs(folder / "wet", n)
-                if len(finished) >= 2 and estimate(finished, n) > 4 * args.timeout:
+                if len(finished) >= 2 and estimate(finished, n) > args.timeout:
                     run = {"wall_s": None, "cpu_s": None, "rss_mb": None, "jobs": None, "timed_out": True}
                 else:
                     run = dry_run(glob, batch_size, folder, args.timeout)
                 if not run["timed_out"]:
-                    finished.append((n, run["wall_s"]))
+                    finished.append((n, run["cpu_s"]))
                 elif len(finished) >= 2:
                     run["estimate_s"] = estimate(finished, n)
                 rows.append({"inputs": n, "batch_size": batch_size, **run})
@@ -106,7 +107,7 @@ def main() -> None:
     def cell(row: dict) -> str:
         if not row["timed_out"]:
             return f"{row['wall_s']:,.0f} | {row['cpu_s']:,.0f} | {row['rss_mb']:,.0f} | {row['jobs']:,}"
-        guess = f"~{row['estimate_s'] / 60:,.0f} min (estimate)" if "estimate_s" in row else "?"
+        guess = f"~{row['estimate_s'] / 60:,.0f} CPU min (estimate)" if "estimate_s" in row else "?"
         ran = f"stopped at {args.timeout:,.0f} s" if row["wall_s"] else "not run"
         return f"{ran}; {guess} | | |"
 
@@ -118,7 +119,7 @@ def main() -> None:
         "`snakemake -n` of every default target over N empty WET files (the bundled tinystories text "
         "source included). `inputs.batch_size` 1 is one job per WET file per data stage (the design "
         "before batching); a larger batch makes one shard of that many files. Estimates are a power "
-        "law through the two largest finished runs of that batch size.",
+        "law through the two largest finished runs of that batch size, in CPU seconds.",
         "",
         "| WET files | batch_size | wall s | CPU s | peak RSS MB | jobs |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
