@@ -8,8 +8,8 @@ folder, a config names them with one glob, and `snakemake -n --quiet rules` (eve
 default run, nothing executed) runs once per `inputs.batch_size`. A dry run reads no input, so empty
 files cost what real ones would. Figures: wall and CPU seconds and peak memory of the Snakemake
 process, and the jobs it planned. A run past `--timeout` is stopped (one whose estimate is past it
-is not started) and reported with an estimate of its CPU seconds: a power law through the two
-largest finished runs of that batch size (CPU, not wall: the steadier figure on shared cores).
+is not started, nor one larger than a run that was stopped) and reported with an estimate of its CPU seconds: a power law through the two
+largest finished runs of that batch size (CPU, less disturbed than wall time by other work).
 """
 
 from __future__ import annotations
@@ -90,13 +90,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for batch_size in args.batch_size:
             finished: list[tuple[int, float]] = []
+            stopped = False
             for n in sorted(args.inputs):
                 folder = Path(tmp) / str(n)
                 glob = make_inputs(folder / "wet", n)
-                if len(finished) >= 2 and estimate(finished, n) > args.timeout:
+                if stopped or len(finished) >= 2 and estimate(finished, n) > args.timeout:
                     run = {"wall_s": None, "cpu_s": None, "rss_mb": None, "jobs": None, "timed_out": True}
                 else:
                     run = dry_run(glob, batch_size, folder, args.timeout)
+                stopped = run["timed_out"]
                 if not run["timed_out"]:
                     finished.append((n, run["cpu_s"]))
                 elif len(finished) >= 2:
@@ -114,7 +116,8 @@ def main() -> None:
     lines = [
         f"Command: `.venv/bin/python -m benchmarks.bench_dag --inputs {' '.join(map(str, args.inputs))} "
         f"--batch-size {' '.join(map(str, args.batch_size))} --timeout {args.timeout:g}`  ",
-        f"Machine: {machine()}; the 2 cores were shared with other work, so CPU seconds are the steadier figure.",
+        f"Machine: {machine()}; the 2 cores were shared with other work, which inflates wall and CPU "
+        "seconds alike: compare rows of one run, not runs on different days.",
         "",
         "`snakemake -n` of every default target over N empty WET files (the bundled tinystories text "
         "source included). `inputs.batch_size` 1 is one job per WET file per data stage (the design "
