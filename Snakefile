@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from pipeline.config import input_shards, validate_config
+from pipeline.config import input_shards, validate_config, wet_batches
 
 
 configfile: "config.yaml"
@@ -27,8 +27,9 @@ DATA = f"{RUN}/data"
 LOGS = f"{RUN}/logs"
 BENCH = f"{RUN}/benchmarks"
 PY = sys.executable  # the interpreter running Snakemake, so rules use the same environment
-WET, WARC = input_shards(config["inputs"], base=workflow.basedir)  # {shard: path or URL} each
-SHARDS = {**WET, **WARC}  # every web shard: both kinds meet at langid
+WET, WARC = input_shards(config["inputs"], base=workflow.basedir)  # {file's shard name: path or URL} each
+BATCHES = wet_batches(WET, config["inputs"]["batch_size"], taken=WARC)  # {shard: [WET file names]}
+SHARDS = {**BATCHES, **WARC}  # every web shard (a batch of WET files, or one WARC file): both meet at langid
 
 
 def section(name):

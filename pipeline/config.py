@@ -12,6 +12,7 @@ Checks that span keys (which a schema cannot say) run after the schema's, in `SE
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import re
 from collections.abc import Callable
@@ -217,10 +218,44 @@ def warc_shards(patterns: list[str], base: str | os.PathLike = ".",
     return _input_shards("inputs.warc", patterns, base, warc_shard_name, ".warc.gz", taken=wet or {})
 
 
+def listed_inputs(path: str | os.PathLike, prefix: str = "", base: str | os.PathLike = ".") -> list[str]:
+    """The WET files `inputs.wet_list` names: one path or URL per line of `path` (gzip when its
+    name ends in .gz, as Common Crawl's wet.paths.gz), `prefix` put before each line that is not a
+    URL or an absolute path. Blank lines and `#` comments are skipped."""
+    path = os.path.join(base, path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config key 'inputs.wet_list': {path!r} is not a file")
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    return [line if line.startswith(URL_SCHEMES) or os.path.isabs(line) else prefix + line
+            for line in lines if line and not line.startswith("#")]
+
+
+def wet_batches(wet: dict[str, str], batch_size: int, taken: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Group WET shards (`wet_shards`' order) into {batch name: [shard, ...]}: runs of `batch_size`
+    consecutive shards, each run the unit of one data job. A batch is named after its first shard,
+    plus `.x<n>` when it holds n > 1, so `batch_size` 1 keeps every shard's own name (and bytes).
+    A name also made by another batch or by a WARC shard (in `taken`) is a config error."""
+    names = list(wet)
+    batches: dict[str, list[str]] = {}
+    for start in range(0, len(names), batch_size):
+        shards = names[start:start + batch_size]
+        name = shards[0] if len(shards) == 1 else f"{shards[0]}.x{len(shards)}"
+        if name in batches or name in (taken or {}):
+            raise ConfigError(f"config key 'inputs.batch_size': batch {name!r} (from {wet[shards[0]]!r}) "
+                              "has the name of another batch or input; rename that input")
+        batches[name] = shards
+    return batches
+
+
 def input_shards(inputs: dict[str, Any], base: str | os.PathLike = ".") -> tuple[dict[str, str], dict[str, str]]:
-    """({WET shard: path or URL}, {WARC shard: path or URL}) of the `inputs` section; at least
-    one input file in all."""
+    """({WET shard: path or URL}, {WARC shard: path or URL}) of the `inputs` section (inputs.wet,
+    then inputs.wet_list's files); at least one input file in all."""
     wet = wet_shards(inputs.get("wet", []), base)
+    if inputs.get("wet_list"):
+        listed = listed_inputs(inputs["wet_list"], inputs.get("wet_list_prefix", ""), base)
+        wet |= _input_shards("inputs.wet_list", listed, base, shard_name, ".warc.wet.gz", taken=wet)
     warc = warc_shards(inputs.get("warc", []), base, wet)
     if not wet and not warc:
         raise ConfigError("config keys 'inputs.wet' and 'inputs.warc': no input files (give at least one)")

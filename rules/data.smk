@@ -1,10 +1,13 @@
-# The web-data half: per input file (one job each, so a cluster spreads them over nodes)
+# The web-data half: per shard (one job each, so a cluster spreads them over nodes); a WET shard is a
+# batch of inputs.batch_size WET files (one file by default), a WARC shard one WARC file
 #   WET:  ingest ------------------\
-#   WARC: url_filter -> extract ----> langid -> quality -> dedup_signatures
-# then one global dedup (clusters) job, then per file dedup_filter -> deduped/, decontaminate ->
-# decontaminated/ (on the text as crawled), pii -> clean/ (the last text change), and the report.
+#   WARC: url_filter -> extract ----> langid -> quality -> dedup_signatures      (group `signatures`)
+# then one global dedup (clusters) job, then per shard dedup_filter -> deduped/, decontaminate ->
+# decontaminated/ (on the text as crawled), pii -> clean/ (the last text change; group `clean`), and
+# the report. On a cluster each group runs a shard's chain as one job (the SLURM profile's
+# group-components packs several shards into one), not one job per shard per stage.
 # WARC shards are named <stem>.warc, so they never meet a WET shard's name.
-# Every per-file stage writes <shard>.manifest.json; `seal` merges them into the stage folder's
+# Every per-shard stage writes <shard>.manifest.json; `seal` merges them into the stage folder's
 # manifest.json. A stage checks each input against the manifest that names it (inputs `upstream`),
 # so those manifests are inputs too: a lost one reruns the job that writes it.
 import os
@@ -12,18 +15,17 @@ import os
 from pipeline.data.url_filter import block_lists
 
 # stage folder -> the shards whose jobs write into it (an entry point with no inputs has none)
-FOLDER_SHARDS = {"ingest": WET, "url_filter": WARC, "extract": WARC, "langid": SHARDS, "quality": SHARDS,
+FOLDER_SHARDS = {"ingest": BATCHES, "url_filter": WARC, "extract": WARC, "langid": SHARDS, "quality": SHARDS,
                  "dedup/signatures": SHARDS, "deduped": SHARDS, "decontaminated": SHARDS, "clean": SHARDS}
 STAGE_FOLDERS = [folder for folder, shards in FOLDER_SHARDS.items() if shards]
 ENTRIES = [entry for entry, shards in (("wet", WET), ("warc", WARC)) if shards]
 
 
 def wet_input(wildcards):
-    """A local WET file as is; a URL comes through the fetch_wet rule into the run folder."""
-    source = WET[wildcards.shard]
-    if source.startswith(("http://", "https://")):
-        return f"{RUN}/downloads/{wildcards.shard}.warc.wet.gz"
-    return source
+    """The WET files of a batch: a local file as is; a URL comes through the fetch_wet rule into
+    the run folder."""
+    return [f"{RUN}/downloads/{name}.warc.wet.gz" if WET[name].startswith(("http://", "https://")) else WET[name]
+            for name in BATCHES[wildcards.shard]]
 
 
 def warc_input(wildcards):
@@ -46,13 +48,14 @@ def entry_output(wildcards, kind):
     return f"{DATA}/{folder}/{wildcards.shard}.{kind}"
 
 
-rule fetch_wet:
+rule fetch_wet:  # one per WET file given as a URL (`shard`: that file's own name, not its batch's)
     output:
         f"{RUN}/downloads/{{shard}}.warc.wet.gz",
     log:
         f"{LOGS}/fetch_wet/{{shard}}.log",
     benchmark:
         f"{BENCH}/fetch_wet/{{shard}}.tsv"
+    group: "signatures"  # a shard's chain to its signatures: one cluster job
     params:
         url=lambda wc: WET[wc.shard],
         config=section("fetch"),
@@ -68,6 +71,7 @@ rule fetch_warc:
         f"{LOGS}/fetch_warc/{{shard}}.log",
     benchmark:
         f"{BENCH}/fetch_warc/{{shard}}.tsv"
+    group: "signatures"
     params:
         url=lambda wc: WARC[wc.shard],
         config=section("fetch"),
@@ -104,6 +108,7 @@ rule ingest:
         f"{BENCH}/ingest/{{shard}}.tsv"
     resources:
         mem_mb=4000,
+    group: "signatures"
     params:
         config=section("ingest"),
     shell:
@@ -127,6 +132,7 @@ rule url_filter:
         f"{BENCH}/url_filter/{{shard}}.tsv"
     resources:
         mem_mb=8000,
+    group: "signatures"
     params:
         config=section("url_filter"),
         lists=json.dumps(URL_LIST_FILES, sort_keys=True),
@@ -151,6 +157,7 @@ rule extract:
         f"{BENCH}/extract/{{shard}}.tsv"
     resources:
         mem_mb=8000,
+    group: "signatures"
     params:
         config=section("extract"),
     shell:
@@ -173,6 +180,7 @@ rule langid:
         f"{BENCH}/langid/{{shard}}.tsv"
     resources:
         mem_mb=4000,
+    group: "signatures"
     params:
         config=section("langid"),
     shell:
@@ -195,6 +203,7 @@ rule quality:
         f"{BENCH}/quality/{{shard}}.tsv"
     resources:
         mem_mb=4000,
+    group: "signatures"
     params:
         config=section("quality"),
     shell:
@@ -216,6 +225,7 @@ rule dedup_signatures:
         f"{BENCH}/dedup_signatures/{{shard}}.tsv"
     resources:
         mem_mb=4000,
+    group: "signatures"
     params:
         config=section("dedup"),
     shell:
@@ -258,6 +268,7 @@ rule dedup_filter:
         f"{BENCH}/dedup_filter/{{shard}}.tsv"
     resources:
         mem_mb=4000,
+    group: "clean"  # dedup_filter -> decontaminate -> pii of a shard: one cluster job
     params:
         config=section("dedup"),
     shell:
@@ -287,6 +298,7 @@ rule decontaminate:
         f"{BENCH}/decontaminate/{{shard}}.tsv"
     resources:
         mem_mb=4000,
+    group: "clean"
     params:
         config=section("decontaminate"),
         evalsets=EVALSETS,
@@ -312,6 +324,7 @@ rule pii:
         f"{BENCH}/pii/{{shard}}.tsv"
     resources:
         mem_mb=4000,
+    group: "clean"
     params:
         config=section("pii"),
     shell:

@@ -1,4 +1,4 @@
-"""ingest: read one WET file and turn its `conversion` records into documents.
+"""ingest: read a WET file (or a batch of them, in order) and turn its `conversion` records into documents.
 
 The file is read whole (gzip per record as Common Crawl writes it, gzip as one member, or plain:
 told by its first bytes, not its name), then cut into records at `WARC/1.0` (or 1.1) header lines;
@@ -33,7 +33,8 @@ import os
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from itertools import chain
 from typing import Any
 
 from warcio.statusandheaders import StatusAndHeaders, StatusAndHeadersParser
@@ -194,28 +195,34 @@ def _check(doc: Doc, body: bytes, headers: StatusAndHeaders, check_digests: bool
     return None
 
 
-def ingest(wet_path: str, *, output: str, removed: str, manifest: str, config: dict[str, Any]) -> dict[str, Any]:
+def ingest(wet_path: str | Sequence[str], *, output: str, removed: str, manifest: str,
+           config: dict[str, Any]) -> dict[str, Any]:
+    """Ingest one WET file, or a batch of them (inputs.batch_size) into one shard, file after file;
+    each document's `source` still names its own file."""
     config = section_config("ingest", config)
+    paths = [wet_path] if isinstance(wet_path, str) else list(wet_path)
     funnel, stats = Funnel(), Counter()
-    records = read_conversion_records(wet_path, config["max_doc_bytes"], config["check_digests"], stats,
-                                      funnel.errors)
+    records = chain.from_iterable(read_conversion_records(path, config["max_doc_bytes"], config["check_digests"],
+                                                          stats, funnel.errors) for path in paths)
     kept, dropped = tally("ingest", records, funnel)
     if funnel.errors and config["fail_on_damaged"]:
         error = funnel.errors[0]
-        raise DamagedInput(f"{wet_path}: {error['error']} after {error['records_before']} "
+        raise DamagedInput(f"{error['file']}: {error['error']} after {error['records_before']} "
                            "records (ingest.fail_on_damaged is true)")
     return write_stage_outputs("ingest", kept=kept, removed=dropped, funnel=funnel, docs_out=output,
-                               removed_out=removed, manifest=manifest, config=config, inputs=[wet_path],
+                               removed_out=removed, manifest=manifest, config=config, inputs=paths,
                                kept_schema=DOC_COLUMNS, metrics={"record_types": dict(sorted(stats.items()))})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stage_arguments(parser, config_help="the `ingest` config section as JSON (or @file)",
-                        input_help="a WET file (.warc.wet.gz: gzip per record or whole, or plain)")
+                        input_help="WET files (.warc.wet.gz: gzip per record or whole, or plain), "
+                                   "read in order into one shard", input_nargs="+")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.isfile(args.input):
-        raise FileNotFoundError(f"ingest: input WET file {args.input} does not exist or is not a file")
+    for path in args.input:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ingest: input WET file {path} does not exist or is not a file")
     ingest(args.input, output=args.output, removed=args.removed, manifest=args.manifest, config=args.config)
     return 0

@@ -128,10 +128,11 @@ def run_doc_stage(stage: str, decide: Decide, *, docs_in: str | os.PathLike,
                                removed_schema=removed_schema, metrics=metrics)
 
 
-def add_stage_arguments(parser, *, config_help: str, input_help: str = "input documents (parquet)") -> None:
-    """The arguments every per-shard document stage takes (ingest's input is a WET file)."""
+def add_stage_arguments(parser, *, config_help: str, input_help: str = "input documents (parquet)",
+                        input_nargs: str | None = None) -> None:
+    """The arguments every per-shard document stage takes (ingest's input: WET files, `+`)."""
     from pipeline.cli import json_arg
-    parser.add_argument("--input", required=True, help=input_help)
+    parser.add_argument("--input", required=True, nargs=input_nargs, help=input_help)
     parser.add_argument("--output", required=True, help="kept documents (parquet)")
     parser.add_argument("--removed", required=True, help="dropped documents with their reason (parquet)")
     parser.add_argument("--manifest", required=True, help="this job's manifest (json)")
