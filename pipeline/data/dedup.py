@@ -44,7 +44,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasketch import MinHash
 from tqdm import tqdm
 
 from pipeline.artifacts import atomic_path, check_file, write_manifest
@@ -96,6 +95,7 @@ def signatures(docs: list[Doc], shard: str, config: dict[str, Any], first_row: i
 
     A document with no words gets no signature (`has_signature` false): it can still be an
     exact duplicate, but it must not collide with every other empty shingle set in LSH."""
+    from datasketch import MinHash  # here: the band, clusters and filter jobs need not pay its ~0.7 s import
     num_perm = config["bands"] * config["rows"]
     normalized = [normalize(d["text"]) for d in docs]
     shingle_sets = [shingles(t, config["ngram"]) for t in normalized]
@@ -193,8 +193,7 @@ def merge_buckets(streams: list[Iterator[pl.DataFrame]]) -> Iterator[pl.DataFram
     smallest last key in the buffer of any unfinished stream is complete. A buffer holding one
     key only reads on (that bucket may go on), so memory is a batch per stream plus the largest
     bucket."""
-    buffers = [pl.DataFrame(schema=dict(zip(BUCKET_SCHEMA.names, [pl.UInt64, pl.String, pl.String, pl.Int64, pl.String])))
-               for _ in streams]
+    buffers = [pl.DataFrame(schema=pl.Schema(BUCKET_SCHEMA)) for _ in streams]
     live = [True] * len(streams)
     while True:
         for i, stream in enumerate(streams):
@@ -208,9 +207,9 @@ def merge_buckets(streams: list[Iterator[pl.DataFrame]]) -> Iterator[pl.DataFram
         if not bounds:
             yield pl.concat(buffers)
             return
-        below = pl.col("hash") < pl.lit(min(bounds), dtype=pl.UInt64)
-        yield pl.concat([b.filter(below) for b in buffers])
-        buffers = [b.filter(~below) for b in buffers]
+        cuts = [b["hash"].search_sorted(min(bounds), side="left") for b in buffers]  # buffers are sorted
+        yield pl.concat([b[:cut] for b, cut in zip(buffers, cuts)])
+        buffers = [b[cut:] for b, cut in zip(buffers, cuts)]
 
 
 def bucket_pairs(chunks: Iterable[pl.DataFrame], band: int, exact: bool) -> pl.DataFrame:
@@ -270,10 +269,6 @@ class UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(a == b))
-
-
 def paired_docs(pairs: pl.DataFrame) -> dict[str, set[int]]:
     """Shard -> rows of every document named by a pair: the only signatures `clusters` loads."""
     ends = pl.concat([pairs.select(source=pl.col(f"{e}_source"), row=pl.col(f"{e}_row")) for e in "ab"]).unique()
@@ -283,56 +278,60 @@ def paired_docs(pairs: pl.DataFrame) -> dict[str, set[int]]:
     return wanted
 
 
+def jaccards(sigs: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Estimated Jaccard similarity (the share of equal MinHash values) of each pair of rows
+    (a[k], b[k]), a chunk of pairs at a time."""
+    return np.concatenate([np.mean(sigs[a[i:i + chunk]] == sigs[b[i:i + chunk]], axis=1)
+                           for i in range(0, len(a), chunk)] or [np.zeros(0)])
+
+
 def cluster_pairs(pairs: pl.DataFrame, nodes: pl.DataFrame, docs: int,
                   config: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Assign every paired document a representative; return the removed ones and statistics.
 
     `nodes` are the signature rows of the paired documents, `docs` the count of all documents.
-    A band pair counts (`lsh_pairs_checked`) once however many bands it shares, and only when the
-    band values are equal (not just their 64-bit keys)."""
-    key = lambda d: (d["id"], d["source"], d["row"])  # noqa: E731  the representative order
-    info = {key(d): d for d in nodes.to_dicts()}
-    sig = {k: np.asarray(d["signature"], dtype=np.uint32) for k, d in info.items()}
-    uf, rows = UnionFind(), config["rows"]
-    exact = pairs.filter(pl.col("band") < 0)
-    for a_id, a_source, a_row, b_id, b_source, b_row in exact.drop("band").iter_rows():
-        uf.union((a_id, a_source, a_row), (b_id, b_source, b_row))
-    lsh = (pairs.filter(pl.col("band") >= 0).group_by(pl.exclude("band"))
-           .agg(pl.col("band").unique()).sort(pl.exclude("band")))
-    pairs_checked = 0
-    for a_id, a_source, a_row, b_id, b_source, b_row, bands in lsh.iter_rows():
-        a, b = (a_id, a_source, a_row), (b_id, b_source, b_row)
-        sa, sb = sig[a], sig[b]
-        if not any(np.array_equal(sa[i * rows:(i + 1) * rows], sb[i * rows:(i + 1) * rows]) for i in bands):
-            continue  # band keys equal by chance: not a bucket datasketch would share
-        pairs_checked += 1
-        if config["min_jaccard"] is None or estimated_jaccard(sa, sb) >= config["min_jaccard"]:
-            uf.union(a, b)
+    Nodes are numbered in representative order, so union-find's smallest root is the smallest
+    (id, shard, row). A band pair counts (`lsh_pairs_checked`) once however many bands it shares,
+    and only when the band values are equal (not just their 64-bit keys)."""
+    nodes = nodes.sort(["id", "source", "row"]).with_row_index("node")
+    sigs, rows = nodes["signature"].to_numpy(), config["rows"]
+    for end in "ab":  # each end's node number
+        ends = nodes.select(pl.col("id").alias(f"{end}_id"), pl.col("source").alias(f"{end}_source"),
+                            pl.col("row").alias(f"{end}_row"), pl.col("node").cast(pl.Int64).alias(end))
+        pairs = pairs.join(ends, on=[f"{end}_id", f"{end}_source", f"{end}_row"], how="inner")
+    uf = UnionFind()
+    for a, b in pairs.filter(pl.col("band") < 0).select("a", "b").iter_rows():
+        uf.union(a, b)
+    lsh = pairs.filter(pl.col("band") >= 0)
+    a, b = lsh["a"].to_numpy(), lsh["b"].to_numpy()
+    cols = lsh["band"].to_numpy()[:, None] * rows + np.arange(rows)
+    same_band = (sigs[a[:, None], cols] == sigs[b[:, None], cols]).all(axis=1)  # else equal keys by chance
+    checked = pl.DataFrame({"a": a[same_band], "b": b[same_band]}).unique().sort("a", "b")
+    a, b = checked["a"].to_numpy(), checked["b"].to_numpy()
+    if config["min_jaccard"] is not None:
+        similar = jaccards(sigs, a, b) >= config["min_jaccard"]
+        a, b = a[similar], b[similar]
+    for i, j in zip(a.tolist(), b.tolist()):
+        uf.union(i, j)
 
-    roots = {k: uf.find(k) for k in info}
-    removed = []
-    for k, r in roots.items():
-        if k == r:
-            continue
-        d, rep = info[k], info[r]
-        same = d["text_hash"] == rep["text_hash"]
-        removed.append({
-            "source": d["source"], "row": d["row"], "id": d["id"], "url": d["url"],
-            "duplicate_of": rep["id"], "duplicate_of_url": rep["url"],
-            "reason": "exact_duplicate" if same else "near_duplicate",
-            "similarity": 1.0 if same else estimated_jaccard(sig[k], sig[r]),
-        })
-    removed_frame = pl.DataFrame(removed, schema={
-        "source": pl.String, "row": pl.Int64, "id": pl.String, "url": pl.String, "duplicate_of": pl.String,
-        "duplicate_of_url": pl.String, "reason": pl.String, "similarity": pl.Float64,
+    node = np.arange(nodes.height)
+    root = np.array([uf.find(i) for i in range(nodes.height)], dtype=np.int64)
+    gone, rep = node[root != node], root[root != node]
+    same = (nodes["text_hash"].gather(gone) == nodes["text_hash"].gather(rep)).to_numpy()
+    removed_frame = pl.DataFrame({
+        "source": nodes["source"].gather(gone), "row": nodes["row"].gather(gone),
+        "id": nodes["id"].gather(gone), "url": nodes["url"].gather(gone),
+        "duplicate_of": nodes["id"].gather(rep), "duplicate_of_url": nodes["url"].gather(rep),
+        "reason": pl.Series(np.where(same, "exact_duplicate", "near_duplicate"), dtype=pl.String),
+        "similarity": pl.Series(np.where(same, 1.0, jaccards(sigs, gone, rep)), dtype=pl.Float64),
     }).sort(["source", "row"])
-    sizes = Counter(Counter(roots.values()).values())
-    sizes[1] += docs - len(roots)  # documents in no pair are clusters of one
+    sizes = Counter(Counter(root.tolist()).values())
+    sizes[1] += docs - nodes.height  # documents in no pair are clusters of one
     stats = {
         "docs": docs,
-        "clusters": docs - len(removed),
-        "lsh_pairs_checked": pairs_checked,
-        "removed": dict(sorted(Counter(r["reason"] for r in removed).items())),
+        "clusters": docs - removed_frame.height,
+        "lsh_pairs_checked": checked.height,
+        "removed": dict(sorted(Counter(removed_frame["reason"].to_list()).items())),
         "cluster_sizes": {str(size): n for size, n in sorted(sizes.items()) if n},
         "example_pairs": examples(removed_frame, config["example_pairs"]),
     }
