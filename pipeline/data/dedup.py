@@ -6,9 +6,8 @@ does not grow with the crawl.
    and MinHash its word n-grams (`ngram`, 5) with `bands x rows` permutations (14 x 8 = 112, the
    FineWeb setting) using datasketch's vectorized `MinHash.bulk`, `batch_size` documents at a
    time streamed from the parquet. Beside the signatures it writes the shard's bucket index: per
-   LSH band, one row group of (band key, document) sorted by key, and one more keyed by the
-   exact text hash.
-2. `band` (one job per band, plus one for exact matches, in parallel): merges that row group of
+   LSH band, (band key, document) sorted by key, and the same keyed by the exact text hash.
+2. `band` (one job per band, plus one for exact matches, in parallel): merges that band of
    every shard's bucket index as sorted streams, `merge_batch` rows per shard at a time, and
    writes the candidate pairs of every bucket that more than one document shares. Within a band
    bucket only the first document (smallest id) of each exact-text group takes part, as only
@@ -31,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import json
 import logging
 import re
 import sys
@@ -126,7 +126,9 @@ def doc_batches(path: str, batch_size: int) -> Iterator[list[Doc]]:
 BUCKET_SCHEMA = pa.schema([("hash", pa.uint64()), ("id", pa.string()), ("source", pa.string()),
                            ("row", pa.int64()), ("text_hash", pa.string())])
 BUCKET_ORDER = ["hash", "id", "source", "row"]  # a bucket's documents in representative order
-EXACT = "exact"  # the band name of the exact-text index, the row group after the LSH bands
+EXACT = "exact"  # the band name of the exact-text index, after the LSH bands
+BUCKET_ROW_GROUP = 8192  # what a band job holds per shard: parquet is read a row group at a time
+BAND_GROUPS = b"wetstone.band_row_groups"  # metadata key: row groups per band, in band order
 
 
 def band_keys(values: np.ndarray, rows: int) -> np.ndarray:
@@ -154,15 +156,18 @@ def bucket_tables(table: pl.DataFrame, config: dict[str, Any]) -> list[pl.DataFr
 
 
 def write_buckets(path: str, tables: list[pl.DataFrame]) -> None:
-    """One row group per band, in band order, so a band job reads only its own."""
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, BUCKET_SCHEMA, compression="zstd", compression_level=3,
+    """Each band in row groups of BUCKET_ROW_GROUP rows, in band order, and how many each band has
+    in the file's metadata, so a band job reads only its own, a row group at a time."""
+    groups = [max(1, -(-frame.height // BUCKET_ROW_GROUP)) for frame in tables]  # an empty band: one empty group
+    schema = BUCKET_SCHEMA.with_metadata({BAND_GROUPS: json.dumps(groups)})
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd", compression_level=3,
                                                     write_statistics=False) as writer:
         for frame in tables:
-            writer.write_table(frame.to_arrow().cast(BUCKET_SCHEMA), row_group_size=max(1, frame.height))
+            writer.write_table(frame.to_arrow().cast(schema), row_group_size=BUCKET_ROW_GROUP)
 
 
 def band_index(band: str, config: dict[str, Any]) -> int:
-    """The row group of `band` (0 .. bands-1, or `exact`) in a bucket index."""
+    """The place of `band` (0 .. bands-1, or `exact`) in a bucket index."""
     if band == EXACT:
         return config["bands"]
     if not band.isdigit() or int(band) >= config["bands"]:
@@ -178,13 +183,15 @@ PAIR_SCHEMA = {"band": pl.Int32, "a_id": pl.String, "a_source": pl.String, "a_ro
                "b_id": pl.String, "b_source": pl.String, "b_row": pl.Int64}
 
 
-def read_bucket_stream(path: str, group: int, rows: int) -> Iterator[pl.DataFrame]:
-    """Row group `group` of one bucket index, `rows` at a time."""
+def read_bucket_stream(path: str, band: int, rows: int) -> Iterator[pl.DataFrame]:
+    """Band `band` of one bucket index, `rows` at a time."""
     index = pq.ParquetFile(path)
-    if index.metadata.num_row_groups <= group:
-        raise ValueError(f"{path}: bucket index has {index.metadata.num_row_groups} row groups, no band "
-                         f"{group}: written with other dedup.bands? rerun dedup signatures")
-    for batch in index.iter_batches(batch_size=rows, row_groups=[group]):
+    groups = json.loads(index.schema_arrow.metadata[BAND_GROUPS])
+    if band >= len(groups):
+        raise ValueError(f"{path}: bucket index has {len(groups)} bands, no band {band}: written with other "
+                         "dedup.bands? rerun dedup signatures")
+    first = sum(groups[:band])
+    for batch in index.iter_batches(batch_size=rows, row_groups=range(first, first + groups[band])):
         yield pl.from_arrow(batch)
 
 
@@ -385,7 +392,7 @@ def run_signatures(docs_in: str, *, output: str, buckets: str, manifest: str, co
 def run_band(bucket_files: list[str], band: str, *, upstream: list[str], output: str, manifest: str,
              config: dict[str, Any]) -> None:
     config = section_config("dedup", config)
-    group = band_index(band, config)
+    number = band_index(band, config)
     manifests = {Path(m).name.removesuffix(".manifest.json"): m for m in upstream}
     streams = []
     for path in sorted(bucket_files):
@@ -393,9 +400,9 @@ def run_band(bucket_files: list[str], band: str, *, upstream: list[str], output:
         if shard not in manifests:
             raise ValueError(f"dedup band: no --upstream manifest {shard}.manifest.json for {path}")
         check_file(path, manifests[shard])
-        streams.append(read_bucket_stream(path, group, config["merge_batch"]))
+        streams.append(read_bucket_stream(path, number, config["merge_batch"]))
     pairs = bucket_pairs(tqdm(merge_buckets(streams), desc=f"band {band}", unit="chunk", disable=None),
-                         -1 if band == EXACT else group, exact=band == EXACT)
+                         -1 if band == EXACT else number, exact=band == EXACT)
     write_frame(output, pairs)
     write_manifest(manifest, stage="dedup_band", config=config, inputs=sorted(bucket_files),
                    outputs={output: pairs.height}, counts={"pairs": pairs.height}, metrics={"band": band})
@@ -449,7 +456,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sig = steps.add_parser("signatures", help="MinHash signatures and the bucket index of one shard")
     sig.add_argument("--input", required=True, help="documents (parquet)")
     sig.add_argument("--output", required=True, help="signatures (parquet)")
-    sig.add_argument("--buckets", required=True, help="bucket index: a row group per band, sorted by key (parquet)")
+    sig.add_argument("--buckets", required=True, help="bucket index: each band sorted by key (parquet)")
     sig.add_argument("--manifest", required=True)
     sig.add_argument("--config", type=json_arg, default={}, help="the `dedup` config section as JSON")
     band = steps.add_parser("band", help="one LSH band (or `exact`) over every shard: candidate pairs")
