@@ -31,7 +31,7 @@ def job_figures(bench: Path) -> dict[str, tuple[float, float, int]]:
     """rule -> (max peak RSS MB over its jobs, total seconds, jobs) from Snakemake's benchmark files."""
     figures: dict[str, tuple[float, float, int]] = {}
     for tsv in sorted(bench.rglob("*.tsv")):
-        rule = tsv.parent.name if tsv.parent != bench else tsv.stem
+        rule = tsv.relative_to(bench).parts[0].removesuffix(".tsv")  # <rule>/<wildcards>.tsv or <rule>.tsv
         with open(tsv) as f:
             row = next(csv.DictReader(f, delimiter="\t"))
         rss = float(row["max_rss"]) if row["max_rss"] not in ("", "NA", "-") else 0.0
