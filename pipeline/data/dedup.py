@@ -191,8 +191,10 @@ def read_bucket_stream(path: str, band: int, rows: int) -> Iterator[pl.DataFrame
         raise ValueError(f"{path}: bucket index has {len(groups)} bands, no band {band}: written with other "
                          "dedup.bands? rerun dedup signatures")
     first = sum(groups[:band])
-    for batch in index.iter_batches(batch_size=rows, row_groups=range(first, first + groups[band])):
-        yield pl.from_arrow(batch)
+    for group in range(first, first + groups[band]):  # one at a time: iter_batches reads ahead
+        table = pl.from_arrow(index.read_row_group(group))
+        for start in range(0, table.height, rows):
+            yield table[start:start + rows]
 
 
 def merge_buckets(streams: list[Iterator[pl.DataFrame]]) -> Iterator[pl.DataFrame]:
