@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.common import machine, write_section
 from pipeline.config import section_config
-from pipeline.data.dedup import cluster, run_clusters, run_filter, run_signatures, signatures
+from pipeline.data.dedup import EXACT, cluster, run_band, run_clusters, run_filter, run_signatures, signatures
 from pipeline.data.docs import read_docs
 from pipeline.data.ingest import ingest
 from pipeline.data.langid import load_model, predict
@@ -50,9 +50,15 @@ def stage_rows(tmp: Path) -> list[tuple[str, int, float]]:
     rows.append(("quality", n, timed(quality, p["langid"], output=p["quality"], removed=rm("quality"),
                                      manifest=mf("quality"), config={})))
     n = len(read_docs(p["quality"]))
-    rows.append(("dedup signatures", n, timed(run_signatures, p["quality"], output=p["sig"], manifest=mf("sig"),
+    rows.append(("dedup signatures", n, timed(run_signatures, p["quality"], output=p["sig"],
+                                              buckets=str(tmp / "buckets" / "sig.parquet"), manifest=mf("sig"),
                                               config={})))
-    rows.append(("dedup clusters", n, timed(run_clusters, [p["sig"]], output=p["clusters"],
+    bands = [*map(str, range(section_config("dedup", {})["bands"])), EXACT]
+    pairs = [str(tmp / "pairs" / f"{band}.parquet") for band in bands]
+    rows.append((f"dedup bands ({len(bands)} jobs)", n, sum(
+        timed(run_band, [str(tmp / "buckets" / "sig.parquet")], band, upstream=[mf("sig")], output=out,
+              manifest=out.replace(".parquet", ".manifest.json"), config={}) for band, out in zip(bands, pairs))))
+    rows.append(("dedup clusters", n, timed(run_clusters, [p["sig"]], pairs, output=p["clusters"],
                                             manifest=mf("clusters"), config={})))
     rows.append(("dedup filter", n, timed(run_filter, p["quality"], p["clusters"], output=p["clean"],
                                           removed=rm("dedup"), manifest=mf("clean"), config={})))
@@ -69,7 +75,7 @@ def scaled_rows(tmp: Path, scale: int) -> list[tuple[str, int, float]]:
     start = time.perf_counter()
     table = signatures(docs, "bench", config)
     rows.append(("MinHash signatures (112 perm)", len(docs), time.perf_counter() - start))
-    rows.append(("exact + LSH clustering", len(docs), timed(cluster, table, config)))
+    rows.append(("exact + LSH clustering (bands + union-find, in one process)", len(docs), timed(cluster, table, config)))
     return rows
 
 

@@ -26,7 +26,7 @@ import trafilatura
 from benchmarks.common import machine, write_section
 from pipeline.config import section_config
 from pipeline.data.extract import Extractor, read_html
-from pipeline.data.ingest import read_wet_bytes, split_records
+from pipeline.data.ingest import stream_records
 from pipeline.data.langid import load_model, predict
 from pipeline.data.quality import build_filters, judge
 from pipeline.data.url_filter import response_records
@@ -45,8 +45,7 @@ def pages() -> list[dict]:
             reason, _, html = read_html(headers, block, problem, config, Counter())
             if reason is None:
                 found.append({"url": headers.get_header("WARC-Target-URI"), "html": html, "wet": None})
-    data, _ = read_wet_bytes(str(WARC_DIR / "whirlwind.warc.wet.gz"))
-    for headers, _, body, _ in split_records(data):
+    for headers, _, body, _ in stream_records(str(WARC_DIR / "whirlwind.warc.wet.gz"), [])[2]:
         for page in found:
             if page["url"] == headers.get_header("WARC-Target-URI"):
                 page["wet"] = body.decode("utf-8")

@@ -2,7 +2,8 @@
 # batch of inputs.batch_size WET files (one file by default), a WARC shard one WARC file
 #   WET:  ingest ------------------\
 #   WARC: url_filter -> extract ----> langid -> quality -> dedup_signatures      (group `signatures`)
-# then one global dedup (clusters) job, then per shard dedup_filter -> deduped/, decontaminate ->
+# then one dedup_band job per LSH band (and one for exact text), one global dedup (clusters) job
+# (union-find over the bands' pairs), then per shard dedup_filter -> deduped/, decontaminate ->
 # decontaminated/ (on the text as crawled), pii -> clean/ (the last text change; group `clean`), and
 # the report. On a cluster each group runs a shard's chain as one job (the SLURM profile's
 # group-components packs several shards into one), not one job per shard per stage.
@@ -218,6 +219,7 @@ rule dedup_signatures:
         upstream=rules.quality.output.manifest,
     output:
         signatures=f"{DATA}/dedup/signatures/{{shard}}.parquet",
+        buckets=f"{DATA}/dedup/buckets/{{shard}}.parquet",
         manifest=f"{DATA}/dedup/signatures/{{shard}}.manifest.json",
     log:
         f"{LOGS}/dedup_signatures/{{shard}}.log",
@@ -230,13 +232,43 @@ rule dedup_signatures:
         config=section("dedup"),
     shell:
         "{PY} -m pipeline dedup signatures --input {input.docs:q} --output {output.signatures:q}"
-        " --manifest {output.manifest:q} --config {params.config:q} --log {log:q}"
+        " --buckets {output.buckets:q} --manifest {output.manifest:q} --config {params.config:q} --log {log:q}"
+
+
+# one job per LSH band, plus one for exact text: each merges its row group of every shard's
+# bucket index (sorted streams) into candidate pairs
+DEDUP_BANDS = [*map(str, range(config["dedup"]["bands"])), "exact"]
+
+
+rule dedup_band:
+    input:
+        buckets=expand(rules.dedup_signatures.output.buckets, shard=SHARDS),
+        upstream=expand(rules.dedup_signatures.output.manifest, shard=SHARDS),
+    output:
+        pairs=f"{DATA}/dedup/pairs/{{band}}.parquet",
+        manifest=f"{DATA}/dedup/pairs/{{band}}.manifest.json",
+    log:
+        f"{LOGS}/dedup_band/{{band}}.log",
+    benchmark:
+        f"{BENCH}/dedup_band/{{band}}.tsv"
+    wildcard_constraints:
+        band="|".join(DEDUP_BANDS),
+    resources:
+        mem_mb=2000,
+    params:
+        config=section("dedup"),
+    shell:
+        "{PY} -m pipeline dedup band --band {wildcards.band} --input {input.buckets:q}"
+        " --upstream {input.upstream:q} --output {output.pairs:q} --manifest {output.manifest:q}"
+        " --config {params.config:q} --log {log:q}"
 
 
 rule dedup:
     input:
         signatures=expand(rules.dedup_signatures.output.signatures, shard=SHARDS),
-        upstream=expand(rules.dedup_signatures.output.manifest, shard=SHARDS),
+        pairs=expand(rules.dedup_band.output.pairs, band=DEDUP_BANDS),
+        upstream=[*expand(rules.dedup_signatures.output.manifest, shard=SHARDS),
+                  *expand(rules.dedup_band.output.manifest, band=DEDUP_BANDS)],
     output:
         clusters=f"{DATA}/dedup/clusters.parquet",
         manifest=f"{DATA}/dedup/manifest.json",
@@ -245,12 +277,12 @@ rule dedup:
     benchmark:
         f"{BENCH}/dedup/clusters.tsv"
     resources:
-        mem_mb=8000,
+        mem_mb=4000,
     params:
         config=section("dedup"),
     shell:
-        "{PY} -m pipeline dedup clusters --input {input.signatures:q} --output {output.clusters:q}"
-        " --manifest {output.manifest:q} --config {params.config:q} --log {log:q}"
+        "{PY} -m pipeline dedup clusters --input {input.signatures:q} --pairs {input.pairs:q}"
+        " --output {output.clusters:q} --manifest {output.manifest:q} --config {params.config:q} --log {log:q}"
 
 
 rule dedup_filter:

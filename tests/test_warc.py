@@ -10,7 +10,7 @@ import pytest
 
 from conftest import SAMPLE_WARC, WARC_SAMPLES, write_warc, write_wet
 from pipeline.data.extract import EXTRACTOR, decode_html, extract
-from pipeline.data.ingest import read_wet_bytes, split_records
+from pipeline.data.ingest import stream_records
 from pipeline.data.url_filter import NotWarc, url_filter
 
 HTML = [("Content-Type", "text/html; charset=utf-8")]
@@ -138,8 +138,8 @@ def test_whirlwind_warc_and_wet_hold_the_same_page(tmp_path):
     _, kept, _ = run_warc(tmp_path, WARC_SAMPLES / "whirlwind.warc.gz")
     (url,) = kept["url"].to_list()
     assert url == "https://an.wikipedia.org/wiki/Escopete"
-    data, _ = read_wet_bytes(str(WARC_SAMPLES / "whirlwind.warc.wet.gz"))
-    ((headers, _, body, _),) = [r for r in split_records(data) if r[0].get_header("WARC-Type") == "conversion"]
+    _, _, records = stream_records(str(WARC_SAMPLES / "whirlwind.warc.wet.gz"), [])
+    ((headers, _, body, _),) = [r for r in records if r[0].get_header("WARC-Type") == "conversion"]
     assert headers.get_header("WARC-Target-URI") == url
     text, wet_text = kept["text"][0], body.decode("utf-8")
     assert 500 < len(text) < len(wet_text) * 0.6

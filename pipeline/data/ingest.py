@@ -1,7 +1,8 @@
 """ingest: read a WET file (or a batch of them, in order) and turn its `conversion` records into documents.
 
-The file is read whole (gzip per record as Common Crawl writes it, gzip as one member, or plain:
-told by its first bytes, not its name), then cut into records at `WARC/1.0` (or 1.1) header lines;
+The file is streamed (gzip per record as Common Crawl writes it, gzip as one member, or plain:
+told by its first bytes, not its name) and cut into records at `WARC/1.0` (or 1.1) header lines,
+a window of whole records at a time, so memory holds a read chunk and a record, not the file;
 warcio parses each header block. A record's body is its Content-Length bytes, and those must end
 where the next record header starts (only the blank-line separator between): a wrong
 Content-Length loses no other record and keeps no text holding a record header, because every
@@ -28,6 +29,7 @@ import base64
 import gzip
 import hashlib
 import io
+import itertools
 import logging
 import os
 import re
@@ -76,20 +78,18 @@ def digest_matches(header: str, body: bytes) -> bool | None:
     return expected.upper() in (base64.b32encode(digest).decode(), digest.hex().upper())
 
 
-def read_wet_bytes(path: str) -> tuple[bytes, str | None]:
-    """The file's bytes, gunzipped when it starts with the gzip magic (one member or many), and
-    the read error that cut it short, if any. read1 returns one gzip member's data at a time, so
-    a damaged member loses only what follows it."""
-    chunks, error = [], None
+def wet_chunks(path: str, errors: list[str]) -> Iterator[bytes]:
+    """The file's bytes, READ_CHUNK at a time, gunzipped when it starts with the gzip magic (one
+    member or many). A read error ends the stream and is appended to `errors`; read1 returns one
+    gzip member's data at a time, so a damaged member loses only what follows it."""
     with open(path, "rb") as raw:
         stream = gzip.GzipFile(fileobj=raw) if raw.read(2) == b"\x1f\x8b" else raw
         raw.seek(0)
         try:
             while chunk := stream.read1(READ_CHUNK):
-                chunks.append(chunk)
+                yield chunk
         except STREAM_ERRORS as e:  # all mean the same: the stream broke here
-            error = f"{type(e).__name__}: {str(e)[:ERROR_CHARS]!r}"  # may quote binary garbage: escaped, cut
-    return b"".join(chunks), error
+            errors.append(f"{type(e).__name__}: {str(e)[:ERROR_CHARS]!r}")  # may quote binary garbage: escaped, cut
 
 
 def find_header(data: bytes, pos: int = 0) -> int | None:
@@ -102,9 +102,52 @@ def find_header(data: bytes, pos: int = 0) -> int | None:
     return None
 
 
-def split_records(data: bytes) -> Iterator[tuple[StatusAndHeaders, int, bytes, str | None]]:
+def last_header(data: bytearray, after: int) -> int | None:
+    """Offset of the last record header past offset 0 that starts at or after `after`, or None."""
+    end = len(data)
+    while (at := data.rfind(b"WARC/1.", max(after, 1), end)) > 0:
+        if data[at - 1] == 0x0A and RECORD_HEADER.match(data, at):
+            return at
+        end = at + 6  # the next try must end before this one
+    return None
+
+
+def windows(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, bool]]:
+    """The stream cut just before record headers: (bytes, whether a record header follows them).
+    A window holds whole records; a header split between two chunks is found once both are in."""
+    buffer = bytearray()
+    for chunk in chunks:
+        searched = max(len(buffer) - MAX_HEADER_BYTES, 0)  # earlier bytes hold no header (but one at 0)
+        buffer += chunk
+        cut = last_header(buffer, searched)
+        if cut is not None:
+            yield bytes(buffer[:cut]), True
+            del buffer[:cut]
+    yield bytes(buffer), False
+
+
+Record = tuple[StatusAndHeaders, int, bytes, str | None]
+
+
+def stream_records(path: str, read_errors: list[str]) -> tuple[int | None, bytes, Iterator[Record]]:
+    """(offset of the first record header in `head` or None, `head`, every record of the file).
+
+    `head` is the file's start: up to its first record header, or more than a header's bytes of
+    anything else, or the whole file, so the caller can tell a WARC stream from other input
+    before reading the rest. A read error ends the records and is appended to `read_errors`."""
+    chunks = wet_chunks(path, read_errors)
+    head = b""
+    while (first := find_header(head)) is None and len(head.lstrip()) <= MAX_HEADER_BYTES:
+        if not (chunk := next(chunks, b"")):
+            break
+        head += chunk
+    windowed = windows(itertools.chain([head], chunks))
+    return first, head, (record for data, followed in windowed for record in split_records(data, followed))
+
+
+def split_records(data: bytes, followed: bool = False) -> Iterator[Record]:
     """(headers, Content-Length or -1, body, framing problem or None) for every record of an
-    uncompressed WARC stream.
+    uncompressed WARC stream, or of a window of it (`followed`: a record header comes next).
 
     A record's body runs to the next record header; Content-Length must end there (give or take
     the blank lines between records), else the problem is `truncated` (the data ends first) or
@@ -123,7 +166,7 @@ def split_records(data: bytes) -> Iterator[tuple[StatusAndHeaders, int, bytes, s
         if length < 0:
             problem = "bad_header"
         elif body_start + length > body_end:
-            problem = "truncated" if following is None else "length_mismatch"
+            problem = "truncated" if following is None and not followed else "length_mismatch"
         elif data[body_start + length:body_end].strip(b"\r\n"):
             problem = "length_mismatch"
         else:
@@ -139,14 +182,14 @@ def read_conversion_records(path: str, max_doc_bytes: int, check_digests: bool,
     A read error stops the file: it is recorded in `errors` and what came before it stands. A file
     with no conversion record raises NotWet naming what it holds instead."""
     shard = shard_name(path)
-    data, error = read_wet_bytes(path)
-    records = 0
-    first = find_header(data)
-    if first is None or data[:first].strip():
-        found = f"it begins {data[:60]!r}" if data else "it is empty"
+    read_errors: list[str] = []
+    first, head, stream = stream_records(path, read_errors)
+    if first is None or head[:first].strip():
+        found = f"it begins {head[:60]!r}" if head else "it is empty"
         raise NotWet(f"{path}: not a WET file: no WARC/1.0 record header at its start ({found}"
-                     f"{'; ' + error if error else ''})")
-    for headers, length, body, problem in split_records(data):
+                     f"{'; ' + read_errors[0] if read_errors else ''})")
+    records = 0
+    for headers, length, body, problem in stream:
         kind = headers.get_header("WARC-Type") or "unknown"
         stats[f"records_{kind}"] += 1
         if kind != "conversion":
@@ -167,8 +210,9 @@ def read_conversion_records(path: str, max_doc_bytes: int, check_digests: bool,
         hint = ("; a WARC of `response` records: list it under inputs.warc, not inputs.wet"
                 if stats["records_response"] else "")
         raise NotWet(f"{path}: not a WET file: no `conversion` record (found {types}){hint}"
-                     f"{'; ' + error if error else ''}")
-    if error:
+                     f"{'; ' + read_errors[0] if read_errors else ''}")
+    if read_errors:
+        error = read_errors[0]
         errors.append({"file": path, "error": error, "records_before": records})
         log.warning("%s: stream damaged after %d conversion records (%s); keeping those", path, records, error)
 

@@ -30,7 +30,7 @@ from warcio.statusandheaders import StatusAndHeaders
 from pipeline.cli import ConfigError, json_arg
 from pipeline.config import URL_SCHEMES, section_config, warc_shard_name
 from pipeline.data.docs import REMOVED_COLUMNS, Doc
-from pipeline.data.ingest import NotWet, find_header, read_wet_bytes, split_records
+from pipeline.data.ingest import NotWet, stream_records
 from pipeline.data.steps import Funnel, add_stage_arguments, tally, write_stage_outputs
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,13 @@ def response_records(path: str, stats: Counter,
     """(place among responses, WARC headers, Content-Length, block, framing problem or None) for
     each `response` record, framed as ingest frames WET records. Other record types are counted
     in `stats`; a read error ends the file and is listed in `errors`."""
-    data, error = read_wet_bytes(path)
-    first = find_header(data)
-    if first is None or data[:first].strip():
-        found = f"it begins {data[:60]!r}" if data else "it is empty"
+    read_errors: list[str] = []
+    first, head, stream = stream_records(path, read_errors)
+    if first is None or head[:first].strip():
+        found = f"it begins {head[:60]!r}" if head else "it is empty"
         raise NotWarc(f"{path}: not a WARC file: no WARC/1.0 record header at its start ({found})")
     responses = 0
-    for headers, length, block, problem in split_records(data):
+    for headers, length, block, problem in stream:
         kind = headers.get_header("WARC-Type") or "unknown"
         stats[f"records_{kind}"] += 1
         if kind == "response":
@@ -69,7 +69,8 @@ def response_records(path: str, stats: Counter,
         types = ", ".join(f"{k.removeprefix('records_')}: {n}" for k, n in sorted(stats.items()))
         hint = "; a WET file of `conversion` records: list it under inputs.wet" if stats["records_conversion"] else ""
         raise NotWarc(f"{path}: not a WARC file of responses: no `response` record (found {types}){hint}")
-    if error:
+    if read_errors:
+        error = read_errors[0]
         errors.append({"file": path, "error": error, "records_before": responses})
         log.warning("%s: stream damaged after %d responses (%s); keeping those", path, responses, error)
 
