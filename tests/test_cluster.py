@@ -84,37 +84,46 @@ def runs(tmp_path_factory):
     return root / "local" / RUN, root / "slurm" / RUN, log
 
 
-def submitted_jobs(log: str) -> dict[str, tuple[str, str]]:
-    """{Snakemake job id: (rule, SLURM job id or '' if it ran locally)} from the Snakemake log."""
-    jobs, rule = {}, None
+def submitted_jobs(log: str) -> dict[str, tuple[str, list[str], str]]:
+    """{Snakemake job or group id: (SLURM job name, its rules, SLURM job id or '' if it ran locally)}
+    from the Snakemake log. A plain job is named after its rule; a group job (rules/data.smk's
+    `signatures` and `clean`) after the group, and holds several rules."""
+    jobs, group, rules = {}, None, []
     for line in log.splitlines():
-        if m := re.match(r"(local)?rule (\w+):$", line):
-            rule = ("local " if m[1] else "") + m[2]
-        elif (m := re.match(r"\s+jobid: (\d+)$", line)) and rule:
-            jobs[m[1]] = (rule, "")
-        elif m := re.match(r"Job (\d+) has been submitted with SLURM jobid (\d+)", line):
-            jobs[m[1]] = (jobs[m[1]][0], m[2])
+        if m := re.search(r"Group job (\w+) ", line):
+            group, rules = m[1], []
+        elif m := re.match(r"\s*(local)?rule (\w+):$", line):
+            rules = [*rules, ("local " if m[1] else "") + m[2]] if group else [("local " if m[1] else "") + m[2]]
+        elif (m := re.match(r"\s+jobid: (\d+)$", line)) and rules and not group:
+            jobs[m[1]] = (rules[0], rules, "")
+        elif m := re.match(r"Job (\S+) has been submitted with SLURM jobid (\d+)", line):
+            name, rules_of_job = (group, rules) if group else jobs[m[1]][:2]
+            jobs[m[1]] = (name, rules_of_job, m[2])
+            group = None
     return jobs
 
 
 def test_every_job_went_through_slurm(runs):
     _, _, log = runs
     jobs = submitted_jobs(log)
-    rules = sorted(rule for rule, _ in jobs.values())
-    assert {"ingest", "dedup", "tokenizer", "tokenize", "tokens", "pretrain"} <= set(rules), rules
-    assert all(slurm_id for _, slurm_id in jobs.values()), f"jobs run outside SLURM: {jobs}"
-    ids = ",".join(slurm_id for _, slurm_id in jobs.values())
+    rules = sorted(rule for _, job_rules, _ in jobs.values() for rule in job_rules)
+    assert {"ingest", "langid", "quality", "dedup_signatures", "dedup_band", "dedup", "pii", "tokenizer",
+            "tokenize", "tokens", "pretrain"} <= set(rules), rules
+    assert all(slurm_id for _, _, slurm_id in jobs.values()), f"jobs run outside SLURM: {jobs}"
+    ids = ",".join(slurm_id for _, _, slurm_id in jobs.values())
     accounted = {job_id: (state, comment) for job_id, state, comment in
                  sacct("-X", "--jobs", ids, "--format", "JobIDRaw,State,Comment%300")}
-    for rule, slurm_id in jobs.values():
+    for name, job_rules, slurm_id in jobs.values():
         state, comment = accounted[slurm_id]
-        assert state == "COMPLETED", f"SLURM job {slurm_id} ({rule}): {state}"
-        assert re.match(rf"rule_{rule}(_wildcards_|$)", comment), (slurm_id, rule, comment)
+        assert state == "COMPLETED", f"SLURM job {slurm_id} ({name}: {job_rules}): {state}"
+        # the executor's --comment: rule_<rule>[_wildcards_...], or rule_<group>_<its rules, sorted>
+        expected = rf"rule_{name}(_wildcards_|$)" if job_rules == [name] else rf"rule_{name}_{'_'.join(sorted(job_rules))}$"
+        assert re.match(expected, comment), (slurm_id, name, job_rules, comment)
 
 
 def test_pretrain_ran_two_processes_under_srun(runs):
     _, slurm_run, log = runs
-    (slurm_id,) = [job for rule, job in submitted_jobs(log).values() if rule == "pretrain"]
+    (slurm_id,) = [job for name, _, job in submitted_jobs(log).values() if name == "pretrain"]
     steps = {job_id: (state, int(cpus)) for job_id, state, cpus in
              sacct("--jobs", slurm_id, "--format", "JobIDRaw,State,AllocCPUS")}
     # .batch is the job script; .0 the executor's `srun` step, which ran torchrun and its 2 workers
