@@ -11,7 +11,7 @@
 3. scores them three ways: ours (`pipeline.eval.multiple_choice.evaluate` on final.pt), the
    exported model's logits through transformers with our request split (with the largest
    difference of any choice's summed log-likelihood), and, when `lm_eval` is importable,
-   lm-evaluation-harness itself (`lm_eval --model hf ... --include_path <tasks>`); otherwise it
+   lm-evaluation-harness itself (`python -m lm_eval --model hf ... --include_path <tasks>`); otherwise it
    prints that command, to run where lm-eval is installed.
 Prints one line per shot setting with the accuracies; the figures go into docs/eval.md by hand.
 """
@@ -19,8 +19,8 @@ Prints one line per shot setting with the accuracies; the figures go into docs/e
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -105,12 +105,12 @@ def main() -> None:
         ours_items, theirs_items = evaluate(model, tokenizer, items), evaluate(scorer, tokenizer, items)
         ours, theirs = summarize(ours_items), summarize(theirs_items)
         gap = max(abs(a - b) for o, t in zip(ours_items, theirs_items) for a, b in zip(o["sums"], t["sums"]))
-        command = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={hf_dir},dtype=float32",
+        command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={hf_dir},dtype=float32",
                    "--tasks", GROUP, "--include_path", str(args.work / "tasks"), "--num_fewshot", str(shots),
                    "--batch_size", "16", "--device", "cpu", "--output_path", str(args.work / f"lm_eval_{shots}shot")]
         line = (f"{shots}-shot: ours acc {ours['acc']:.4f} ({ours['n']} questions); transformers logits acc "
                 f"{theirs['acc']:.4f} (largest log-likelihood difference {gap:.2e})")
-        if shutil.which("lm_eval"):
+        if importlib.util.find_spec("lm_eval"):  # this interpreter's lm-eval, not one on PATH
             subprocess.run(command, check=True)
             found = sorted((args.work / f"lm_eval_{shots}shot").rglob("results_*.json"))[-1]
             harness = json.loads(found.read_text())["results"][GROUP]["acc,none"]
