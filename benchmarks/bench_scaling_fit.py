@@ -1,9 +1,9 @@
-"""What Chinchilla approach 3 costs with one scipy L-BFGS-B run per grid start (issue 10's wording)
-against `fit_loss` as built (vectorised Levenberg-Marquardt from every start, L-BFGS-B polish of
-the best distinct end points), on the default CPU sweep's 9 points and a synthetic 30-point sweep.
+"""What Chinchilla approach 3 costs by each `fit_loss` method: `lbfgsb` (one scipy L-BFGS-B run per
+grid start, issue 10's wording) and `descend` (the default: vectorised Levenberg-Marquardt from
+every start, L-BFGS-B from the best distinct end points), on the default CPU sweep's 9 points and
+a synthetic 30-point sweep.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_scaling_fit      # BLAS on one thread (as Snakemake runs a 1-thread rule)
-    python -m benchmarks.bench_scaling_fit --every 45             # BLAS threads as they come; every 45th start
+    python -m benchmarks.bench_scaling_fit
 
 Prints one line per sweep and method: wall and CPU seconds, converged runs, the objective and
 the fitted parameters (docs/scaling.md quotes them).
@@ -44,21 +44,14 @@ def timed(f):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--every", type=int, default=1, help="L-BFGS-B from every k-th grid start only")
-    args = parser.parse_args()
-    starts = fit.grid_starts()[::args.every]
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     for name, sweep in {"default 9-point": DEFAULT_SWEEP, "synthetic 30-point": synthetic_sweep()}.items():
         N, D, loss = (np.asarray(sweep[k], dtype=np.float64) for k in ("N", "D", "loss"))
-        built, wall, cpu = timed(lambda: fit.fit_loss(N, D, loss))
-        print(f"{name} | fit_loss (LM from {built['grid_starts']}, L-BFGS-B x {built['polished']}) | "
-              f"{wall:.1f} s | {cpu:.1f} CPU-s | {built['objective']:.6g} | "
-              + ", ".join(f"{k} {built[k]:.4g}" for k in fit.PARAMS), flush=True)
-        found, wall, cpu = timed(lambda: fit._polish(starts, N, D, loss, 1e-3))
-        params = fit._as_params(found[0][1])
-        print(f"{name} | L-BFGS-B from {len(starts)} starts ({len(found)} converged) | {wall:.1f} s | "
-              f"{cpu:.1f} CPU-s | {found[0][0]:.6g} | " + ", ".join(f"{k} {params[k]:.4g}" for k in fit.PARAMS),
-              flush=True)
+        for method in fit.METHODS:
+            found, wall, cpu = timed(lambda: fit.fit_loss(N, D, loss, method=method))
+            print(f"{name} | {method}: L-BFGS-B from {found['polished']} of {found['grid_starts']} starts "
+                  f"({found['converged_starts']} converged) | {wall:.1f} s | {cpu:.1f} CPU-s | "
+                  f"{found['objective']:.6g} | " + ", ".join(f"{k} {found[k]:.4g}" for k in fit.PARAMS), flush=True)
 
 
 if __name__ == "__main__":

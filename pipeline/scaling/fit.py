@@ -6,9 +6,9 @@ Besiroglu et al. 2024, https://arxiv.org/abs/2404.10102):
     L(N, D) = E + A / N^alpha + B / D^beta,   log L = LSE(a - alpha log N, b - beta log D, e)
 
 with A = exp(a), B = exp(b), E = exp(e). The fit minimises the sum of Huber losses (delta 1e-3)
-of the log-loss residuals from every point of a grid of initialisations (all descended at once,
-the best distinct end points run to convergence by L-BFGS-B: see LM_STEPS below), keeping the
-best converged result. Under C = 6 N D the compute-optimal allocation is
+of the log-loss residuals from every point of a grid of initialisations, keeping the best
+converged result: by default all starts descended at once and the best distinct end points run to
+convergence by L-BFGS-B (METHODS below); `method="lbfgsb"` runs L-BFGS-B from every start. Under C = 6 N D the compute-optimal allocation is
 
     N*(C) = G (C/6)^(beta/(alpha+beta)),  D*(C) = (C/6)^(alpha/(alpha+beta)) / G,
     G = (alpha A / (beta B))^(1/(alpha+beta)).
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 PARAMS = ("E", "A", "B", "alpha", "beta")
@@ -36,11 +37,12 @@ GRID = {"a": np.arange(0, 26, 5.0), "b": np.arange(0, 26, 5.0), "e": np.arange(-
 # max(|f|, 1)): L-BFGS-B minimises it divided by delta^2 (same minimiser), so its default-like
 # tolerances stop a run at its minimum, not at its start (measured: unscaled, refits barely moved).
 LBFGSB_OPTIONS = {"ftol": 1e-12, "gtol": 1e-9, "maxiter": 500}
-# Every grid start is first descended by a vectorised Levenberg-Marquardt (Gauss-Newton on the
-# Huber weights, all 4,500 starts as one array); L-BFGS-B then polishes each distinct end point.
-# One scipy run per start (issue 10's wording) reached the same minimum to every printed digit for
-# ~30 CPU-s a fit with one BLAS thread, and ~15 CPU-minutes with OpenBLAS's default threads on a
-# loaded 2-core machine; this costs ~1-3 s (docs/scaling.md, benchmarks/bench_scaling_fit.py).
+# "descend" (the default): every grid start is first descended by a vectorised Levenberg-Marquardt
+# (Gauss-Newton on the Huber weights, all 4,500 starts as one array); L-BFGS-B then polishes the
+# best distinct end points (~1-3 CPU-s). "lbfgsb": one L-BFGS-B run from each start, the issue's
+# method to the letter (~30 CPU-s). Both reached the same minimum to every printed digit
+# (docs/scaling.md, benchmarks/bench_scaling_fit.py).
+METHODS = ("descend", "lbfgsb")
 LM_STEPS = 150
 POLISHED = 8  # distinct LM end points (lowest objective first) polished by L-BFGS-B
 BOUNDS = [(-10.0, 100.0), (-10.0, 100.0), (-10.0, 5.0), (0.0, 10.0), (0.0, 10.0)]
@@ -89,13 +91,15 @@ def _polish(starts: np.ndarray, N: np.ndarray, D: np.ndarray, loss: np.ndarray,
 
     args = (np.log(N), np.log(D), np.log(loss), delta)
     found = []
-    for x0 in starts:
-        result = minimize(scaled, np.clip(x0, *np.array(BOUNDS).T), args=args, jac=True, method="L-BFGS-B",
-                          bounds=BOUNDS, options=LBFGSB_OPTIONS)
-        # a start already at the minimum ends in a failed line search: converged all the same
-        at_minimum = result.status == 2 and np.abs(result.jac).max() < 1e-3
-        if (result.success or at_minimum) and np.isfinite(result.fun):
-            found.append((float(result.fun) / scale, result.x))
+    # L-BFGS-B's BLAS calls on 5-vectors: OpenBLAS's threads cost ~25x more than they save (docs/scaling.md)
+    with threadpool_limits(limits=1):
+        for x0 in tqdm(starts, desc="L-BFGS-B", unit="start", disable=len(starts) < 100 or None):
+            result = minimize(scaled, np.clip(x0, *np.array(BOUNDS).T), args=args, jac=True,
+                              method="L-BFGS-B", bounds=BOUNDS, options=LBFGSB_OPTIONS)
+            # a start already at the minimum ends in a failed line search: converged all the same
+            at_minimum = result.status == 2 and np.abs(result.jac).max() < 1e-3
+            if (result.success or at_minimum) and np.isfinite(result.fun):
+                found.append((float(result.fun) / scale, result.x))
     if not found:
         raise RuntimeError(f"no L-BFGS-B run converged from {len(starts)} starts on {len(N)} points")
     return sorted(found, key=lambda t: t[0])
@@ -147,13 +151,16 @@ def grid_starts() -> np.ndarray:
 
 
 def fit_loss(N: Sequence[float], D: Sequence[float], loss: Sequence[float], *,
-             delta: float = 1e-3) -> dict[str, Any]:
+             delta: float = 1e-3, method: str = "descend") -> dict[str, Any]:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to points (N params, D tokens, final loss) by
-    Chinchilla's approach 3 (the module docstring): every grid start descended (vectorised), the
-    POLISHED best distinct end points run to convergence by L-BFGS-B, the best kept. Returns E, A,
-    B, alpha, beta; theta (a, b, e, alpha, beta); the summed Huber objective; how many polished
-    runs converged; and `solutions`, the best distinct converged thetas (local minima show up
-    there; the bootstrap starts from them)."""
+    Chinchilla's approach 3 (the module docstring) from every grid start: `descend` descends them
+    all at once (vectorised) and runs the POLISHED best distinct end points to convergence by
+    L-BFGS-B; `lbfgsb` runs L-BFGS-B from each start. The best converged result is kept. Returns
+    E, A, B, alpha, beta; theta (a, b, e, alpha, beta); the summed Huber objective; how many
+    L-BFGS-B runs there were and converged; and `solutions`, the best distinct converged thetas
+    (local minima show up there; the bootstrap starts from them)."""
+    if method not in METHODS:
+        raise ValueError(f"fit_loss: method must be one of {METHODS}; got {method!r}")
     N, D, loss = (np.asarray(x, dtype=np.float64) for x in (N, D, loss))
     if not (len(N) == len(D) == len(loss)) or len(N) < len(PARAMS):
         raise ValueError(f"fit_loss needs at least {len(PARAMS)} points with N, D and loss each; "
@@ -161,11 +168,14 @@ def fit_loss(N: Sequence[float], D: Sequence[float], loss: Sequence[float], *,
     if (N <= 0).any() or (D <= 0).any() or not np.isfinite(loss).all() or (loss <= 0).any():
         raise ValueError("fit_loss needs positive N and D and positive finite losses")
     starts = grid_starts()
-    ends, values = _descend(starts, np.log(N), np.log(D), np.log(loss), delta)
-    order = np.argsort(values, kind="stable")
-    _, first = np.unique(np.round(ends[order], 2), axis=0, return_index=True)
-    distinct = ends[order][np.sort(first)][:POLISHED]
-    found = _polish(distinct, N, D, loss, delta)
+    if method == "descend":
+        ends, values = _descend(starts, np.log(N), np.log(D), np.log(loss), delta)
+        order = np.argsort(values, kind="stable")
+        _, first = np.unique(np.round(ends[order], 2), axis=0, return_index=True)
+        polished = ends[order][np.sort(first)][:POLISHED]
+    else:
+        polished = starts
+    found = _polish(polished, N, D, loss, delta)
     solutions, seen = [], set()
     for value, theta in found:
         key = tuple(np.round(theta, 3))
@@ -176,8 +186,8 @@ def fit_loss(N: Sequence[float], D: Sequence[float], loss: Sequence[float], *,
     at_bound = [name for name, x, (lo, hi) in zip(("a", "b", "e", "alpha", "beta"), theta, BOUNDS)
                 if min(x - lo, hi - x) < 1e-6]
     return {**_as_params(theta), "theta": [float(x) for x in theta], "objective": value, "at_bound": at_bound,
-            "grid_starts": len(starts), "polished": len(distinct), "converged_starts": len(found),
-            "points": len(N), "solutions": solutions}
+            "method": method, "grid_starts": len(starts), "polished": len(polished),
+            "converged_starts": len(found), "points": len(N), "solutions": solutions}
 
 
 def compute_optimal(params: dict[str, float], C: float | np.ndarray) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def fit_sweep(points: list[dict[str, Any]], scaling: dict[str, Any]) -> dict[str
     kept = [p for p in points if not p["excluded"]]
     N, D, loss = (np.array([p[key] for p in kept], dtype=np.float64) for key in ("N", "D", "loss"))
     log.info("approach 3: fitting %d points from %d grid starts", len(kept), len(grid_starts()))
-    fit = fit_loss(N, D, loss, delta=scaling["delta"])
+    fit = fit_loss(N, D, loss, delta=scaling["delta"], method=scaling["method"])
     budgets = sorted({p["flops"] for p in points if p["flops"] is not None})
     targets = budgets + [float(scaling["target_flops"])]
     boot = bootstrap(N, D, loss, np.array([s["theta"] for s in fit["solutions"][:BOOTSTRAP_STARTS]]),
@@ -95,12 +95,13 @@ def _ci(value: float, ci: list[float], fmt: str) -> str:
 def markdown(result: dict[str, Any], scaling: dict[str, Any]) -> str:
     fit, boot, points = result["approach3"], result["bootstrap"], result["points"]
     level = f"{boot['level']:.0%}"
+    how = (f"all descended at once, the {fit['polished']} best distinct end points run to convergence by L-BFGS-B"
+           if fit["method"] == "descend" else "one L-BFGS-B run from each")
     lines = ["# Scaling-law fit", "",
              f"{len(points)} pretrain runs; N counts {result['params_counted'].replace('_', '-')} parameters; "
              f"D is the tokens each run trained on. Approach 3 fits {fit['points']} points "
-             f"({scaling['exclude_highest']} highest-loss excluded): {fit['grid_starts']} grid starts descended, "
-             f"the {fit['polished']} best distinct end points run to convergence by L-BFGS-B ({fit['converged_starts']} "
-             f"converged), Huber delta {scaling['delta']:g} on log L. CIs are "
+             f"({scaling['exclude_highest']} highest-loss excluded) from {fit['grid_starts']} grid starts: "
+             f"{how} ({fit['converged_starts']} converged), Huber delta {scaling['delta']:g} on log L. CIs are "
              f"{level} percentile intervals over {boot['resamples']} bootstrap resamples of the runs "
              f"(seed {boot['seed']}, {boot['failed']} failed).", "",
              "## Runs", "", "| budget | size | N | D (tokens) | D/N | C = 6ND | C (model count) | final val loss |",
