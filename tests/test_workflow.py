@@ -10,6 +10,7 @@ import sys
 
 import polars as pl
 import pytest
+import yaml
 
 from conftest import ROOT
 from pipeline.artifacts import verify
@@ -100,3 +101,14 @@ def test_the_report_counts_the_sealed_shards_not_a_stale_manifest_left_in_the_fo
         assert (data / "drop_report.json").read_bytes() == report
     finally:
         stale.unlink()
+
+
+def test_conda_environment_pins_what_pyproject_pins():
+    """envs/wetstone.yaml (rules under --software-deployment-method conda) must install every
+    dependency of pyproject.toml with the same pin (torch comes from conda-forge as pytorch)."""
+    import tomllib
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((ROOT / "envs" / "wetstone.yaml").read_text())["dependencies"]
+    conda_pip = {line.strip() for entry in env if isinstance(entry, dict) for line in entry["pip"]}
+    missing = [pin for pin in pins if not pin.startswith("torch") and pin not in conda_pip]
+    assert not missing, f"envs/wetstone.yaml lacks (or pins differently) {missing}"
