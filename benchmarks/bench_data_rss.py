@@ -41,14 +41,14 @@ def job_figures(bench: Path) -> dict[str, tuple[float, float, float, int]]:
     return figures
 
 
-def run_copies(copies: int, source: Path, tmp: Path) -> dict[str, tuple[float, float, float, int]]:
+def run_copies(copies: int, source: Path, tmp: Path, cores: int = 2) -> dict[str, tuple[float, float, float, int]]:
     wet = tmp / f"x{copies}.warc.wet.gz"
     wet.write_bytes(SAMPLE.read_bytes() * copies)  # gzip members back to back: one valid WET file
     configfile = tmp / f"x{copies}.yaml"
     configfile.write_text(yaml.safe_dump({"inputs": {"wet": [str(wet)], "warc": []},
                                           "results": str(tmp / "results"), "run": f"x{copies}"}))
     env = {**os.environ, "PYTHONPATH": str(source)}
-    subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "data", "--quiet",
+    subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(cores), "data", "--quiet",
                     "--configfile", str(configfile)], cwd=source, env=env, check=True, capture_output=True)
     return job_figures(tmp / "results" / f"x{copies}" / "benchmarks")
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import RESOURCES, make_docs, write_stage_docs
 from pipeline.data.decontaminate import EvalIndex, decontaminate, example_ngrams, load_evalsets, words
 from pipeline.data.docs import DOC_COLUMNS
-from pipeline.eval.mmlu import read_split
+from pipeline.eval.mmlu_data import read_split
 from pipeline.tasks import get_task
 
 GSM8K_QUESTION = ("A robe takes 2 bolts of blue fiber and half that much white fiber.  "

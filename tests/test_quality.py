@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import random
 from collections import Counter
 
 import pytest
@@ -14,8 +15,8 @@ from pipeline.__main__ import main
 from pipeline.cli import ConfigError
 from pipeline.config import load_schema, section_config
 from pipeline.data.docs import DOC_COLUMNS, LANG_COLUMNS, read_docs
-from pipeline.data.quality import (GROUPS, C4QualityFilter, build_filters, count_sentences, judge,
-                                   quality, split_words)
+from pipeline.data.quality import (GROUPS, C4QualityFilter, build_filters, count_sentences, dup_ngram_chars,
+                                   encode_words, judge, ngram_firsts, quality, split_words, top_ngram_chars)
 
 # A realistic English article (written for this test): it passes every rule with the defaults.
 PROSE = """How to keep a sourdough starter alive through the winter
@@ -204,6 +205,37 @@ def test_words_and_sentences_split_like_the_docstring_says():
     assert split_words("Don't e-mail the U.S. about 3.5% ... now #1") == [
         "Don't", "e-mail", "the", "U.S", ".", "about", "3.5", "%", "...", "now", "#", "1"]
     assert count_sentences("Mix the flour. Add water! Is it ready? yes, it is.") == 3
+
+
+def reference_ngram_chars(words: list[str], n: int) -> tuple[int, int]:
+    """(top n-gram characters, duplicated n-gram characters) the plain way, over tuples of words:
+    the definitions the integer-sort versions must keep exactly."""
+    grams = list(zip(*(words[i:] for i in range(n))))
+    top = 0
+    if grams:
+        gram, count = Counter(grams).most_common(1)[0]  # ties: the first seen
+        top = (sum(map(len, gram)) + n - 1) * count if count >= 2 else 0
+    seen, dup, i = set(), 0, 0
+    while i < len(grams):
+        if grams[i] in seen:
+            dup, i = dup + sum(map(len, grams[i])), i + n
+        else:
+            seen.add(grams[i])
+            i += 1
+    return top, dup
+
+
+def test_ngram_measures_match_the_plain_definition_on_repetitive_texts():
+    rng = random.Random(0)
+    for _ in range(3000):
+        vocab = [f"w{i}" * rng.randint(1, 3) for i in range(rng.choice([1, 2, 3, 8, 100]))]
+        words = [rng.choice(vocab) for _ in range(rng.randint(0, rng.choice([6, 40, 300])))]
+        ids, ends = encode_words(words)
+        firsts = ngram_firsts(ids, 10)
+        for n in range(2, 11):
+            top, dup = reference_ngram_chars(words, n)
+            assert top_ngram_chars(firsts[n], ends, n) == top, (words, n)
+            assert dup_ngram_chars(firsts[n], ends, n) == dup, (words, n)
 
 
 def test_schema_defaults_are_the_constructor_defaults():

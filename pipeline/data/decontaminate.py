@@ -85,7 +85,7 @@ def load_evalsets(spec: dict[str, Any], tasks_config: dict[str, Any] | None) -> 
     """{eval set name: example texts} from {"mmlu": path or null, "tasks": [task names]}."""
     evalsets: dict[str, list[str]] = {}
     if spec.get("mmlu"):
-        from pipeline.eval.mmlu import read_split
+        from pipeline.eval.mmlu_data import read_split
         evalsets["mmlu"] = [" ".join([item["question"], *item["choices"]])
                             for items in read_split(spec["mmlu"], "test").values() for item in items]
     for name in spec.get("tasks", []):

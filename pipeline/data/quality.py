@@ -40,6 +40,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import section_config
 from pipeline.data.docs import Doc, text_bytes
 from pipeline.data.steps import Decision, add_stage_arguments, run_doc_stage
@@ -68,11 +70,6 @@ def split_words(text: str) -> list[str]:
     return WORD_RE.findall(text)
 
 
-def is_word(token: str) -> bool:
-    """A word token, not a punctuation one (regex \\w is str.isalnum() or the underscore)."""
-    return token[0].isalnum() or token[0] == "_"
-
-
 def count_sentences(line: str) -> int:
     return len(SENTENCE_END_RE.split(line.strip()))
 
@@ -95,38 +92,67 @@ def find_duplicates(items: list[str]) -> tuple[int, int]:
     return n_dup, dup_chars
 
 
-def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return list(zip(*(words[i:] for i in range(n))))
+def encode_words(words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Words as integer ids (equal words, equal ids) and the running sum of their lengths from 0,
+    so that an n-gram is a row of ids and its characters one subtraction."""
+    vocab: dict[str, int] = {}
+    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=len(words))
+    ends = np.zeros(len(words) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)), out=ends[1:])
+    return ids, ends
 
 
-def top_ngram_chars(words: list[str], n: int) -> int:
+def ngram_firsts(ids: np.ndarray, max_n: int) -> dict[int, np.ndarray]:
+    """For n = 2..max_n: for the n-gram starting at each position, where the first n-gram equal
+    to it starts (an empty array when the text has fewer than n words). An n-gram is its
+    (n-1)-gram plus a word, so each n is one integer sort, exact since both parts are below
+    len(ids), instead of a Python loop over tuples of words."""
+    firsts: dict[int, np.ndarray] = {}
+    groups = ids  # 1-grams: equal words have equal ids
+    for n in range(2, max_n + 1):
+        if n > len(ids):
+            firsts[n] = np.zeros(0, dtype=np.int64)
+            continue
+        keys = groups[:len(ids) - n + 1] * len(ids) + ids[n - 1:]
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        groups = firsts[n] = first[inverse]
+    return firsts
+
+
+def top_ngram_chars(first: np.ndarray, ends: np.ndarray, n: int) -> int:
     """Characters covered by the most frequent n-gram (occurrences x its length with spaces,
-    as DataTrove counts it), or 0 when no n-gram occurs twice."""
-    counts = Counter(ngrams(words, n))
-    if not counts:
+    as DataTrove counts it), or 0 when no n-gram occurs twice; `first` from ngram_firsts."""
+    if not len(first):
         return 0
-    gram, count = counts.most_common(1)[0]  # ties: the first seen, so the result is deterministic
+    counts = np.bincount(first)  # occurrences, at each n-gram's first position
+    start = int(np.argmax(counts))  # ties: the first seen, so the result is deterministic
     # Differs from DataTrove: a text where nothing repeats is not repetitive. DataTrove blames
     # any text of a few words on its "top 2-gram"; here such a text falls to too_few_words.
-    if count < 2:
+    if counts[start] < 2:
         return 0
-    return (sum(map(len, gram)) + n - 1) * count
+    return int(ends[start + n] - ends[start] + n - 1) * int(counts[start])
 
 
-def dup_ngram_chars(words: list[str], n: int) -> int:
+def dup_ngram_chars(first: np.ndarray, ends: np.ndarray, n: int) -> int:
     """Characters (without spaces) in n-grams that repeat an earlier n-gram, scanning left to
-    right and jumping past a repeat so that overlapping repeats are not counted twice."""
-    grams = ngrams(words, n)
-    seen: set[tuple[str, ...]] = set()
+    right and jumping past a repeat so that overlapping repeats are not counted twice.
+
+    The scan visits only the n-grams that occurred before (a new one is always added and never
+    jumps); an earlier equal n-gram was seen unless the scan jumped over it."""
+    skipped = bytearray(len(first))  # 1 where the scan jumped over an n-gram
+    added_late: set[int] = set()  # n-grams whose first occurrence was jumped over, seen later
     chars, i = 0, 0
-    while i < len(grams):
-        gram = grams[i]
-        if gram in seen:
-            chars += sum(map(len, gram))
-            i += n
+    for pos in np.flatnonzero(first < np.arange(len(first))).tolist():
+        if pos < i:
+            continue
+        gram = int(first[pos])
+        if not skipped[gram] or gram in added_late:
+            chars += int(ends[pos + n] - ends[pos])
+            skipped[pos + 1:pos + n] = b"\x01" * len(skipped[pos + 1:pos + n])
+            i = pos + n
         else:
-            seen.add(gram)
-            i += 1
+            added_late.add(gram)
+            i = pos + 1
     return chars
 
 
@@ -168,14 +194,15 @@ class GopherRepetitionFilter:
             return False, "dup_line_frac"
         if self.dup_line_char_frac is not None and ratio(dup_chars, len(text)) > self.dup_line_char_frac:
             return False, "dup_line_char_frac"
-        words = split_words(text)
+        ids, ends = encode_words(split_words(text))
+        firsts = ngram_firsts(ids, max(self.dup_n_grams))
         # "top 2-gram character fraction 0.20, top 3-gram 0.18, top 4-gram 0.16"
         for n, max_frac in self.top_n_grams.items():
-            if max_frac is not None and ratio(top_ngram_chars(words, n), len(text)) > max_frac:
+            if max_frac is not None and ratio(top_ngram_chars(firsts[n], ends, n), len(text)) > max_frac:
                 return False, f"top_{n}_gram_char_frac"
         # "duplicate 5-gram character fraction 0.15, ... 10-gram 0.10"
         for n, max_frac in self.dup_n_grams.items():
-            if max_frac is not None and ratio(dup_ngram_chars(words, n), len(text)) > max_frac:
+            if max_frac is not None and ratio(dup_ngram_chars(firsts[n], ends, n), len(text)) > max_frac:
                 return False, f"dup_{n}_gram_char_frac"
         return True
 
@@ -204,7 +231,9 @@ class GopherQualityFilter:
     def filter(self, doc: Doc) -> Verdict:
         text = doc["text"]
         tokens = split_words(text)
-        words = [t for t in tokens if is_word(t)]
+        # word tokens, not punctuation ones (regex \w is str.isalnum() or the underscore); inline,
+        # as a call per token costs more than the test
+        words = [t for t in tokens if t[0].isalnum() or t[0] == "_"]
         # "any document that does not contain between 50 and 100,000 words"
         if self.min_doc_words is not None and len(words) < self.min_doc_words:
             return False, "too_few_words"
@@ -233,7 +262,7 @@ class GopherQualityFilter:
             return False, "too_many_ellipsis_lines"
         # "80% of words in a document contain at least one alphabetic character"
         # (DataTrove counts over all tokens, punctuation included; so do we)
-        alpha = sum(any(c.isalpha() for c in t) for t in tokens)
+        alpha = sum(1 for t in tokens if t.isalpha() or any(map(str.isalpha, t)))  # most words: the first test
         if self.min_alpha_words_ratio is not None and ratio(alpha, len(tokens)) < self.min_alpha_words_ratio:
             return False, "too_few_alpha_words"
         # "apply a 'stop word' filter, to remove documents that do not contain at least two of the
