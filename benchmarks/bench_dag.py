@@ -5,7 +5,7 @@
     .venv/bin/python -m benchmarks.bench_dag --kind warc --inputs 1000 10000 100000 --batch-size 100 10
         # WARC files (inputs.warc_batch_size): the `DAG build, WARC inputs` section
     .venv/bin/python -m benchmarks.bench_dag --kind warc --urls --inputs 10000 --batch-size 10
-        # WARC URLs in a list file (inputs.warc_list): a fetch_warc job per file; `DAG build, WARC URLs`
+        # WARC URLs in a list file (inputs.warc_list), a fetch_warc job each: `DAG build, WARC inputs, URLs`
 
 For each number of input files, that many empty files (named like Common Crawl's) go into a temporary
 folder, a config names them with one glob (or, with --urls, a list file names that many URLs), and
