@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from pipeline.config import input_shards, validate_config, wet_batches
+from pipeline.config import input_shards, validate_config, warc_batches, wet_batches
 
 
 configfile: "config.yaml"
@@ -28,8 +28,9 @@ LOGS = f"{RUN}/logs"
 BENCH = f"{RUN}/benchmarks"
 PY = sys.executable  # the interpreter running Snakemake, so rules use the same environment
 WET, WARC = input_shards(config["inputs"], base=workflow.basedir)  # {file's shard name: path or URL} each
-BATCHES = wet_batches(WET, config["inputs"]["batch_size"], taken=WARC)  # {shard: [WET file names]}
-SHARDS = {**BATCHES, **WARC}  # every web shard (a batch of WET files, or one WARC file): both meet at langid
+WARC_BATCHES = warc_batches(WARC, config["inputs"]["warc_batch_size"])  # {shard: [WARC file names]}
+WET_BATCHES = wet_batches(WET, config["inputs"]["batch_size"], taken=WARC_BATCHES)  # {shard: [WET file names]}
+SHARDS = {**WET_BATCHES, **WARC_BATCHES}  # every web shard (a batch of WET or of WARC files): both meet at langid
 
 
 def section(name):

@@ -219,13 +219,15 @@ def warc_shards(patterns: list[str], base: str | os.PathLike = ".",
     return _input_shards("inputs.warc", patterns, base, warc_shard_name, ".warc.gz", taken=wet or {})
 
 
-def listed_inputs(path: str | os.PathLike, prefix: str = "", base: str | os.PathLike = ".") -> list[str]:
-    """The WET files `inputs.wet_list` names: one path or URL per line of `path` (gzip when its
-    name ends in .gz, as Common Crawl's wet.paths.gz), `prefix` put before each line that is not a
-    URL or an absolute path. Blank lines and `#` comments are skipped."""
+def listed_inputs(path: str | os.PathLike, prefix: str = "", base: str | os.PathLike = ".",
+                  key: str = "inputs.wet_list") -> list[str]:
+    """The files a list file (`inputs.wet_list`, or `inputs.warc_list` as `key`) names: one path or
+    URL per line of `path` (gzip when its name ends in .gz, as Common Crawl's wet.paths.gz), `prefix`
+    put before each line that is not a URL or an absolute path. Blank lines and `#` comments are
+    skipped."""
     path = os.path.join(base, path)
     if not os.path.isfile(path):
-        raise ConfigError(f"config key 'inputs.wet_list': {path!r} is not a file")
+        raise ConfigError(f"config key '{key}': {path!r} is not a file")
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         lines = [line.strip() for line in f]
@@ -233,31 +235,50 @@ def listed_inputs(path: str | os.PathLike, prefix: str = "", base: str | os.Path
             for line in lines if line and not line.startswith("#")]
 
 
-def wet_batches(wet: dict[str, str], batch_size: int, taken: dict[str, str] | None = None) -> dict[str, list[str]]:
-    """Group WET shards (`wet_shards`' order) into {batch name: [shard, ...]}: runs of `batch_size`
-    consecutive shards, each run the unit of one data job. A batch is named after its first shard,
-    plus `.x<n>` when it holds n > 1, so `batch_size` 1 keeps every shard's own name (and bytes).
-    A name also made by another batch or by a WARC shard (in `taken`) is a config error."""
-    names = list(wet)
+def _batches(key: str, shards: dict[str, str], batch_size: int, taken: dict[str, str] | None,
+             suffix: str = "") -> dict[str, list[str]]:
+    """Runs of `batch_size` consecutive shards (in `shards`' order) as {batch name: [shard, ...]}.
+    A batch is named after its first shard, with `.x<n>` put before `suffix` when it holds n > 1,
+    so a batch size of 1 keeps every shard's own name (and bytes). A name also made by another
+    batch or in `taken` is a config error naming `key`."""
+    names = list(shards)
     batches: dict[str, list[str]] = {}
     for start in range(0, len(names), batch_size):
-        shards = names[start:start + batch_size]
-        name = shards[0] if len(shards) == 1 else f"{shards[0]}.x{len(shards)}"
+        run = names[start:start + batch_size]
+        name = run[0] if len(run) == 1 else f"{run[0].removesuffix(suffix)}.x{len(run)}{suffix}"
         if name in batches or name in (taken or {}):
-            raise ConfigError(f"config key 'inputs.batch_size': batch {name!r} (from {wet[shards[0]]!r}) "
+            raise ConfigError(f"config key '{key}': batch {name!r} (from {shards[run[0]]!r}) "
                               "has the name of another batch or input; rename that input")
-        batches[name] = shards
+        batches[name] = run
     return batches
+
+
+def wet_batches(wet: dict[str, str], batch_size: int, taken: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Group WET shards (`wet_shards`' order) into {batch name: [shard, ...]}: runs of `batch_size`
+    consecutive shards, each run the unit of one data job, named `<first>` or `<first>.x<n>`.
+    A name also made by another batch or by a WARC batch (in `taken`) is a config error."""
+    return _batches("inputs.batch_size", wet, batch_size, taken)
+
+
+def warc_batches(warc: dict[str, str], batch_size: int) -> dict[str, list[str]]:
+    """Group WARC shards (`warc_shards`' order) into runs of `batch_size` as `wet_batches` does,
+    named `<first stem>.warc` or `<first stem>.x<n>.warc`: every WARC shard name ends in `.warc`,
+    and a WET batch of several files ends in `.x<n>`, so the two never meet (a one-file WET shard
+    ending in `.warc` is checked by `wet_batches`)."""
+    return _batches("inputs.warc_batch_size", warc, batch_size, taken=None, suffix=WARC_SHARD_SUFFIX)
 
 
 def input_shards(inputs: dict[str, Any], base: str | os.PathLike = ".") -> tuple[dict[str, str], dict[str, str]]:
     """({WET shard: path or URL}, {WARC shard: path or URL}) of the `inputs` section (inputs.wet,
-    then inputs.wet_list's files); at least one input file in all."""
+    then inputs.wet_list's files; inputs.warc, then inputs.warc_list's); at least one input file in all."""
     wet = wet_shards(inputs.get("wet", []), base)
     if inputs.get("wet_list"):
         listed = listed_inputs(inputs["wet_list"], inputs.get("wet_list_prefix", ""), base)
         wet |= _input_shards("inputs.wet_list", listed, base, shard_name, ".warc.wet.gz", taken=wet)
     warc = warc_shards(inputs.get("warc", []), base, wet)
+    if inputs.get("warc_list"):
+        listed = listed_inputs(inputs["warc_list"], inputs.get("warc_list_prefix", ""), base, key="inputs.warc_list")
+        warc |= _input_shards("inputs.warc_list", listed, base, warc_shard_name, ".warc.gz", taken={**wet, **warc})
     if not wet and not warc:
         raise ConfigError("config keys 'inputs.wet' and 'inputs.warc': no input files (give at least one)")
     return wet, warc

@@ -1,5 +1,5 @@
 # The web-data half: per shard (one job each, so a cluster spreads them over nodes); a WET shard is a
-# batch of inputs.batch_size WET files (one file by default), a WARC shard one WARC file
+# batch of inputs.batch_size WET files, a WARC shard of inputs.warc_batch_size WARC files (one by default)
 #   WET:  ingest ------------------\
 #   WARC: url_filter -> extract ----> langid -> quality -> dedup_signatures      (group `signatures`)
 # then one dedup_band job per LSH band (and one for exact text), one global dedup (clusters) job
@@ -7,7 +7,7 @@
 # decontaminated/ (on the text as crawled), pii -> clean/ (the last text change; group `clean`), and
 # the report. On a cluster each group runs a shard's chain as one job (the SLURM profile's
 # group-components packs several shards into one), not one job per shard per stage.
-# WARC shards are named <stem>.warc, so they never meet a WET shard's name.
+# WARC shards are named <first stem>.warc or <first stem>.x<n>.warc, so they never meet a WET shard's name.
 # Every per-shard stage writes <shard>.manifest.json; `seal` merges them into the stage folder's
 # manifest.json. A stage checks each input against the manifest that names it (inputs `upstream`),
 # so those manifests are inputs too: a lost one reruns the job that writes it.
@@ -16,7 +16,7 @@ import os
 from pipeline.data.url_filter import block_lists
 
 # stage folder -> the shards whose jobs write into it (an entry point with no inputs has none)
-FOLDER_SHARDS = {"ingest": BATCHES, "url_filter": WARC, "extract": WARC, "langid": SHARDS, "quality": SHARDS,
+FOLDER_SHARDS = {"ingest": WET_BATCHES, "url_filter": WARC_BATCHES, "extract": WARC_BATCHES, "langid": SHARDS, "quality": SHARDS,
                  "dedup/signatures": SHARDS, "deduped": SHARDS, "decontaminated": SHARDS, "clean": SHARDS}
 STAGE_FOLDERS = [folder for folder, shards in FOLDER_SHARDS.items() if shards]
 ENTRIES = [entry for entry, shards in (("wet", WET), ("warc", WARC)) if shards]
@@ -26,15 +26,14 @@ def wet_input(wildcards):
     """The WET files of a batch: a local file as is; a URL comes through the fetch_wet rule into
     the run folder."""
     return [f"{RUN}/downloads/{name}.warc.wet.gz" if WET[name].startswith(("http://", "https://")) else WET[name]
-            for name in BATCHES[wildcards.shard]]
+            for name in WET_BATCHES[wildcards.shard]]
 
 
 def warc_input(wildcards):
-    """A local WARC file as is; a URL comes through the fetch_warc rule into the run folder."""
-    source = WARC[wildcards.shard]
-    if source.startswith(("http://", "https://")):
-        return f"{RUN}/downloads/warc/{wildcards.shard}.gz"
-    return source
+    """The WARC files of a batch: a local file as is; a URL comes through the fetch_warc rule into
+    the run folder."""
+    return [f"{RUN}/downloads/warc/{name}.gz" if WARC[name].startswith(("http://", "https://")) else WARC[name]
+            for name in WARC_BATCHES[wildcards.shard]]
 
 
 # url_filter.lists: {name: path or URL}, and the local files the job reads (fetch_url_list downloads URLs)
@@ -45,7 +44,7 @@ URL_LIST_FILES = {name: f"{RUN}/downloads/lists/{name}.txt" if path.startswith((
 
 def entry_output(wildcards, kind):
     """langid's input for a shard: ingest's output for a WET shard, extract's for a WARC shard."""
-    folder = "extract" if wildcards.shard in WARC else "ingest"
+    folder = "extract" if wildcards.shard in WARC_BATCHES else "ingest"
     return f"{DATA}/{folder}/{wildcards.shard}.{kind}"
 
 
@@ -65,7 +64,7 @@ rule fetch_wet:  # one per WET file given as a URL (`shard`: that file's own nam
         "{PY} -m pipeline fetch {params.url:q} {output:q} --config {params.config:q} --log {log:q}"
 
 
-rule fetch_warc:
+rule fetch_warc:  # one per WARC file given as a URL (`shard`: that file's own name)
     output:
         f"{RUN}/downloads/warc/{{shard}}.gz",
     log:

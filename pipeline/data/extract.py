@@ -1,8 +1,8 @@
-"""extract: the main text of each HTML response in one WARC file, with trafilatura.
+"""extract: the main text of each HTML response in one WARC file (or a batch of them), with trafilatura.
 
-Reads the WARC file beside the url_filter job's list of responses that passed (the same file,
-framed the same way), and for each of those, in order, drops with a reason or keeps the page's
-main text (menus, sidebars and footers removed), as FineWeb does:
+Reads the WARC files beside the url_filter job's list of responses that passed (the same files,
+in the same order, framed the same way), and for each of those, in order, drops with a reason or
+keeps the page's main text (menus, sidebars and footers removed), as FineWeb does:
 
 - framing, as ingest: `bad_header`, `truncated`, `length_mismatch`, then `digest_mismatch`
   (WARC-Block-Digest over the HTTP block);
@@ -19,8 +19,9 @@ main text (menus, sidebars and footers removed), as FineWeb does:
 - `extraction_empty`: trafilatura found no main text.
 
 Kept documents carry `input` "warc" and `extractor` "trafilatura <version>" (WET documents:
-"wet", "commoncrawl-wet"). trafilatura's `deduplicate` cache is new per job, so a page's text
-depends only on the pages before it in its own file: the same file gives the same bytes.
+"wet", "commoncrawl-wet"). trafilatura's `deduplicate` cache is new per file, so a page's text
+depends only on the pages before it in its own file: the same file gives the same bytes, alone
+or in a batch.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import re
 import signal
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import charset_normalizer
@@ -48,11 +49,11 @@ from warcio.bufferedreaders import ChunkedDataReader
 from warcio.statusandheaders import StatusAndHeaders, StatusAndHeadersParser
 
 from pipeline.artifacts import read_manifest, upstream_manifest
-from pipeline.config import section_config, warc_shard_name
+from pipeline.config import section_config
 from pipeline.data.docs import DOC_COLUMNS, REMOVED_COLUMNS, Doc, read_frame
 from pipeline.data.ingest import REMOVED_PREVIEW_BYTES, digest_matches
 from pipeline.data.steps import Funnel, add_stage_arguments, tally, write_stage_outputs
-from pipeline.data.url_filter import response_records
+from pipeline.data.url_filter import batch_paths, response_records
 
 log = logging.getLogger(__name__)
 
@@ -226,53 +227,57 @@ def judge(headers: StatusAndHeaders, block: bytes, problem: str | None, config: 
 # ---------------------------------------------------------------------------------------------
 # the stage
 
-def extract(warc_path: str, passed: str, *, output: str, removed: str, manifest: str,
+def extract(warc_path: str | Sequence[str], passed: str, *, output: str, removed: str, manifest: str,
             config: dict[str, Any]) -> dict[str, Any]:
-    """Extract the responses of `warc_path` that url_filter passed (`passed`, checked against its
-    manifest). A `passed` list of another version of the file fails naming both."""
+    """Extract the responses of `warc_path` (a file, or a batch in url_filter's order) that
+    url_filter passed (`passed`, checked against its manifest). A `passed` list of another
+    version of the files fails naming both."""
     config = section_config("extract", config)
-    wanted = {row["record"]: row for row in read_frame(passed).to_dicts()}
+    wanted = {(row["source"], row["record"]): row for row in read_frame(passed).to_dicts()}
     responses = read_manifest(upstream_manifest(passed))["counts"]["docs_in"]  # url_filter saw these
-    extractor = Extractor(config)
-    shard = warc_shard_name(warc_path)
+    paths = batch_paths(warc_path)
     funnel, stats = Funnel(), Counter()
     found = seen = 0
 
     def decide() -> Iterator[tuple[Doc, str | None, int]]:
         nonlocal found, seen
-        for record, headers, _, block, problem in response_records(warc_path, stats, funnel.errors):
-            seen += 1
-            row = wanted.get(record)
-            if row is None:  # url_filter dropped it and counted it
-                continue
-            if row["id"] != headers.get_header("WARC-Record-ID"):
-                raise ValueError(f"{passed} is stale for {warc_path}: response {record} is "
-                                 f"{headers.get_header('WARC-Record-ID')}, url_filter saw {row['id']}; rerun url_filter")
-            found += 1
-            reason, detail, text = judge(headers, block, problem, config, extractor, stats)
-            doc = {"id": row["id"], "url": row["url"], "date": row["date"], "source": shard, "text": text,
-                   "input": "warc", "extractor": EXTRACTOR}
-            yield (doc, None, len(block)) if reason is None else ({**doc, "detail": detail}, reason, len(block))
+        for shard, path in paths.items():
+            extractor = Extractor(config)  # a fresh dedup cache: a file's text is its own, batched or not
+            for record, headers, _, block, problem in response_records(path, stats, funnel.errors):
+                seen += 1
+                row = wanted.get((shard, record))
+                if row is None:  # url_filter dropped it and counted it
+                    continue
+                if row["id"] != headers.get_header("WARC-Record-ID"):
+                    raise ValueError(f"{passed} is stale for {path}: response {record} is "
+                                     f"{headers.get_header('WARC-Record-ID')}, url_filter saw {row['id']}; rerun url_filter")
+                found += 1
+                reason, detail, text = judge(headers, block, problem, config, extractor, stats)
+                doc = {"id": row["id"], "url": row["url"], "date": row["date"], "source": shard, "text": text,
+                       "input": "warc", "extractor": EXTRACTOR}
+                yield (doc, None, len(block)) if reason is None else ({**doc, "detail": detail}, reason, len(block))
 
     kept, dropped = tally("extract", decide(), funnel, total=len(wanted))
     if found != len(wanted) or seen != responses:
-        raise ValueError(f"{passed} is stale for {warc_path}: url_filter saw {responses} responses and passed "
-                         f"{len(wanted)}; the file has {seen}, {found} of those; rerun url_filter")
+        raise ValueError(f"{passed} is stale for {', '.join(paths.values())}: url_filter saw {responses} responses "
+                         f"and passed {len(wanted)}; the files have {seen}, {found} of those; rerun url_filter")
     return write_stage_outputs("extract", kept=kept, removed=dropped, funnel=funnel, docs_out=output,
-                               removed_out=removed, manifest=manifest, config=config, inputs=[warc_path, passed],
+                               removed_out=removed, manifest=manifest, config=config, inputs=[*paths.values(), passed],
                                kept_schema=DOC_COLUMNS, removed_schema=EXTRACT_REMOVED_COLUMNS,
                                metrics={"extractor": EXTRACTOR, "records": dict(sorted(stats.items()))})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stage_arguments(parser, config_help="the `extract` config section as JSON (or @file)",
-                        input_help="a WARC file of `response` records (.warc.gz)")
+                        input_help="WARC files of `response` records (.warc.gz), in url_filter's order",
+                        input_nargs="+")
     parser.add_argument("--passed", required=True, help="url_filter's list of responses that passed (parquet)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.isfile(args.input):
-        raise FileNotFoundError(f"extract: input WARC file {args.input} does not exist or is not a file")
+    for path in args.input:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"extract: input WARC file {path} does not exist or is not a file")
     extract(args.input, args.passed, output=args.output, removed=args.removed, manifest=args.manifest,
             config=args.config)
     return 0

@@ -8,9 +8,11 @@ comments; none is bundled. `domains` lists match a URL's host and every subdomai
 dropped as `url_blocklist:<name>` (the first list that matches, in config order), the entry that
 matched in the removed file's `match` column.
 
-Output: one row per response that passed (`record`: its place among the file's responses, id,
-url, date, source), which `extract` reads beside the WARC file; the bytes are the record's
-HTTP block, passed on unchanged. Only `response` records count as documents; a file with none
+Output: one row per response that passed (`record`: its place among its file's responses, id,
+url, date, `source`: its file's shard name), which `extract` reads beside the WARC files; the
+bytes are the record's HTTP block, passed on unchanged. A batch of WARC files
+(inputs.warc_batch_size) is read file after file into one output, the rows of each file as its
+own job would write them. Only `response` records count as documents; a file with none
 fails naming the file and what it holds (a WET file points to inputs.wet).
 """
 
@@ -20,7 +22,7 @@ import argparse
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -151,43 +153,58 @@ def load_filter(config: dict[str, Any], paths: dict[str, str]) -> UrlFilter:
 # ---------------------------------------------------------------------------------------------
 # the stage
 
-def url_filter(warc_path: str, *, output: str, removed: str, manifest: str, config: dict[str, Any],
+def batch_paths(warc_path: str | Sequence[str]) -> dict[str, str]:
+    """{shard name: path} of one WARC file or a batch of them, in order; two files of one name
+    (the same stem in two folders) cannot be told apart in the passed list, so they fail."""
+    paths: dict[str, str] = {}
+    for path in [warc_path] if isinstance(warc_path, str) else warc_path:
+        if (shard := warc_shard_name(path)) in paths:
+            raise ValueError(f"WARC files {paths[shard]} and {path} both make source {shard!r}; rename one")
+        paths[shard] = path
+    return paths
+
+
+def url_filter(warc_path: str | Sequence[str], *, output: str, removed: str, manifest: str, config: dict[str, Any],
                lists: dict[str, str] | None = None) -> dict[str, Any]:
+    """Filter one WARC file, or a batch of them (inputs.warc_batch_size) file after file."""
     config = section_config("url_filter", config)
     lists = lists or {}
     check = load_filter(config, lists)
-    shard = warc_shard_name(warc_path)
+    paths = batch_paths(warc_path)
     funnel, stats = Funnel(), Counter()
 
     def decide() -> Iterator[tuple[Doc, str | None, int]]:
-        for record, headers, _, block, _ in response_records(warc_path, stats, funnel.errors):
-            doc = {"record": record, "id": headers.get_header("WARC-Record-ID"),
-                   "url": headers.get_header("WARC-Target-URI"), "date": headers.get_header("WARC-Date"),
-                   "source": shard}
-            blocked = check.check(doc["url"])
-            if blocked is None:
-                yield doc, None, len(block)
-            else:
-                yield {**doc, "text": "", "match": blocked[1]}, blocked[0], len(block)
+        for shard, path in paths.items():
+            for record, headers, _, block, _ in response_records(path, stats, funnel.errors):
+                doc = {"record": record, "id": headers.get_header("WARC-Record-ID"),
+                       "url": headers.get_header("WARC-Target-URI"), "date": headers.get_header("WARC-Date"),
+                       "source": shard}
+                blocked = check.check(doc["url"])
+                if blocked is None:
+                    yield doc, None, len(block)
+                else:
+                    yield {**doc, "text": "", "match": blocked[1]}, blocked[0], len(block)
 
     kept, dropped = tally("url_filter", decide(), funnel)
     return write_stage_outputs("url_filter", kept=kept, removed=dropped, funnel=funnel, docs_out=output,
                                removed_out=removed, manifest=manifest, config=config,
-                               inputs=[warc_path, *(lists[name] for name in sorted(lists))],
+                               inputs=[*paths.values(), *(lists[name] for name in sorted(lists))],
                                kept_schema=PASSED_COLUMNS, removed_schema=URL_REMOVED_COLUMNS,
                                metrics={"record_types": dict(sorted(stats.items()))})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stage_arguments(parser, config_help="the `url_filter` config section as JSON (or @file)",
-                        input_help="a WARC file of `response` records (.warc.gz)")
+                        input_help="WARC files of `response` records (.warc.gz), read in order into one shard",
+                        input_nargs="+")
     parser.add_argument("--lists", type=json_arg, default={},
                         help="JSON {list name: local file} for the lists in config (URLs downloaded first)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.isfile(args.input):
-        raise FileNotFoundError(f"url_filter: input WARC file {args.input} does not exist or is not a file")
+    for path in args.input:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"url_filter: input WARC file {path} does not exist or is not a file")
     url_filter(args.input, output=args.output, removed=args.removed, manifest=args.manifest,
                config=args.config, lists=args.lists)
     return 0
