@@ -1,20 +1,28 @@
-"""Documents on disk: parquet files with fixed schemas, written atomically and deterministically.
+"""Documents on disk: parquet files with fixed schemas, streamed in and out a batch at a time,
+written atomically and deterministically.
 
 A document is a dict. Kept documents carry DOC_COLUMNS (langid adds `lang` and `lang_score`);
 dropped ones REMOVED_COLUMNS, with the reason and, for duplicates, the id they duplicate.
+
+A stage's memory is bounded by a batch, not by its shard: `iter_docs` reads a parquet file
+BATCH rows at a time (after checking it against its manifest), and `DocWriter` holds at most
+one row group (ROW_GROUP rows, as compact Arrow arrays) before writing it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.artifacts import atomic_path, read_checked
+from pipeline.artifacts import atomic_path, check_file, read_checked
 
 Doc = dict[str, Any]
 
@@ -33,12 +41,15 @@ REMOVED_COLUMNS: dict[str, pl.DataType] = {
 }
 DEDUP_REMOVED_COLUMNS: dict[str, pl.DataType] = {**REMOVED_COLUMNS, "duplicate_of": pl.String}
 
-# Fixed writer settings: the same rows always give the same bytes.
-_PARQUET = dict(compression="zstd", compression_level=3, statistics=False, row_group_size=8192)
+ROW_GROUP = 8192  # rows per row group: a writer holds one, a reader one at most
+BATCH = 1024      # rows per read batch, and per Python-to-Arrow conversion in the writer
+# Fixed writer settings: the same rows always give the same bytes (row groups cut by row count only).
+_PARQUET = dict(compression="zstd", compression_level=3, write_statistics=False)
 
 
 def read_frame(path: str | os.PathLike, columns: list[str] | None = None) -> pl.DataFrame:
-    """A stage's parquet input, checked against the manifest of the job that wrote it."""
+    """A small parquet input (a pair list, a cluster table) whole, checked against the manifest
+    of the job that wrote it."""
     return pl.read_parquet(io.BytesIO(read_checked(path)), columns=columns)
 
 
@@ -46,13 +57,86 @@ def read_docs(path: str | os.PathLike) -> list[Doc]:
     return read_frame(path).to_dicts()
 
 
+def iter_batches(path: str | os.PathLike, batch_size: int,
+                 columns: list[str] | None = None) -> Iterator[list[Doc]]:
+    """The rows of a stage's parquet output, `batch_size` at a time. The file is checked against
+    its manifest now, before any row is read (hashed in chunks, so a shard is never held whole)."""
+    check_file(path)
+    batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
+    return (batch.to_pylist() for batch in batches)
+
+
+def iter_docs(path: str | os.PathLike, columns: list[str] | None = None) -> Iterator[Doc]:
+    """The rows of a stage's parquet output one by one, read BATCH at a time (see iter_batches)."""
+    return (doc for batch in iter_batches(path, BATCH, columns=columns) for doc in batch)
+
+
+def parquet_schema(path: str | os.PathLike) -> dict[str, pl.DataType]:
+    return dict(pl.read_parquet_schema(path))
+
+
+class DocWriter:
+    """Write documents (only the schema's columns, in its order; a missing one is null) to `path`
+    as they come, atomically: the file appears under its name only when the `with` block ends
+    without an error. Rows go out in row groups of ROW_GROUP, so the same rows give the same
+    bytes however they arrive; a file with no rows still has the schema.
+
+        with DocWriter(path, DOC_COLUMNS) as out:
+            for doc in docs:
+                out.write(doc)
+        out.rows  # how many were written
+    """
+
+    def __init__(self, path: str | os.PathLike, schema: dict[str, pl.DataType]):
+        self.path = path
+        self.schema = pl.DataFrame(schema=schema).to_arrow().schema  # polars' types, as Arrow spells them
+        self.rows = 0
+        self._pending: list[Doc] = []           # Python rows not yet converted (fewer than BATCH)
+        self._group: list[pa.RecordBatch] = []  # converted rows of the open row group
+        self._context: contextlib.AbstractContextManager | None = None
+
+    def __enter__(self) -> DocWriter:
+        self._context = self._open()
+        return self._context.__enter__()
+
+    def __exit__(self, *exc) -> bool | None:
+        return self._context.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[DocWriter]:
+        with atomic_path(self.path) as tmp, pq.ParquetWriter(tmp, self.schema, **_PARQUET) as self._parquet:
+            yield self
+            self._flush()  # only when the block succeeded: on an error atomic_path drops the file
+
+    def write(self, doc: Doc) -> None:
+        self._pending.append(doc)
+        self.rows += 1
+        if len(self._pending) == BATCH:
+            self._convert()
+        if self.rows % ROW_GROUP == 0:
+            self._flush()
+
+    def write_all(self, docs: Iterable[Doc]) -> int:
+        for doc in docs:
+            self.write(doc)
+        return self.rows
+
+    def _convert(self) -> None:
+        if self._pending:
+            self._group.append(pa.RecordBatch.from_pylist(self._pending, schema=self.schema))
+            self._pending = []
+
+    def _flush(self) -> None:
+        self._convert()
+        if self._group:
+            self._parquet.write_table(pa.Table.from_batches(self._group, self.schema), row_group_size=ROW_GROUP)
+            self._group = []
+
+
 def write_docs(path: str | os.PathLike, rows: Iterable[Doc], schema: dict[str, pl.DataType]) -> int:
-    """Write `rows` (only the schema's columns, in its order) atomically; return the row count."""
-    rows = list(rows)
-    frame = pl.DataFrame([{k: row.get(k) for k in schema} for row in rows], schema=schema, orient="row")
-    with atomic_path(path) as tmp:
-        frame.write_parquet(tmp, **_PARQUET)
-    return len(rows)
+    """Write `rows` atomically through a DocWriter; return the row count."""
+    with DocWriter(path, schema) as out:
+        return out.write_all(rows)
 
 
 def text_bytes(doc: Doc) -> int:
@@ -60,4 +144,4 @@ def text_bytes(doc: Doc) -> int:
 
 
 def parquet_rows(path: str | os.PathLike) -> int:
-    return pl.scan_parquet(Path(path)).select(pl.len()).collect().item()
+    return pq.ParquetFile(Path(path)).metadata.num_rows

@@ -49,9 +49,9 @@ from warcio.statusandheaders import StatusAndHeaders, StatusAndHeadersParser
 
 from pipeline.artifacts import read_manifest, upstream_manifest
 from pipeline.config import section_config, warc_shard_name
-from pipeline.data.docs import DOC_COLUMNS, REMOVED_COLUMNS, Doc, read_frame
+from pipeline.data.docs import DOC_COLUMNS, REMOVED_COLUMNS, Doc, iter_docs, parquet_rows
 from pipeline.data.ingest import REMOVED_PREVIEW_BYTES, digest_matches
-from pipeline.data.steps import Funnel, add_stage_arguments, tally, write_stage_outputs
+from pipeline.data.steps import Funnel, add_stage_arguments, write_stage_outputs
 from pipeline.data.url_filter import response_records
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,8 @@ def extract(warc_path: str, passed: str, *, output: str, removed: str, manifest:
     """Extract the responses of `warc_path` that url_filter passed (`passed`, checked against its
     manifest). A `passed` list of another version of the file fails naming both."""
     config = section_config("extract", config)
-    wanted = {row["record"]: row for row in read_frame(passed).to_dicts()}
+    rows = iter_docs(passed)  # in the order of the file's responses, as url_filter wrote them
+    wanted = parquet_rows(passed)
     responses = read_manifest(upstream_manifest(passed))["counts"]["docs_in"]  # url_filter saw these
     extractor = Extractor(config)
     shard = warc_shard_name(warc_path)
@@ -240,10 +241,10 @@ def extract(warc_path: str, passed: str, *, output: str, removed: str, manifest:
 
     def decide() -> Iterator[tuple[Doc, str | None, int]]:
         nonlocal found, seen
+        row = next(rows, None)
         for record, headers, _, block, problem in response_records(warc_path, stats, funnel.errors):
             seen += 1
-            row = wanted.get(record)
-            if row is None:  # url_filter dropped it and counted it
+            if row is None or row["record"] != record:  # url_filter dropped it and counted it
                 continue
             if row["id"] != headers.get_header("WARC-Record-ID"):
                 raise ValueError(f"{passed} is stale for {warc_path}: response {record} is "
@@ -253,15 +254,15 @@ def extract(warc_path: str, passed: str, *, output: str, removed: str, manifest:
             doc = {"id": row["id"], "url": row["url"], "date": row["date"], "source": shard, "text": text,
                    "input": "warc", "extractor": EXTRACTOR}
             yield (doc, None, len(block)) if reason is None else ({**doc, "detail": detail}, reason, len(block))
+            row = next(rows, None)
+        if found != wanted or seen != responses:  # raised while writing: neither file is kept
+            raise ValueError(f"{passed} is stale for {warc_path}: url_filter saw {responses} responses and passed "
+                             f"{wanted}; the file has {seen}, {found} of those; rerun url_filter")
 
-    kept, dropped = tally("extract", decide(), funnel, total=len(wanted))
-    if found != len(wanted) or seen != responses:
-        raise ValueError(f"{passed} is stale for {warc_path}: url_filter saw {responses} responses and passed "
-                         f"{len(wanted)}; the file has {seen}, {found} of those; rerun url_filter")
-    return write_stage_outputs("extract", kept=kept, removed=dropped, funnel=funnel, docs_out=output,
+    return write_stage_outputs("extract", decide(), funnel=funnel, docs_out=output, total=wanted,
                                removed_out=removed, manifest=manifest, config=config, inputs=[warc_path, passed],
                                kept_schema=DOC_COLUMNS, removed_schema=EXTRACT_REMOVED_COLUMNS,
-                               metrics={"extractor": EXTRACTOR, "records": dict(sorted(stats.items()))})
+                               metrics={"extractor": EXTRACTOR, "records": stats})  # filled while the records stream
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
