@@ -152,3 +152,37 @@ def test_ingest_failing_on_a_damaged_file_leaves_no_output(tmp_path, small_batch
         ingest(str(wet), output=str(out / "k.parquet"), removed=str(out / "r.parquet"),
                manifest=str(out / "m.json"), config={"fail_on_damaged": True})
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_url_filter_and_extract_give_the_same_rows_in_small_batches(tmp_path, monkeypatch):
+    """The bundled WARC's 16 responses, some blocked: row groups of 4 (passed lists read 4 at a
+    time) against the default, which holds the whole sample in one."""
+    from collections import Counter
+
+    from conftest import SAMPLE_WARC
+    from pipeline.data.extract import extract
+    from pipeline.data.url_filter import response_records, url_filter
+
+    responses = response_records(str(SAMPLE_WARC), Counter(), [])
+    urls = [headers.get_header("WARC-Target-URI") for _, headers, *_ in responses]
+    blocked = tmp_path / "blocked.txt"
+    blocked.write_text("\n".join(urls[1:12:3]) + "\n")  # 4 of 16, spread over the file
+    config = {"lists": [{"name": "test", "kind": "substrings", "path": str(blocked)}]}
+    runs = {}
+    for name, row_group in (("whole", docs_module.ROW_GROUP), ("small", 4)):
+        monkeypatch.setattr(docs_module, "ROW_GROUP", row_group)
+        out = tmp_path / name
+        passed = out / "url_filter" / "s.parquet"
+        url_manifest = url_filter(str(SAMPLE_WARC), output=str(passed), removed=str(out / "rm_url.parquet"),
+                                  manifest=str(out / "url_filter" / "s.manifest.json"), config=config,
+                                  lists={"test": str(blocked)})
+        manifest = extract(str(SAMPLE_WARC), str(passed), output=str(out / "extract.parquet"),
+                           removed=str(out / "rm_extract.parquet"), manifest=str(out / "m.json"), config={})
+        runs[name] = ([pl.read_parquet(out / f).to_dicts() for f in ("url_filter/s.parquet", "rm_url.parquet",
+                                                                      "extract.parquet", "rm_extract.parquet")],
+                      url_manifest["counts"], url_manifest["metrics"], manifest["counts"], manifest["metrics"])
+    assert runs["small"] == runs["whole"]
+    (passed, blocked_rows, kept, _), url_counts, url_metrics, counts, metrics = runs["small"]
+    assert url_counts["dropped"] == {"url_blocklist:test": 4} and len(passed) == 12 == counts["docs_in"]
+    assert url_metrics["record_types"]["records_response"] == 16  # counted while the records streamed
+    assert metrics["records"] and len(kept) == counts["docs_out"] > 4
