@@ -61,10 +61,13 @@ def read_docs(path: str | os.PathLike) -> list[Doc]:
 def iter_batches(path: str | os.PathLike, batch_size: int,
                  columns: list[str] | None = None) -> Iterator[list[Doc]]:
     """The rows of a stage's parquet output, `batch_size` at a time. The file is checked against
-    its manifest now, before any row is read (hashed in chunks, so a shard is never held whole)."""
+    its manifest now, before any row is read (hashed in chunks, so a shard is never held whole).
+
+    Read by polars, a slice at a time (it reads only the row groups a slice touches): pyarrow's
+    reader keeps what its allocator freed, and grew by ~4 kB a document on a 31,700-document shard."""
     check_file(path)
-    batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
-    return (batch.to_pylist() for batch in batches)
+    frame = pl.scan_parquet(path).select(columns or pl.all())
+    return (frame.slice(start, batch_size).collect().to_dicts() for start in range(0, parquet_rows(path), batch_size))
 
 
 def iter_docs(path: str | os.PathLike, columns: list[str] | None = None) -> Iterator[Doc]:
