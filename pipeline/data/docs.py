@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import pyarrow.parquet as pq
 
 from pipeline.artifacts import atomic_path, check_file, read_checked
 
@@ -108,6 +107,8 @@ class DocWriter:
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[DocWriter]:
+        import pyarrow.parquet as pq  # here: readers (the tokenizer) need not pay its ~40 MB
+
         with atomic_path(self.path) as tmp, pq.ParquetWriter(tmp, self.schema, **_PARQUET) as self._parquet:
             yield self
             self._flush()  # only when the block succeeded: on an error atomic_path drops the file
@@ -143,4 +144,4 @@ def text_bytes(doc: Doc) -> int:
 
 
 def parquet_rows(path: str | os.PathLike) -> int:
-    return pq.ParquetFile(Path(path)).metadata.num_rows
+    return pl.scan_parquet(Path(path)).select(pl.len()).collect().item()
