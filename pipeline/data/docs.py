@@ -63,10 +63,11 @@ def iter_batches(path: str | os.PathLike, batch_size: int,
     its manifest now, before any row is read (hashed in chunks, so a shard is never held whole).
 
     Read by polars, a slice at a time (it reads only the row groups a slice touches): pyarrow's
-    reader keeps what its allocator freed, and grew by ~4 kB a document on a 31,700-document shard."""
+    reader kept what its allocator freed (langid: 287 MB instead of 219 MB on 31,700 documents)."""
     check_file(path)
     frame = pl.scan_parquet(path).select(columns or pl.all())
-    return (frame.slice(start, batch_size).collect().to_dicts() for start in range(0, parquet_rows(path), batch_size))
+    starts = range(0, parquet_rows(path), batch_size)
+    return (frame.slice(start, batch_size).collect().to_dicts() for start in starts)
 
 
 def iter_docs(path: str | os.PathLike, columns: list[str] | None = None) -> Iterator[Doc]:
