@@ -5,8 +5,9 @@
 Each size is one WET file: the sample's gzip members repeated (a valid multi-member WET of
 318 x copies records, every copy an exact duplicate). `snakemake --cores 2 data` runs on it from a
 fresh results folder and each rule's Snakemake benchmark file gives its job's peak RSS
-(`max_rss`), wall time and CPU time (`cpu_time`, which other load on the machine does not inflate). The goal is a flat line for the jobs that stream (ingest's read,
-dedup signatures, the band jobs); `--source` runs another checkout (e.g. main) for comparison.
+(`max_rss`), wall time and CPU time (`cpu_time`, which other load on the machine does not inflate). The goal is a flat line: every per-shard job streams its documents
+(1,024 at a time) and dedup signatures its batches; `--source` runs another checkout (e.g. main) for comparison.
+Snakemake samples memory a few times a second, so jobs of a second or two are under-counted.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def decontaminate(docs_in: str, *, output: str, removed: str, manifest: str, con
     index = EvalIndex(evalsets, config["ngram"], config["min_words"])
     overlapping: Counter = Counter(dict.fromkeys(index.sets, 0))
 
-    def decide(docs: list[Doc]) -> Iterator[Decision]:
+    def decide(docs: Iterator[Doc]) -> Iterator[Decision]:
         for doc in docs:
             found = [name for name in index.sets if name in index.overlaps(doc["text"])]
             overlapping.update(found)

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from pipeline.artifacts import atomic_path, check_file, write_manifest
 from pipeline.cli import json_arg
 from pipeline.config import section_config
-from pipeline.data.docs import DEDUP_REMOVED_COLUMNS, Doc, read_frame
+from pipeline.data.docs import DEDUP_REMOVED_COLUMNS, Doc, iter_batches, read_frame
 from pipeline.data.steps import Decision, add_stage_arguments, run_doc_stage
 
 log = logging.getLogger(__name__)
@@ -110,14 +110,6 @@ def signatures(docs: list[Doc], shard: str, config: dict[str, Any], first_row: i
         "has_signature": pl.Series([bool(s) for s in shingle_sets], dtype=pl.Boolean),
         "signature": pl.Series(values, dtype=pl.Array(pl.UInt32, num_perm)),
     })
-
-
-def doc_batches(path: str, batch_size: int) -> Iterator[list[Doc]]:
-    """The documents of a stage's parquet output (checked against its manifest first),
-    `batch_size` at a time, reading only the columns dedup needs."""
-    check_file(path)
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["id", "url", "text"]):
-        yield batch.to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +373,8 @@ def run_signatures(docs_in: str, *, output: str, buckets: str, manifest: str, co
     config = section_config("dedup", config)
     shard = Path(docs_in).name.removesuffix(".parquet")
     parts, row = [], 0
-    for docs in tqdm(doc_batches(docs_in, config["batch_size"]), desc="minhash", unit="batch", disable=None):
+    batches = iter_batches(docs_in, config["batch_size"], columns=["id", "url", "text"])  # only what dedup needs
+    for docs in tqdm(batches, desc="minhash", unit="batch", disable=None):
         parts.append(signatures(docs, shard, config, first_row=row))
         row += len(docs)
     frame = pl.concat(parts).rechunk() if parts else signatures([], shard, config)
@@ -436,9 +429,12 @@ def run_filter(docs_in: str, clusters: str, *, output: str, removed: str, manife
                config: dict[str, Any]) -> None:
     config = section_config("dedup", config)
     shard = Path(docs_in).name.removesuffix(".parquet")
-    duplicates = {r["row"]: r for r in read_frame(clusters).filter(pl.col("source") == shard).to_dicts()}
+    check_file(clusters)  # one table for the whole crawl: scan this shard's rows, never hold it whole
+    mine = (pl.scan_parquet(clusters).filter(pl.col("source") == shard)
+            .select("row", "id", "duplicate_of", "reason").collect(engine="streaming"))
+    duplicates = {r["row"]: r for r in mine.to_dicts()}
 
-    def decide(docs: list[Doc]) -> Iterator[Decision]:
+    def decide(docs: Iterator[Doc]) -> Iterator[Decision]:
         for row, doc in enumerate(docs):
             dup = duplicates.get(row)
             if dup is None:

@@ -50,9 +50,9 @@ from warcio.statusandheaders import StatusAndHeaders, StatusAndHeadersParser
 
 from pipeline.artifacts import read_manifest, upstream_manifest
 from pipeline.config import section_config
-from pipeline.data.docs import DOC_COLUMNS, REMOVED_COLUMNS, Doc, read_frame
+from pipeline.data.docs import DOC_COLUMNS, REMOVED_COLUMNS, Doc, iter_docs, parquet_rows
 from pipeline.data.ingest import REMOVED_PREVIEW_BYTES, digest_matches
-from pipeline.data.steps import Funnel, add_stage_arguments, tally, write_stage_outputs
+from pipeline.data.steps import Funnel, add_stage_arguments, write_stage_outputs
 from pipeline.data.url_filter import batch_paths, response_records
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,8 @@ def extract(warc_path: str | Sequence[str], passed: str, *, output: str, removed
     url_filter passed (`passed`, checked against its manifest). A `passed` list of another
     version of the files fails naming both."""
     config = section_config("extract", config)
-    wanted = {(row["source"], row["record"]): row for row in read_frame(passed).to_dicts()}
+    rows = iter_docs(passed)  # in the order of the files' responses, as url_filter wrote them
+    wanted = parquet_rows(passed)
     responses = read_manifest(upstream_manifest(passed))["counts"]["docs_in"]  # url_filter saw these
     paths = batch_paths(warc_path)
     funnel, stats = Funnel(), Counter()
@@ -241,12 +242,12 @@ def extract(warc_path: str | Sequence[str], passed: str, *, output: str, removed
 
     def decide() -> Iterator[tuple[Doc, str | None, int]]:
         nonlocal found, seen
+        row = next(rows, None)
         for shard, path in paths.items():
             extractor = Extractor(config)  # a fresh dedup cache: a file's text is its own, batched or not
             for record, headers, _, block, problem in response_records(path, stats, funnel.errors):
                 seen += 1
-                row = wanted.get((shard, record))
-                if row is None:  # url_filter dropped it and counted it
+                if row is None or (row["source"], row["record"]) != (shard, record):  # url_filter dropped it
                     continue
                 if row["id"] != headers.get_header("WARC-Record-ID"):
                     raise ValueError(f"{passed} is stale for {path}: response {record} is "
@@ -256,15 +257,15 @@ def extract(warc_path: str | Sequence[str], passed: str, *, output: str, removed
                 doc = {"id": row["id"], "url": row["url"], "date": row["date"], "source": shard, "text": text,
                        "input": "warc", "extractor": EXTRACTOR}
                 yield (doc, None, len(block)) if reason is None else ({**doc, "detail": detail}, reason, len(block))
+                row = next(rows, None)
+        if found != wanted or seen != responses:  # raised while writing: neither file is kept
+            raise ValueError(f"{passed} is stale for {', '.join(paths.values())}: url_filter saw {responses} "
+                             f"responses and passed {wanted}; the files have {seen}, {found} of those; rerun url_filter")
 
-    kept, dropped = tally("extract", decide(), funnel, total=len(wanted))
-    if found != len(wanted) or seen != responses:
-        raise ValueError(f"{passed} is stale for {', '.join(paths.values())}: url_filter saw {responses} responses "
-                         f"and passed {len(wanted)}; the files have {seen}, {found} of those; rerun url_filter")
-    return write_stage_outputs("extract", kept=kept, removed=dropped, funnel=funnel, docs_out=output,
+    return write_stage_outputs("extract", decide(), funnel=funnel, docs_out=output, total=wanted,
                                removed_out=removed, manifest=manifest, config=config, inputs=[*paths.values(), passed],
                                kept_schema=DOC_COLUMNS, removed_schema=EXTRACT_REMOVED_COLUMNS,
-                               metrics={"extractor": EXTRACTOR, "records": dict(sorted(stats.items()))})
+                               metrics={"extractor": EXTRACTOR, "records": stats})  # filled while the records stream
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

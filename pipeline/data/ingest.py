@@ -43,7 +43,7 @@ from warcio.statusandheaders import StatusAndHeaders, StatusAndHeadersParser
 
 from pipeline.config import section_config, shard_name
 from pipeline.data.docs import DOC_COLUMNS, Doc
-from pipeline.data.steps import Funnel, add_stage_arguments, tally, write_stage_outputs
+from pipeline.data.steps import Funnel, add_stage_arguments, write_stage_outputs
 
 log = logging.getLogger(__name__)
 
@@ -246,16 +246,19 @@ def ingest(wet_path: str | Sequence[str], *, output: str, removed: str, manifest
     config = section_config("ingest", config)
     paths = [wet_path] if isinstance(wet_path, str) else list(wet_path)
     funnel, stats = Funnel(), Counter()
-    records = chain.from_iterable(read_conversion_records(path, config["max_doc_bytes"], config["check_digests"],
-                                                          stats, funnel.errors) for path in paths)
-    kept, dropped = tally("ingest", records, funnel)
-    if funnel.errors and config["fail_on_damaged"]:
-        error = funnel.errors[0]
-        raise DamagedInput(f"{error['file']}: {error['error']} after {error['records_before']} "
-                           "records (ingest.fail_on_damaged is true)")
-    return write_stage_outputs("ingest", kept=kept, removed=dropped, funnel=funnel, docs_out=output,
+
+    def records() -> Iterator[tuple[Doc, str | None, int]]:
+        yield from chain.from_iterable(read_conversion_records(path, config["max_doc_bytes"], config["check_digests"],
+                                                               stats, funnel.errors) for path in paths)
+        if funnel.errors and config["fail_on_damaged"]:  # raised while writing: neither file is kept
+            error = funnel.errors[0]
+            raise DamagedInput(f"{error['file']}: {error['error']} after {error['records_before']} "
+                               "records (ingest.fail_on_damaged is true)")
+
+    return write_stage_outputs("ingest", records(), funnel=funnel, docs_out=output,
                                removed_out=removed, manifest=manifest, config=config, inputs=paths,
-                               kept_schema=DOC_COLUMNS, metrics={"record_types": dict(sorted(stats.items()))})
+                               kept_schema=DOC_COLUMNS,
+                               metrics={"record_types": stats})  # filled while the records stream
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

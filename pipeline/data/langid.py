@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,10 @@ def predict(model: Any, texts: list[str]) -> list[tuple[str, float]]:
             for label, score in zip(labels, scores)]
 
 
-def label_and_decide(model: Any, docs: list[Doc], languages: set[str], min_score: float,
+def label_and_decide(model: Any, docs: Iterable[Doc], languages: set[str], min_score: float,
                      language_mix: Counter) -> Iterator[Decision]:
-    for start in range(0, len(docs), BATCH):
-        batch = docs[start:start + BATCH]
+    docs = iter(docs)
+    while batch := list(itertools.islice(docs, BATCH)):  # fastText predicts a list of lines at once
         for doc, (lang, score) in zip(batch, predict(model, [d["text"] for d in batch])):
             language_mix[lang] += 1
             doc = {**doc, "lang": lang, "lang_score": score}
@@ -76,7 +77,7 @@ def langid(docs_in: str, *, output: str, removed: str, manifest: str, config: di
     model, model_path = load_model(config["model"])
     language_mix: Counter = Counter()
 
-    def decide(docs: list[Doc]) -> Iterator[Decision]:
+    def decide(docs: Iterator[Doc]) -> Iterator[Decision]:
         yield from label_and_decide(model, docs, set(config["languages"]), config["min_score"], language_mix)
 
     return run_doc_stage("langid", decide, docs_in=docs_in, docs_out=output, removed_out=removed,

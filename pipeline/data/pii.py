@@ -74,7 +74,7 @@ def pii(docs_in: str, *, output: str, removed: str, manifest: str, config: dict[
     per_doc: Counter = Counter()  # replacements in a document -> documents
     metrics: dict[str, Any] = {"enabled": enabled, "replaced": totals, "replacements_per_doc": per_doc}
 
-    def decide(docs: list[Doc]) -> Iterator[Decision]:
+    def decide(docs: Iterator[Doc]) -> Iterator[Decision]:
         for doc in docs:
             if not enabled:
                 yield doc, None

@@ -425,7 +425,7 @@ def quality(docs_in: str | os.PathLike, *, output: str | os.PathLike, removed: s
     # bytes_in = bytes_out + sum(dropped_bytes) + bytes_cleaned (what C4 took out of kept documents)
     metrics: dict[str, Any] = {"groups": [f.name for f in filters], "bytes_cleaned": 0}
 
-    def decide(docs: list[Doc]) -> Iterator[Decision]:
+    def decide(docs: Iterator[Doc]) -> Iterator[Decision]:
         for doc in docs:
             kept, reason = judge(filters, doc)
             if reason is None:

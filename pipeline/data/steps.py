@@ -1,9 +1,10 @@
 """What every document stage shares: the funnel count, and read -> decide -> write -> manifest.
 
-A stage is a `decide` function: given the shard's documents it yields, for each one in order,
-the document (perhaps changed, e.g. lines removed) and `None` to keep it or a reason string to
-drop it. `run_doc_stage` does the rest, the same way for every stage: it counts documents and
-bytes in and out and drops per reason, writes the kept and the removed documents, and writes the
+A stage is a `decide` function: given an iterator over the shard's documents (read a batch at a
+time) it yields, for each one in order, the document (perhaps changed, e.g. lines removed) and
+`None` to keep it or a reason string to drop it. `run_doc_stage` does the rest, the same way for
+every stage: it counts documents and bytes in and out and drops per reason, writes the kept and
+the removed documents as they are decided (memory holds a batch, not the shard), and writes the
 job's manifest. `docs_in == docs_out + sum(dropped)` holds by construction and is checked.
 """
 
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +21,13 @@ import polars as pl
 from tqdm import tqdm
 
 from pipeline.artifacts import write_manifest
-from pipeline.data.docs import REMOVED_COLUMNS, Doc, read_frame, text_bytes, write_docs
+from pipeline.data.docs import (REMOVED_COLUMNS, Doc, DocWriter, iter_docs, parquet_rows, parquet_schema,
+                                text_bytes)
 
 log = logging.getLogger(__name__)
 
 Decision = tuple[Doc, str | None]
-Decide = Callable[[list[Doc]], Iterable[Decision]]
+Decide = Callable[[Iterator[Doc]], Iterable[Decision]]
 
 
 @dataclass
@@ -65,39 +67,38 @@ class Funnel:
         }
 
 
-def write_stage_outputs(stage: str, *, kept: list[Doc], removed: list[Doc], funnel: Funnel,
+def write_stage_outputs(stage: str, decisions: Iterable[tuple[Doc, str | None, int]], *, funnel: Funnel,
                         docs_out: str | os.PathLike, removed_out: str | os.PathLike,
                         manifest: str | os.PathLike, config: Any, inputs: list[str | os.PathLike],
                         kept_schema: dict[str, pl.DataType],
                         removed_schema: dict[str, pl.DataType] = REMOVED_COLUMNS,
-                        metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write kept and removed documents, then the job manifest (last, so it never names a file
-    that is not complete)."""
-    n_kept = write_docs(docs_out, kept, kept_schema)
-    n_removed = write_docs(removed_out, removed, removed_schema)
+                        metrics: dict[str, Any] | None = None, total: int | None = None) -> dict[str, Any]:
+    """Count `decisions` and write the kept and the removed documents as they come (see tally),
+    then the job manifest (last, so it never names a file that is not complete). An error raised
+    while the decisions are read leaves neither file."""
+    with DocWriter(docs_out, kept_schema) as kept, DocWriter(removed_out, removed_schema) as removed:
+        tally(stage, decisions, funnel, kept, removed, total=total)
     counts = funnel.counts()
     log.info("%s: %d in, %d kept, %d dropped %s", stage, counts["docs_in"], counts["docs_out"],
-             n_removed, counts["dropped"])
+             removed.rows, counts["dropped"])
     return write_manifest(manifest, stage=stage, config=config, inputs=inputs,
-                          outputs={docs_out: n_kept, removed_out: n_removed},
+                          outputs={docs_out: kept.rows, removed_out: removed.rows},
                           counts=counts, metrics=metrics)
 
 
 def tally(stage: str, decisions: Iterable[tuple[Doc, str | None, int]], funnel: Funnel,
-          total: int | None = None) -> tuple[list[Doc], list[Doc]]:
-    """Count and sort (document, drop reason or None, bytes it came in with) into kept and removed
-    documents. A kept document counts its text's bytes out (a stage may have changed the text);
-    one with no text yet (a WARC record before extraction) passes its bytes on unchanged."""
-    kept, removed = [], []
+          kept: DocWriter, removed: DocWriter, total: int | None = None) -> None:
+    """Count (document, drop reason or None, bytes it came in with) and write each to the kept or
+    the removed documents. A kept document counts its text's bytes out (a stage may have changed
+    the text); one with no text yet (a WARC record before extraction) passes its bytes on unchanged."""
     for doc, reason, nbytes in tqdm(decisions, total=total, desc=stage, unit="doc", disable=None):
         funnel.take(nbytes)
         if reason is None:
             funnel.keep(text_bytes(doc) if "text" in doc else nbytes)
-            kept.append(doc)
+            kept.write(doc)
         else:
             funnel.drop(reason, nbytes)
-            removed.append({**doc, "reason": reason})
-    return kept, removed
+            removed.write({**doc, "reason": reason})
 
 
 def run_doc_stage(stage: str, decide: Decide, *, docs_in: str | os.PathLike,
@@ -107,25 +108,33 @@ def run_doc_stage(stage: str, decide: Decide, *, docs_in: str | os.PathLike,
                   new_columns: dict[str, pl.DataType] | None = None,
                   metrics: dict[str, Any] | None = None,
                   extra_inputs: list[str | os.PathLike] = ()) -> dict[str, Any]:
-    """Run `decide` over the documents of `docs_in` (checked against its stage's manifest first)
-    and write everything the stage owes.
+    """Run `decide` over the documents of `docs_in` (checked against its stage's manifest first),
+    streamed a batch at a time, and write everything the stage owes.
 
     Kept documents have the input's columns plus `new_columns` (langid's labels), also when
     none is kept, so every shard of a stage has one schema."""
-    frame = read_frame(docs_in)
-    docs = frame.to_dicts()
+    docs = iter_docs(docs_in)  # checked here, before anything is written
+    total = parquet_rows(docs_in)
+    sizes: deque[int] = deque()  # bytes in of the documents `decide` has taken and not yet decided
+
+    def documents() -> Iterator[Doc]:
+        for doc in docs:
+            sizes.append(text_bytes(doc))
+            yield doc
+
+    def decisions() -> Iterator[tuple[Doc, str | None, int]]:
+        for doc, reason in decide(documents()):
+            if not sizes:
+                raise AssertionError(f"{stage}: more decisions than documents of {docs_in}")
+            yield doc, reason, sizes.popleft()
+        if sizes or funnel.docs_in != total:  # one decision per document, in order
+            raise AssertionError(f"{stage}: {funnel.docs_in} decisions for {total} documents of {docs_in}")
+
     funnel = Funnel()
-    decided = iter(decide(docs))
-    decisions = ((doc, reason, text_bytes(original)) for original, (doc, reason) in zip(docs, decided))
-    kept, removed = tally(stage, decisions, funnel, total=len(docs))
-    # the last next() also lets `decide` finish (quality writes its metrics after the last document)
-    if next(decided, None) is not None or funnel.docs_in != len(docs):
-        raise AssertionError(f"{stage}: {funnel.docs_in} decisions for {len(docs)} documents of {docs_in}")
-    return write_stage_outputs(stage, kept=kept, removed=removed, funnel=funnel, docs_out=docs_out,
-                               removed_out=removed_out, manifest=manifest, config=config,
-                               inputs=[docs_in, *extra_inputs],
-                               kept_schema={**dict(frame.schema), **(new_columns or {})},
-                               removed_schema=removed_schema, metrics=metrics)
+    return write_stage_outputs(stage, decisions(), funnel=funnel, docs_out=docs_out, removed_out=removed_out,
+                               manifest=manifest, config=config, inputs=[docs_in, *extra_inputs],
+                               kept_schema={**parquet_schema(docs_in), **(new_columns or {})},
+                               removed_schema=removed_schema, metrics=metrics, total=total)
 
 
 def add_stage_arguments(parser, *, config_help: str, input_help: str = "input documents (parquet)",

@@ -33,7 +33,7 @@ from pipeline.cli import ConfigError, json_arg
 from pipeline.config import URL_SCHEMES, section_config, warc_shard_name
 from pipeline.data.docs import REMOVED_COLUMNS, Doc
 from pipeline.data.ingest import NotWet, stream_records
-from pipeline.data.steps import Funnel, add_stage_arguments, tally, write_stage_outputs
+from pipeline.data.steps import Funnel, add_stage_arguments, write_stage_outputs
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +185,11 @@ def url_filter(warc_path: str | Sequence[str], *, output: str, removed: str, man
                 else:
                     yield {**doc, "text": "", "match": blocked[1]}, blocked[0], len(block)
 
-    kept, dropped = tally("url_filter", decide(), funnel)
-    return write_stage_outputs("url_filter", kept=kept, removed=dropped, funnel=funnel, docs_out=output,
+    return write_stage_outputs("url_filter", decide(), funnel=funnel, docs_out=output,
                                removed_out=removed, manifest=manifest, config=config,
                                inputs=[*paths.values(), *(lists[name] for name in sorted(lists))],
                                kept_schema=PASSED_COLUMNS, removed_schema=URL_REMOVED_COLUMNS,
-                               metrics={"record_types": dict(sorted(stats.items()))})
+                               metrics={"record_types": stats})  # filled while the records stream
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

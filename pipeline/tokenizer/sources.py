@@ -31,8 +31,8 @@ from typing import Any
 
 import polars as pl
 
-from pipeline.artifacts import read_checked
 from pipeline.cli import ConfigError
+from pipeline.data.docs import iter_docs
 from pipeline.tokenizer.bpe import ENDOFTEXT
 
 
@@ -88,6 +88,15 @@ def open_text(path: str) -> io.TextIOBase:
     return io.TextIOWrapper(raw, encoding="utf-8", newline="")
 
 
+def _read_parquet(path: str) -> Iterator[tuple[str, str]]:
+    """(id, text) of a clean shard, checked against the dedup manifest, a row group at a time."""
+    try:
+        for doc in iter_docs(path, columns=["id", "text"]):
+            yield doc["id"], doc["text"]
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise ValueError(f"{path}: not a document parquet with `id` and `text` columns ({e})") from e
+
+
 def read_documents(source: Source, dropped: Counter | None = None) -> Iterator[tuple[str, str]]:
     """Yield (id, text) for each non-empty document of `source`, in file order.
 
@@ -95,12 +104,7 @@ def read_documents(source: Source, dropped: Counter | None = None) -> Iterator[t
     is not a JSON object with a string `field` stops with an error naming the file and line."""
     dropped = dropped if dropped is not None else Counter()
     if source.format == "parquet":
-        data = read_checked(source.path)  # a clean shard: checked against the dedup manifest
-        try:
-            frame = pl.read_parquet(io.BytesIO(data), columns=["id", "text"])
-        except (OSError, pl.exceptions.PolarsError) as e:
-            raise ValueError(f"{source.path}: not a document parquet with `id` and `text` columns ({e})") from e
-        docs: Iterable[tuple[str, str]] = zip(frame["id"].to_list(), frame["text"].to_list())
+        docs: Iterable[tuple[str, str]] = _read_parquet(source.path)
     elif source.format == "text":
         docs = ((f"{source.name}:{i}", text) for i, text in enumerate(_split_text(source)))
     elif source.format == "jsonl":
