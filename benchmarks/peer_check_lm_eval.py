@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.eval.mmlu import LETTERS, questions, read_split, select, summarize
+from pipeline.eval.mmlu import LETTERS, questions, select, summarize
+from pipeline.eval.mmlu_data import read_split
 from pipeline.eval.multiple_choice import evaluate
 from pipeline.export import export_hf
 from pipeline.model.gpt import load_final

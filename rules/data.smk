@@ -22,18 +22,15 @@ STAGE_FOLDERS = [folder for folder, shards in FOLDER_SHARDS.items() if shards]
 ENTRIES = [entry for entry, shards in (("wet", WET), ("warc", WARC)) if shards]
 
 
-def wet_input(wildcards):
-    """The WET files of a batch: a local file as is; a URL comes through the fetch_wet rule into
-    the run folder."""
-    return [f"{RUN}/downloads/{name}.warc.wet.gz" if WET[name].startswith(("http://", "https://")) else WET[name]
-            for name in WET_BATCHES[wildcards.shard]]
+def batch_input(sources, batches, download):
+    """The input function of a batch's files: a local file as is; a URL comes through its fetch
+    rule into the run folder (`download`, formatted with the file's own shard name)."""
+    return lambda wildcards: [download.format(name=name) if sources[name].startswith(("http://", "https://"))
+                              else sources[name] for name in batches[wildcards.shard]]
 
 
-def warc_input(wildcards):
-    """The WARC files of a batch: a local file as is; a URL comes through the fetch_warc rule into
-    the run folder."""
-    return [f"{RUN}/downloads/warc/{name}.gz" if WARC[name].startswith(("http://", "https://")) else WARC[name]
-            for name in WARC_BATCHES[wildcards.shard]]
+wet_input = batch_input(WET, WET_BATCHES, f"{RUN}/downloads/{{name}}.warc.wet.gz")
+warc_input = batch_input(WARC, WARC_BATCHES, f"{RUN}/downloads/warc/{{name}}.gz")
 
 
 # url_filter.lists: {name: path or URL}, and the local files the job reads (fetch_url_list downloads URLs)

@@ -3,6 +3,8 @@ stages over shards of many batches giving what they give document by document.""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 
 import polars as pl
@@ -186,3 +188,15 @@ def test_url_filter_and_extract_give_the_same_rows_in_small_batches(tmp_path, mo
     assert url_counts["dropped"] == {"url_blocklist:test": 4} and len(passed) == 12 == counts["docs_in"]
     assert url_metrics["record_types"]["records_response"] == 16  # counted while the records streamed
     assert metrics["records"] and len(kept) == counts["docs_out"] > 4
+
+
+@pytest.mark.parametrize("stage, kind", [("ingest", "WET"), ("url_filter", "WARC"), ("extract", "WARC")])
+def test_an_entry_stage_fails_naming_a_missing_input_file_before_writing(stage, kind, sample_wet, tmp_path):
+    """An entry stage given several input files fails on the missing one, by name, and writes nothing."""
+    missing = tmp_path / "gone.warc.gz"
+    args = argparse.Namespace(input=[str(sample_wet), str(missing)], output=str(tmp_path / "k.parquet"),
+                              removed=str(tmp_path / "r.parquet"), manifest=str(tmp_path / "m.json"),
+                              config={}, lists={}, passed=str(tmp_path / "p.parquet"))
+    with pytest.raises(FileNotFoundError, match=f"{stage}: input {kind} file {missing} does not exist"):
+        importlib.import_module(f"pipeline.data.{stage}").run(args)
+    assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,8 @@ import torch
 from conftest import RESOURCES
 from pipeline.artifacts import verify, write_manifest
 from pipeline.eval.loss import bits_per_byte, token_logprobs, val_loss_bpb
-from pipeline.eval.mmlu import format_question, prompt, questions, read_split, summarize
+from pipeline.eval.mmlu import format_question, prompt, questions, summarize
+from pipeline.eval.mmlu_data import read_split
 from pipeline.eval.multiple_choice import Question, encode_pair, evaluate, loglikelihoods, pick, score
 from pipeline.eval.stage import run_eval
 from pipeline.eval.tasks import pass_at_k, task_accuracy

@@ -32,7 +32,6 @@ import contextlib
 import gzip
 import io
 import logging
-import os
 import re
 import signal
 import zlib
@@ -52,7 +51,7 @@ from pipeline.artifacts import read_manifest, upstream_manifest
 from pipeline.config import section_config
 from pipeline.data.docs import DOC_COLUMNS, REMOVED_COLUMNS, Doc, iter_docs, parquet_rows
 from pipeline.data.ingest import REMOVED_PREVIEW_BYTES, digest_matches
-from pipeline.data.steps import Funnel, add_stage_arguments, write_stage_outputs
+from pipeline.data.steps import Funnel, add_stage_arguments, require_files, write_stage_outputs
 from pipeline.data.url_filter import batch_paths, response_records
 
 log = logging.getLogger(__name__)
@@ -276,9 +275,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for path in args.input:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"extract: input WARC file {path} does not exist or is not a file")
+    require_files("extract", "WARC", args.input)
     extract(args.input, args.passed, output=args.output, removed=args.removed, manifest=args.manifest,
             config=args.config)
     return 0

@@ -31,7 +31,6 @@ import hashlib
 import io
 import itertools
 import logging
-import os
 import re
 import zlib
 from collections import Counter
@@ -43,7 +42,7 @@ from warcio.statusandheaders import StatusAndHeaders, StatusAndHeadersParser
 
 from pipeline.config import section_config, shard_name
 from pipeline.data.docs import DOC_COLUMNS, Doc
-from pipeline.data.steps import Funnel, add_stage_arguments, write_stage_outputs
+from pipeline.data.steps import Funnel, add_stage_arguments, require_files, write_stage_outputs
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +267,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for path in args.input:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"ingest: input WET file {path} does not exist or is not a file")
+    require_files("ingest", "WET", args.input)
     ingest(args.input, output=args.output, removed=args.removed, manifest=args.manifest, config=args.config)
     return 0

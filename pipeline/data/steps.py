@@ -137,6 +137,13 @@ def run_doc_stage(stage: str, decide: Decide, *, docs_in: str | os.PathLike,
                                removed_schema=removed_schema, metrics=metrics, total=total)
 
 
+def require_files(stage: str, kind: str, paths: list[str]) -> None:
+    """Fail before anything is read when an input file (`kind`, e.g. "WET") is missing."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{stage}: input {kind} file {path} does not exist or is not a file")
+
+
 def add_stage_arguments(parser, *, config_help: str, input_help: str = "input documents (parquet)",
                         input_nargs: str | None = None) -> None:
     """The arguments every per-shard document stage takes (ingest's input: WET files, `+`)."""

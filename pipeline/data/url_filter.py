@@ -33,7 +33,7 @@ from pipeline.cli import ConfigError, json_arg
 from pipeline.config import URL_SCHEMES, section_config, warc_shard_name
 from pipeline.data.docs import REMOVED_COLUMNS, Doc
 from pipeline.data.ingest import NotWet, stream_records
-from pipeline.data.steps import Funnel, add_stage_arguments, write_stage_outputs
+from pipeline.data.steps import Funnel, add_stage_arguments, require_files, write_stage_outputs
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for path in args.input:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"url_filter: input WARC file {path} does not exist or is not a file")
+    require_files("url_filter", "WARC", args.input)
     url_filter(args.input, output=args.output, removed=args.removed, manifest=args.manifest,
                config=args.config, lists=args.lists)
     return 0
