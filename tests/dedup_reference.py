@@ -10,7 +10,27 @@ import numpy as np
 import polars as pl
 from datasketch import LeanMinHash, MinHashLSH
 
-from pipeline.data.dedup import SCHEME, UnionFind, examples
+from pipeline.data.dedup import SCHEME, examples
+
+
+class UnionFind:
+    """Disjoint sets of hashable keys; a set's root is always its smallest key."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, key):
+        root = key
+        while (up := self.parent.get(root, root)) != root:
+            root = up
+        while (up := self.parent.get(key, key)) != root:  # path compression
+            self.parent[key], key = root, up
+        return root
+
+    def union(self, a, b) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 def estimated_jaccard(a, b) -> float:
