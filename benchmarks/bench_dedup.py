@@ -19,8 +19,8 @@ is the clusters job's peak RSS above its start-up (the same job's peak on one sh
 documents), divided by the paired documents.
 
 `--baseline PATH` also runs the band and clusters jobs of another checkout (e.g. `git worktree add
-/tmp/base <commit>`) on the same shards, right after ours, and says whether both remove the same
-documents.
+/tmp/base <commit>`) on the same shards, right after ours (`--baseline-docs`: up to that size),
+and says whether both remove the same documents.
 """
 
 from __future__ import annotations
@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--exact", type=float, default=0.10, help="fraction of documents that are exact copies")
     parser.add_argument("--near", type=float, default=0.10, help="fraction that are near copies")
     parser.add_argument("--baseline", type=Path, help="a checkout whose band and clusters jobs also run")
+    parser.add_argument("--baseline-docs", type=int, help="run the baseline only up to this many documents")
     parser.add_argument("--data", type=Path, help="keep the synthetic shards here, a folder per size, for later runs")
     parser.add_argument("--make-shards", type=int, nargs=2, help=argparse.SUPPRESS)  # run by this script
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -246,7 +247,8 @@ def main() -> None:
     for docs, shard_docs in sizes:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
             root = args.data / f"{docs}-{shard_docs}" if args.data else Path(tmp)
-            results.append(run_size(root, docs, shard_docs, args.exact, args.near, args.baseline))
+            baseline = args.baseline if docs <= (args.baseline_docs or docs) else None
+            results.append(run_size(root, docs, shard_docs, args.exact, args.near, baseline))
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("ours", "theirs")}), flush=True)
     if args.shards:
         title, body = "Dedup band jobs and shard count", shards_section(results, args)
