@@ -421,9 +421,8 @@ class Shards:
         starts = self.groups[shard]
         group = np.searchsorted(starts, rows, side="right") - 1
         cuts = [0, *(np.flatnonzero(np.diff(group)) + 1), len(rows)]
-        frames = [self._group(shard, int(group[lo]), columns)[rows[lo:hi] - starts[group[lo]]]
-                  for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
-        frame = pl.concat(frames) if frames else pl.DataFrame(schema=self._group(shard, 0, columns).schema)
+        frame = pl.concat([self._group(shard, int(group[lo]), columns)[rows[lo:hi] - starts[group[lo]]]
+                           for lo, hi in zip(cuts, cuts[1:])])
         if not np.array_equal(frame["row"].to_numpy(), rows):
             raise ValueError(f"{self.paths[shard]}: rows not numbered by their place; not a file "
                              "`dedup signatures` wrote")
@@ -452,10 +451,6 @@ def shard_runs(keys: np.ndarray) -> Iterator[tuple[int, int, int]]:
     for start, stop in zip(cuts, cuts[1:]):
         if stop > start:
             yield int(shard[start]), start, stop
-
-
-def signature_values(frame: pl.DataFrame) -> np.ndarray:
-    return frame["signature"].to_numpy()
 
 
 def pair_files(paths: Iterable[str], shards: Shards) -> tuple[list[str], list[str]]:
@@ -565,7 +560,7 @@ def check_pairs(a: np.ndarray, b: np.ndarray, keys: np.ndarray, shards: Shards, 
     estimated Jaccard similarity reaches `min_jaccard` (null: always)."""
     checked, joined = np.zeros(len(a), bool), np.zeros(len(a), bool)
     for records, first, later in join_rows(a, b, keys, shards, ["signature"], config, folder):
-        equal = signature_values(first) == signature_values(later)
+        equal = first["signature"].to_numpy() == later["signature"].to_numpy()
         same_band = equal.reshape(len(records), config["bands"], config["rows"]).all(axis=2).any(axis=1)
         checked[records] = same_band
         similar = True if config["min_jaccard"] is None else np.mean(equal, axis=1) >= config["min_jaccard"]
@@ -600,7 +595,7 @@ def removed_rows(rep: np.ndarray, keys: np.ndarray, shards: Shards, config: dict
     for records, kept, gone in join_rows(rep[members], members, keys, shards, DOC_COLUMNS, config, folder):
         node_keys = keys[members[records]]
         same = (kept["text_hash"] == gone["text_hash"]).to_numpy()
-        similarity = np.where(same, 1.0, np.mean(signature_values(kept) == signature_values(gone), axis=1))
+        similarity = np.where(same, 1.0, np.mean(kept["signature"].to_numpy() == gone["signature"].to_numpy(), axis=1))
         frame = pl.DataFrame({
             "shard": key_shard(node_keys), "row": key_row(node_keys),
             "id": gone["id"], "url": gone["url"], "duplicate_of": kept["id"], "duplicate_of_url": kept["url"],
