@@ -235,6 +235,19 @@ def test_banded_clustering_equals_one_datasketch_lsh(seed, min_jaccard):
         assert checked == expected_checked > 0
 
 
+@pytest.mark.parametrize("min_jaccard", [0.7, 0.3])
+def test_band_keys_shared_by_chance_are_dropped(monkeypatch, min_jaccard):
+    """Band keys of 2 bits: most documents in a bucket have other band values. Their pairs are
+    dropped by comparing the values, and the result is still one datasketch MinHashLSH's."""
+    band_keys = dedup.band_keys
+    monkeypatch.setattr(dedup, "band_keys", lambda values, rows: band_keys(values, rows) % np.uint64(4))
+    config = dict(CONFIG, min_jaccard=min_jaccard, bands=6, rows=2)
+    table = synthetic_signatures(300, 4, config)
+    removed, stats = cluster(table, config)
+    expected, expected_stats = reference_cluster(table, config)
+    assert removed.equals(expected) and stats == expected_stats
+
+
 @pytest.mark.parametrize("min_jaccard", [0.7, None])
 def test_removed_set_does_not_depend_on_the_shard_count(min_jaccard):
     """The same documents in 1, 3 and 7 shards, named out of document order: the same documents
