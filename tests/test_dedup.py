@@ -191,6 +191,15 @@ def test_shards_with_no_documents_cluster_to_nothing(stories):
     assert removed.height == 0 and stats["docs"] == 0
 
 
+def test_a_shard_with_no_documents_passes_through_every_step(tmp_path, stories):
+    docs = make_docs(planted(stories), lang="en", lang_score=0.9)
+    run_steps(tmp_path, {"a": [], "b": docs, "c": [{**d, "text": ""} for d in docs[:3]]}, {"memory_mb": 1e-4})
+    assert pl.read_parquet(tmp_path / "clusters/a.parquet").height == 0
+    assert pl.read_parquet(tmp_path / "removed/b.parquet").height == 2
+    # c: three documents with no words, exact duplicates of each other
+    assert pl.read_parquet(tmp_path / "removed/c.parquet")["reason"].to_list() == ["exact_duplicate"] * 2
+
+
 def synthetic_signatures(n: int, seed: int, config: dict) -> pl.DataFrame:
     """Random signatures with planted near duplicates (a few band-sized blocks copied, so some
     pairs share a bucket but fall under min_jaccard), exact copies and empty documents."""

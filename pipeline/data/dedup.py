@@ -322,7 +322,8 @@ def band_parts(paths: list[str], band: int, parts: int, folder: Path) -> Iterato
             part = ((frame["hash"].to_numpy() >> np.uint64(32)) * np.uint64(parts)) >> np.uint64(32)
             cuts = [0, *(np.flatnonzero(np.diff(part)) + 1), frame.height]  # the band is sorted by key
             for start, stop in zip(cuts, cuts[1:]):
-                spill.add(int(part[start]), frame.slice(start, stop - start))
+                if stop > start:  # an empty band is one empty row group
+                    spill.add(int(part[start]), frame.slice(start, stop - start))
     for part in range(parts):
         if (frame := spill.take(part)) is not None:
             yield frame
