@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 from datasketch import LeanMinHash, MinHashLSH
 
-from pipeline.data.dedup import SCHEME, examples
+from pipeline.data.dedup import SCHEME, example_frame
 
 
 class UnionFind:
@@ -79,6 +79,6 @@ def reference_cluster(table: pl.DataFrame, config: dict[str, Any]) -> tuple[pl.D
         "lsh_pairs_checked": pairs_checked,
         "removed": dict(sorted(Counter(r["reason"] for r in removed).items())),
         "cluster_sizes": {str(size): n for size, n in sorted(sizes.items())},
-        "example_pairs": examples(removed_frame, config["example_pairs"]),
+        "example_pairs": example_frame(removed_frame, config["example_pairs"]).to_dicts(),
     }
     return removed_frame, stats

@@ -699,10 +699,6 @@ def example_frame(removed: pl.DataFrame, n: int) -> pl.DataFrame:
             .select(EXAMPLE_COLUMNS).head(n))
 
 
-def examples(removed: pl.DataFrame, n: int) -> list[dict[str, Any]]:
-    return example_frame(removed, n).to_dicts()
-
-
 def cluster(table: pl.DataFrame, config: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Every step on one signature table (tests, benchmarks), as the workflow runs them: a signature
     file and bucket index per `source`, the band jobs, then the clusters job. Returns the removed
