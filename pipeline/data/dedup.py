@@ -279,7 +279,7 @@ def parts_of(rows: int, row_bytes: int, config: dict[str, Any]) -> int:
 
 BAND_COLUMNS = ["hash", "id", "row", "text_hash"]
 BAND_ORDER = ["hash", "id", "shard", "row"]  # a bucket's documents in representative order
-BAND_ROW_BYTES = 300  # a bucket row in a band job's sorted frame, with the sort's copies (measured)
+BAND_ROW_BYTES = 500  # a bucket row in a band job's part, with the sort's copies and allocator slack (measured)
 PAIR_SCHEMA = pa.schema([("a", pa.uint64()), ("b", pa.uint64())])  # document keys, a before b
 PAIR_ROW_GROUP = 1 << 20  # pairs per row group: what the clusters job reads at a time
 PAIRS_META = b"wetstone.pairs"  # metadata key: the band, and the shards that number the keys
@@ -395,7 +395,7 @@ REMOVED_SCHEMA = {"source": pl.String, "row": pl.Int64, "id": pl.String, "url": 
                   "duplicate_of": pl.String, "duplicate_of_url": pl.String, "reason": pl.String,
                   "similarity": pl.Float64}
 EXAMPLE_COLUMNS = ["id", "url", "duplicate_of", "duplicate_of_url", "reason", "similarity"]
-JOIN_ROW_BYTES = 2000  # a joined pair of documents with both signatures, ids and urls (measured)
+JOIN_ROW_BYTES = 4000  # a joined pair of documents with both signatures, ids and urls, and copies (measured)
 NODE = np.int32  # a paired document's number in the clusters job: 2^31 of them at most
 DOC_COLUMNS = ["id", "url", "text_hash", "signature"]
 
@@ -488,14 +488,25 @@ def read_pairs(path: str, shards: Shards) -> Iterator[tuple[np.ndarray, np.ndarr
 
 def sorted_union(chunks: Iterable[np.ndarray]) -> np.ndarray:
     """The distinct values of all chunks, sorted. Chunks are merged in whenever those waiting
-    outgrow the merged set, so memory stays a few times the result and the work O(n log n)."""
-    merged, waiting, size = np.zeros(0, np.uint64), [], 0
+    reach a quarter of the merged set: memory stays ~2.5 times the result (20 bytes a value),
+    the work O(n log n)."""
+    arrays, waiting = [np.zeros(0, np.uint64)], 0
     for chunk in chunks:
-        waiting.append(np.unique(chunk))
-        size += len(waiting[-1])
-        if size >= max(len(merged), 1 << 20):
-            merged, waiting, size = np.unique(np.concatenate([merged, *waiting])), [], 0
-    return np.unique(np.concatenate([merged, *waiting]))
+        arrays.append(np.unique(chunk))
+        waiting += len(arrays[-1])
+        if waiting >= max(len(arrays[0]) // 4, 1 << 20):
+            arrays, waiting = [distinct(arrays)], 0
+    return distinct(arrays)
+
+
+def distinct(arrays: list[np.ndarray]) -> np.ndarray:
+    """The sorted distinct values of `arrays`, which it empties (so each is freed once copied)."""
+    values = np.concatenate(arrays)
+    arrays.clear()
+    values.sort()
+    first = np.ones(len(values), bool)
+    first[1:] = values[1:] != values[:-1]
+    return values[first]
 
 
 def nodes_of(keys: np.ndarray, doc: np.ndarray) -> np.ndarray:
@@ -522,25 +533,28 @@ def union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
 
 
-def join_rows(x: np.ndarray, y: np.ndarray, keys: np.ndarray, shards: Shards, columns: list[str],
-              config: dict[str, Any], folder: Path) -> Iterator[tuple[np.ndarray, pl.DataFrame, pl.DataFrame]]:
+def join_rows(x: np.ndarray, y: np.ndarray, keys: np.ndarray, shards: Shards, x_columns: list[str],
+              y_columns: list[str], config: dict[str, Any],
+              folder: Path) -> Iterator[tuple[np.ndarray, pl.DataFrame, pl.DataFrame | None]]:
     """Record i joins documents x[i] and y[i] (indices into the sorted document `keys`). Yields
-    (records, x's columns, y's columns) in y order, a part at a time: x's columns are read shard
-    by shard in x order and set aside by y's part, then each part is read back and joined with
-    y's columns. Memory holds a part (`dedup.memory_mb`) and a row group of one shard."""
+    (records, x's columns, y's columns or None if none asked) in y order, a part at a time: x's
+    columns are read shard by shard in x order and set aside by y's part, then each part is read
+    back and joined with y's columns. Memory holds a part (`dedup.memory_mb`) and a row group of
+    one shard."""
     if len(x) == 0:
         return
     parts = min(len(x), parts_of(len(x), JOIN_ROW_BYTES, config))
     part = np.empty(len(x), np.int32)
-    part[np.argsort(y, kind="stable")] = np.arange(len(x)) * parts // len(x)
+    part[np.argsort(y, kind="stable")] = np.repeat(np.arange(parts, dtype=np.int32), np.diff(
+        np.arange(parts + 1) * len(x) // parts))  # y's place in y order, cut into `parts` equal runs
     spill = Spill(parts, folder)
-    by_x = np.argsort(x, kind="stable")
+    by_x = np.argsort(x, kind="stable").astype(np.int32)
     shard_start = np.searchsorted(keys, np.arange(len(shards.paths) + 1, dtype=np.uint64) << np.uint64(32))
     cuts, step = np.searchsorted(x[by_x], shard_start), -(-len(x) // parts)
     for shard in range(len(shards.paths)):
         for start in range(cuts[shard], cuts[shard + 1], step):
             records = by_x[start:min(cuts[shard + 1], start + step)]
-            frame = shards.read(shard, key_row(keys[x[records]]), columns).with_columns(record=records)
+            frame = shards.read(shard, key_row(keys[x[records]]), x_columns).with_columns(record=records)
             order = np.argsort(part[records], kind="stable")
             bounds = [0, *(np.flatnonzero(np.diff(part[records][order])) + 1), len(records)]
             for begin, end in zip(bounds, bounds[1:]):
@@ -551,7 +565,8 @@ def join_rows(x: np.ndarray, y: np.ndarray, keys: np.ndarray, shards: Shards, co
         records = frame["record"].to_numpy()
         order = np.argsort(y[records], kind="stable")
         records = records[order]
-        yield records, frame[order].drop("record"), shards.fetch(keys[y[records]], columns)
+        yield (records, frame[order].drop("record"),
+               shards.fetch(keys[y[records]], y_columns) if y_columns else None)
 
 
 def check_pairs(a: np.ndarray, b: np.ndarray, keys: np.ndarray, shards: Shards, config: dict[str, Any],
@@ -560,7 +575,7 @@ def check_pairs(a: np.ndarray, b: np.ndarray, keys: np.ndarray, shards: Shards, 
     (not just its 64-bit key, which two bands can share by chance), joined when checked and their
     estimated Jaccard similarity reaches `min_jaccard` (null: always)."""
     checked, joined = np.zeros(len(a), bool), np.zeros(len(a), bool)
-    for records, first, later in join_rows(a, b, keys, shards, ["signature"], config, folder):
+    for records, first, later in join_rows(a, b, keys, shards, ["signature"], ["signature"], config, folder):
         equal = first["signature"].to_numpy() == later["signature"].to_numpy()
         same_band = equal.reshape(len(records), config["bands"], config["rows"]).all(axis=2).any(axis=1)
         checked[records] = same_band
@@ -569,21 +584,28 @@ def check_pairs(a: np.ndarray, b: np.ndarray, keys: np.ndarray, shards: Shards, 
     return checked, joined
 
 
-def representatives(label: np.ndarray, later: np.ndarray, keys: np.ndarray, shards: Shards) -> np.ndarray:
+def representatives(label: np.ndarray, later: np.ndarray, keys: np.ndarray, shards: Shards,
+                    config: dict[str, Any], folder: Path) -> np.ndarray:
     """Each document's representative: the first of its cluster in (id, shard, row) order. Pairs
     name their documents in that order, so the first is never the later end of a joined pair: only
-    such documents are candidates, and ids are read only where a cluster has several."""
+    such documents are candidates, and ids are read only where a cluster has several, joined to
+    their cluster a part at a time."""
     candidate = np.flatnonzero(~later).astype(NODE)
-    count = np.bincount(label[candidate], minlength=len(label))[label[candidate]]
+    cluster = np.sort(label[candidate])
+    several = np.zeros(len(label), bool)  # clusters with several candidates
+    several[cluster[1:][cluster[1:] == cluster[:-1]]] = True
+    del cluster
     rep = np.empty(len(label), NODE)
-    alone = candidate[count == 1]
+    alone = candidate[~several[label[candidate]]]
     rep[label[alone]] = alone
-    tied = candidate[count > 1]
-    if len(tied):
-        ids = shards.fetch(keys[tied], ["id"])["id"]
-        frame = pl.DataFrame({"label": label[tied], "id": ids, "node": tied}).sort("label", "id", "node")
-        first = frame.group_by("label", maintain_order=True).first()
+    tied = candidate[several[label[candidate]]]
+    del candidate, alone, several
+    best = pl.DataFrame(schema={"label": pl.Int32, "id": pl.String, "node": pl.Int32})  # a cluster that may go on
+    for records, ids, _ in join_rows(tied, label[tied], keys, shards, ["id"], [], config, folder):
+        frame = pl.concat([best, pl.DataFrame({"label": label[tied[records]], "id": ids["id"], "node": tied[records]})])
+        first = frame.sort("label", "id", "node").group_by("label", maintain_order=True).first()
         rep[first["label"].to_numpy()] = first["node"].to_numpy()
+        best = pl.DataFrame(first.tail(1).to_dicts(), schema=best.schema)  # a copy: a slice keeps every buffer
     return rep[label]
 
 
@@ -592,8 +614,9 @@ def removed_rows(rep: np.ndarray, keys: np.ndarray, shards: Shards, config: dict
     """(shard, its removed documents) in (shard, row) order, a part at a time: every document that
     is not its cluster's representative, with the representative it duplicates, `exact_duplicate`
     when their texts are equal, and their estimated Jaccard similarity."""
-    members = np.flatnonzero(rep != np.arange(len(rep))).astype(NODE)
-    for records, kept, gone in join_rows(rep[members], members, keys, shards, DOC_COLUMNS, config, folder):
+    members = np.flatnonzero(rep != np.arange(len(rep), dtype=NODE)).astype(NODE)
+    for records, kept, gone in join_rows(rep[members], members, keys, shards, DOC_COLUMNS, DOC_COLUMNS, config,
+                                         folder):
         node_keys = keys[members[records]]
         same = (kept["text_hash"] == gone["text_hash"]).to_numpy()
         similarity = np.where(same, 1.0, np.mean(kept["signature"].to_numpy() == gone["signature"].to_numpy(), axis=1))
@@ -662,8 +685,11 @@ def run_clusters(signature_files: list[str], pair_paths: list[str], *, output: s
         del a, b, joined
         label = find(parent, np.arange(len(keys), dtype=NODE))
         del parent
-        rep = representatives(label, later, keys, shards)
+        rep = representatives(label, later, keys, shards, config, folder)
         del later
+        size = np.bincount(label)
+        sizes = Counter(size[size > 0].tolist())
+        del label, size
         reasons: Counter = Counter()
         shown = pl.DataFrame(schema={k: REMOVED_SCHEMA[k] for k in EXAMPLE_COLUMNS})
 
@@ -672,11 +698,10 @@ def run_clusters(signature_files: list[str], pair_paths: list[str], *, output: s
             for shard, frame in removed:
                 reasons.update(frame["reason"].to_list())
                 shown = example_frame(pl.concat([shown, frame.select(EXAMPLE_COLUMNS)]), config["example_pairs"])
+                shown = pl.DataFrame(shown.to_dicts(), schema=shown.schema)  # a copy: a slice keeps every buffer
                 yield shard, frame
 
         written = write_clusters(tally(removed_rows(rep, keys, shards, config, folder)), shards, output, config)
-    size = np.bincount(label)
-    sizes = Counter(size[size > 0].tolist())
     sizes[1] += docs - len(keys)  # documents in no pair are clusters of one
     removed = sum(reasons.values())
     stats = {
