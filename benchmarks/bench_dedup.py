@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -105,24 +106,31 @@ def make_shard(root: Path, shard: int, docs: int, exact: float, near: float, con
                    inputs=[], outputs={output: docs, buckets: None}, counts={"docs": docs})
 
 
-def make_shards(root: Path, shards: range, shard_docs: int, exact: float, near: float) -> tuple[float, float]:
-    """Write `shards` in one child process; (seconds, peak MB)."""
+def make_shards(root: Path, shards: range, shard_docs: int, exact: float, near: float) -> Job:
+    """Write `shards` in one child process."""
     return timed_job([sys.executable, "-m", "benchmarks.bench_dedup", "--make-shards", str(shards.start),
                       str(shards.stop), "--root", str(root), "--shard-docs", str(shard_docs), "--exact", str(exact),
                       "--near", str(near)], cwd=ROOT)
 
 
-def timed_job(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one child process, its peak as /usr/bin/time reports it: a child
-    forked from this process would count this process's pages too (Linux keeps the high-water mark
-    across exec)."""
-    with tempfile.NamedTemporaryFile("r") as peak_kb:
+class Job(NamedTuple):
+    seconds: float  # wall
+    cpu: float  # user + system seconds: what other load on a shared machine inflates less
+    mb: float  # peak RSS
+
+
+def timed_job(cmd: list[str], cwd: Path) -> Job:
+    """Wall and CPU seconds and peak RSS of one child process, as /usr/bin/time reports them: a
+    child forked from this process would count this process's pages in its peak too (Linux keeps
+    the high-water mark across exec)."""
+    with tempfile.NamedTemporaryFile("r") as report:
         start = time.perf_counter()
-        result = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", peak_kb.name, *cmd], cwd=cwd,
+        result = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", report.name, *cmd], cwd=cwd,
                                 stdout=subprocess.DEVNULL)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({result.returncode})")
-        return time.perf_counter() - start, int(peak_kb.read().split()[-1]) / 1024
+        user, system, kb = report.read().split()[-3:]
+        return Job(time.perf_counter() - start, float(user) + float(system), int(kb) / 1024)
 
 
 def dedup_jobs(root: Path, out: Path, checkout: Path, old: bool) -> dict:
@@ -158,7 +166,7 @@ def start_up(shard_docs: int, exact: float, near: float) -> float:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         root = Path(tmp)
         make_shards(root, range(1), 10_000, exact, near)
-        return dedup_jobs(root, root / "new", ROOT, old=False)["clusters"][1]
+        return dedup_jobs(root, root / "new", ROOT, old=False)["clusters"].mb
 
 
 def run_size(root: Path, docs: int, shard_docs: int, exact: float, near: float, baseline: Path | None) -> dict:
@@ -175,8 +183,10 @@ def run_size(root: Path, docs: int, shard_docs: int, exact: float, near: float, 
     return {"docs": docs, "shards": shards, "shard_job": first, "ours": ours, "theirs": theirs, "disk": disk}
 
 
-def peak(runs: list[tuple[float, float]]) -> str:
-    return f"{sum(s for s, _ in runs) / len(runs):.1f} | {max(mb for _, mb in runs):,.0f}"
+def peak(runs: list[Job]) -> str:
+    """Mean wall and CPU seconds per job, and the largest peak."""
+    return (f"{sum(r.seconds for r in runs) / len(runs):.1f} | {sum(r.cpu for r in runs) / len(runs):.1f} | "
+            f"{max(r.mb for r in runs):,.0f}")
 
 
 def scale_section(results: list[dict], startup: float, args: argparse.Namespace) -> str:
@@ -184,22 +194,21 @@ def scale_section(results: list[dict], startup: float, args: argparse.Namespace)
              f"synthetic signatures, {args.exact:.0%} exact and {args.near:.0%} near copies of a random earlier "
              f"document, {args.shard_docs:,} documents per shard; each job a process of its own, run one at a "
              f"time. The clusters job's start-up (its peak on 10,000 documents): {startup:,.0f} MB.", "",
-             "| documents | paired documents | job | jobs | s per job | peak RSS per job (MB) | per paired document |",
-             "|---|---|---|---|---|---|---|"]
+             "| documents | paired documents | job | jobs | s per job | CPU s per job | peak RSS per job (MB) "
+             "| per paired document |", "|---|---|---|---|---|---|---|---|"]
     notes = []
     for r in results:
         ours, docs = r["ours"], f"{r['docs']:,}"
         paired = ours["paired"]
-        per_doc = (ours["clusters"][1] - startup) * 2**20 / paired
-        lines += [f"| {docs} | | shard (signatures + bucket index written) | 1 | {r['shard_job'][0]:.1f} | "
-                  f"{r['shard_job'][1]:,.0f} | |",
+        per_doc = (ours["clusters"].mb - startup) * 2**20 / paired
+        lines += [f"| {docs} | | shard (signatures + bucket index written) | 1 | {peak([r['shard_job']])} | |",
                   f"| {docs} | | band (14 LSH + exact) | 15 | {peak(ours['bands'])} | |",
                   f"| {docs} | {paired:,} | clusters | 1 | {peak([ours['clusters']])} | {per_doc:.0f} B |"]
         if r["theirs"]:
             theirs = r["theirs"]
             lines += [f"| {docs} | | band, baseline | 15 | {peak(theirs['bands'])} | |",
                       f"| {docs} | | clusters, baseline | 1 | {peak([theirs['clusters']])} | "
-                      f"{(theirs['clusters'][1] - startup) * 2**20 / paired:.0f} B |"]
+                      f"{(theirs['clusters'].mb - startup) * 2**20 / paired:.0f} B |"]
         same = "" if not r["theirs"] else (", the same documents as the baseline" if r["theirs"]["removed"].equals(
             ours["removed"]) else ", NOT the same documents as the baseline")
         notes.append(f"- {docs} documents: {ours['pair_rows']:,} candidate pair rows over the 15 band files, "
@@ -213,8 +222,8 @@ def shards_section(results: list[dict], args: argparse.Namespace) -> str:
     lines = [f"`python -m benchmarks.bench_dedup --docs {args.docs[0]} --shards {' '.join(map(str, args.shards))}` "
              f"on {machine()}; the same synthetic documents as `Dedup at scale`, split into more shards; each job "
              "a process of its own, run one at a time.", "",
-             "| shards | documents per shard | band: s per job | band: peak RSS (MB) | clusters: s | clusters: peak RSS (MB) |",
-             "|---|---|---|---|---|---|"]
+             "| shards | documents per shard | band: s per job | band: CPU s | band: peak RSS (MB) | clusters: s "
+             "| clusters: CPU s | clusters: peak RSS (MB) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for who, name in (("ours", ""), ("theirs", " (baseline)")):
             if r[who]:

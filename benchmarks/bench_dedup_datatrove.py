@@ -111,8 +111,8 @@ def prepare(root: Path, docs: int, shard_docs: int) -> int:
     return shards
 
 
-def ours(root: Path, shards: int) -> dict[str, list[tuple[float, float]]]:
-    """Our 15 band jobs, the clusters job and a filter job per shard; (seconds, peak MB) of each."""
+def ours(root: Path, shards: int) -> dict[str, list]:
+    """Our 15 band jobs, the clusters job and a filter job per shard, each timed."""
     import shutil
 
     from benchmarks.bench_dedup import timed_job
@@ -140,7 +140,7 @@ def ours(root: Path, shards: int) -> dict[str, list[tuple[float, float]]]:
     return runs
 
 
-def theirs(root: Path, shards: int, python: Path) -> dict[str, list[tuple[float, float]]]:
+def theirs(root: Path, shards: int, python: Path) -> dict[str, list]:
     import shutil
 
     from benchmarks.bench_dedup import timed_job
@@ -197,31 +197,36 @@ def decisions(root: Path, shards: int) -> dict[str, int]:
             "decisions_agree": int((ours_out == theirs_out).sum())}
 
 
-def summary(runs: list[dict[str, list[tuple[float, float]]]]) -> dict[str, tuple[float, float, float]]:
-    """Per stage: median over repeats of the summed seconds, of the slowest job's seconds, and the largest peak MB."""
-    return {stage: (statistics.median(sum(s for s, _ in r[stage]) for r in runs),
-                    statistics.median(max(s for s, _ in r[stage]) for r in runs),
-                    max(mb for r in runs for _, mb in r[stage])) for stage in runs[0]}
+def summary(runs: list[dict[str, list]]) -> dict[str, tuple[float, float, float, float]]:
+    """Per stage, medians over the repeats of: wall and CPU seconds of all its jobs, the slowest
+    job's wall seconds; and the largest peak MB."""
+    return {stage: (statistics.median(sum(job.seconds for job in r[stage]) for r in runs),
+                    statistics.median(sum(job.cpu for job in r[stage]) for r in runs),
+                    statistics.median(max(job.seconds for job in r[stage]) for r in runs),
+                    max(job.mb for r in runs for job in r[stage])) for stage in runs[0]}
 
 
 def report(ours_runs: list, theirs_runs: list, agree: dict, args: argparse.Namespace, loads: list[float]) -> str:
     from benchmarks.common import machine
 
     mine, yours = summary(ours_runs), summary(theirs_runs)
+    shards = args.docs // 100_000
     jobs = {"buckets": (f"{BANDS} band + exact", f"{BANDS} buckets"), "cluster": ("1 clusters", "1 cluster"),
-            "filter": (f"{args.docs // 100_000} filter", f"{args.docs // 100_000} filter")}
+            "filter": (f"{shards} filter", f"{shards} filter")}
     lines = [f"Command: `.venv/bin/python -m benchmarks.bench_dedup_datatrove --datatrove-python {args.datatrove_python} "
              f"--docs {args.docs} --repeats {args.repeats}`  ",
              f"Machine: {machine()}; DataTrove 0.10.1; {time.strftime('%Y-%m-%d')}; load average (1 min) during "
              f"the runs {min(loads):.1f}-{max(loads):.1f}", "",
              f"{args.docs:,} synthetic documents (`bench_dedup`'s: 10% exact and 10% near copies, 100,000 a shard), "
              f"the same signatures on both sides, 14 bands of 8; ours with `min_jaccard: null`. Each job a "
-             f"process, one at a time; medians of {args.repeats} alternating runs.", "",
-             "| stage | jobs: ours / DataTrove | ours s (all jobs) | DataTrove s | ours slowest job s | DataTrove "
-             "slowest s | ours peak RSS MB | DataTrove peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"process, one at a time; medians of {args.repeats} alternating runs. CPU seconds (user + system) "
+             "are what the load of other work on the machine inflates least.", "",
+             "| stage | jobs: ours / DataTrove | ours: s / CPU s | DataTrove: s / CPU s | slowest job s: ours / "
+             "DataTrove | peak RSS MB: ours / DataTrove |", "|---|---|---:|---:|---:|---:|"]
     for stage, (mine_jobs, their_jobs) in jobs.items():
-        lines.append(f"| {stage} | {mine_jobs} / {their_jobs} | {mine[stage][0]:.1f} | {yours[stage][0]:.1f} | "
-                     f"{mine[stage][1]:.1f} | {yours[stage][1]:.1f} | {mine[stage][2]:,.0f} | {yours[stage][2]:,.0f} |")
+        m, y = mine[stage], yours[stage]
+        lines.append(f"| {stage} | {mine_jobs} / {their_jobs} | {m[0]:.1f} / {m[1]:.1f} | {y[0]:.1f} / {y[1]:.1f} | "
+                     f"{m[2]:.1f} / {y[2]:.1f} | {m[3]:,.0f} / {y[3]:,.0f} |")
     a = agree
     lines += ["", f"Decisions: of {a['documents']:,} documents, {a['in_clusters']:,} are in a cluster of two or more "
               f"on either side, {a['same_cluster']:,} of them in the same cluster on both. Ours removes "
