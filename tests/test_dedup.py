@@ -332,6 +332,18 @@ def test_band_parts_give_the_pairs_of_one_sorted_band(tmp_path):
         assert whole == (tmp_path / f"pairs/{band}-0.0001.parquet").read_bytes()
 
 
+def test_pair_bytes_do_not_depend_on_how_the_pairs_came(tmp_path):
+    """300,000 distinct keys overflow parquet's dictionary page, whose fallback is decided per
+    chunk written: pairs given whole or in 97 pieces must still give the same file."""
+    keys = np.random.default_rng(0).permutation(600_000).astype(np.uint64)
+    a, b = keys[:300_000], keys[300_000:]
+    meta = {"band": "0", "shards": 1, "shards_sha256": ""}
+    dedup.write_pairs(str(tmp_path / "whole.parquet"), [(a, b)], meta)
+    cuts = np.linspace(0, len(a), 98).astype(int)
+    dedup.write_pairs(str(tmp_path / "pieces.parquet"), [(a[i:j], b[i:j]) for i, j in zip(cuts, cuts[1:])], meta)
+    assert (tmp_path / "whole.parquet").read_bytes() == (tmp_path / "pieces.parquet").read_bytes()
+
+
 def write_frame_and_buckets(root, name, table, config):
     sig, buckets = root / f"sig/{name}.parquet", root / f"buckets/{name}.parquet"
     dedup.write_frame(str(sig), table)

@@ -369,8 +369,8 @@ def bucket_pairs(frame: pl.DataFrame, exact: bool, linear: bool) -> tuple[np.nda
 
 
 def write_pairs(path: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]], meta: dict[str, Any]) -> int:
-    """Write pairs in row groups of PAIR_ROW_GROUP, cut by count only (the bytes do not depend on
-    how the pairs came); return how many."""
+    """Write pairs in row groups of PAIR_ROW_GROUP, cut by count only and each one contiguous, so
+    the bytes do not depend on how the pairs came (parquet pages follow the chunks); return how many."""
     schema = PAIR_SCHEMA.with_metadata({PAIRS_META: json.dumps(meta, sort_keys=True)})
     held, count = [], 0
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd", compression_level=3,
@@ -381,10 +381,10 @@ def write_pairs(path: str, pairs: Iterable[tuple[np.ndarray, np.ndarray]], meta:
             if sum(t.num_rows for t in held) >= PAIR_ROW_GROUP:
                 table = pa.concat_tables(held)
                 whole = table.num_rows - table.num_rows % PAIR_ROW_GROUP
-                writer.write_table(table.slice(0, whole), row_group_size=PAIR_ROW_GROUP)
+                writer.write_table(table.slice(0, whole).combine_chunks(), row_group_size=PAIR_ROW_GROUP)
                 held = [table.slice(whole)]
         if count % PAIR_ROW_GROUP:
-            writer.write_table(pa.concat_tables(held), row_group_size=PAIR_ROW_GROUP)
+            writer.write_table(pa.concat_tables(held).combine_chunks(), row_group_size=PAIR_ROW_GROUP)
     return count
 
 
@@ -638,7 +638,7 @@ def write_clusters(removed: Iterator[tuple[int, pl.DataFrame]], shards: Shards, 
     written: dict[str, int] = {}
 
     def write(shard: int, frames: list[pl.DataFrame]) -> None:
-        frame = pl.concat(frames) if frames else pl.DataFrame(schema=REMOVED_SCHEMA)
+        frame = pl.concat(frames, rechunk=True) if frames else pl.DataFrame(schema=REMOVED_SCHEMA)  # see write_pairs
         path = str(Path(output) / f"{shards.names[shard]}.parquet")
         write_frame(path, frame)
         write_manifest(Path(output) / f"{shards.names[shard]}.manifest.json", stage="dedup", config=config,
