@@ -182,6 +182,21 @@ def test_bad_requests_get_openai_errors(served):
     assert_openai_error(httpx.get(served.url + "/v1/completions"), 405, None)
 
 
+def test_a_server_bug_is_still_an_openai_error(served, tokenizer, monkeypatch):
+    """An unexpected exception in a handler: 500 with OpenAI's body, or an error event when
+    streaming; the server goes on."""
+    def broken(ids):
+        raise RuntimeError("injected decoding bug")
+    monkeypatch.setattr(tokenizer, "decode_bytes", broken)
+    body = {"prompt": "hi", "max_tokens": 3}
+    assert_openai_error(served.http.post("/v1/completions", json=body), 500, None, "injected decoding bug")
+    events = served.http.post("/v1/completions", json={**body, "stream": True}).text.split("\n\n")
+    assert "injected decoding bug" in json.loads(events[0].removeprefix("data: "))["error"]["message"]
+    assert events[1] == "data: [DONE]"
+    monkeypatch.undo()
+    assert served.client.completions.create(model="nano", prompt="hi", max_tokens=3).choices[0].text is not None
+
+
 PATHOLOGICAL = [  # raw body, status, param, a word of the message
     ('{"prompt": "hi",', 400, None, "not valid JSON"),
     (b'{"prompt": "\xff"}', 400, None, "not valid JSON"),

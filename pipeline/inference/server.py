@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import functools
 import json
 import logging
 import queue
@@ -427,9 +428,23 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
         return APIError(e.status_code, str(e.detail), kind=kind).response()
 
-    @app.exception_handler(Exception)  # a bug: still OpenAI's body (uvicorn logs the traceback)
+    @app.exception_handler(Exception)  # a bug outside the handlers: still OpenAI's body (uvicorn logs it)
     async def unexpected(_: Request, e: Exception) -> JSONResponse:
         return server_error(f"internal error: {e!r}").response()
+
+    def answering_bugs(handler):
+        """A bug in a handler answers a 500 with OpenAI's body from the handler itself: raised
+        further, uvicorn would close the connection and its client's next request would fail."""
+        @functools.wraps(handler)
+        async def wrapped(request: Request):
+            try:
+                return await handler(request)
+            except APIError:
+                raise
+            except Exception as e:
+                log.exception("a request failed")
+                return server_error(f"internal error: {e!r}").response()
+        return wrapped
 
     async def read_body(request: Request) -> dict:
         """The JSON object of the body, read up to `max_body_bytes`."""
@@ -564,7 +579,10 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_
                 async for out in outputs(stream, watcher):
                     n += len(out.new_token_ids)
                     yield chunk([choice(text_of(out, decoder), out.finish_reason, delta=True)])
-            except APIError as e:  # the status line has gone: the error is an event, as vLLM sends it
+            except Exception as e:  # the status line has gone: the error is an event, as vLLM sends it
+                if not isinstance(e, APIError):  # a bug
+                    log.exception("streaming a reply failed")
+                    e = server_error(f"internal error: {e!r}")
                 yield "data: " + json.dumps(e.body()) + "\n\n"
             else:
                 if include_usage:
@@ -574,6 +592,7 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
+    @answering_bugs
     async def completions(request: Request):
         body = await read_body(request)
         check_fields(body, "completions")
@@ -583,6 +602,7 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_
         return await respond(request, body, prompt, params, chat=False)
 
     @app.post("/v1/chat/completions")
+    @answering_bugs
     async def chat_completions(request: Request):
         body = await read_body(request)
         check_fields(body, "chat")
