@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import time
 
 from pipeline.cli import configure_logging
 
@@ -69,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     configure_logging(known.log)
-    return int(module.run(args) or 0)
+    started = time.monotonic()
+    code = int(module.run(args) or 0)
+    # the last line of every finished job's log, so a log is never empty (a stage may log nothing else)
+    logging.getLogger("pipeline").info("%s: exit %d after %.1f s", command, code, time.monotonic() - started)
+    return code
 
 
 if __name__ == "__main__":

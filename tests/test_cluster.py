@@ -108,7 +108,7 @@ def test_every_job_went_through_slurm(runs):
     jobs = submitted_jobs(log)
     rules = sorted(rule for _, job_rules, _ in jobs.values() for rule in job_rules)
     assert {"ingest", "langid", "quality", "dedup_signatures", "dedup_band", "dedup", "pii", "tokenizer",
-            "tokenize", "tokens", "pretrain"} <= set(rules), rules
+            "tokenize", "tokens", "pretrain_size"} <= set(rules), rules
     assert all(slurm_id for _, _, slurm_id in jobs.values()), f"jobs run outside SLURM: {jobs}"
     ids = ",".join(slurm_id for _, _, slurm_id in jobs.values())
     accounted = {job_id: (state, comment) for job_id, state, comment in
@@ -123,7 +123,7 @@ def test_every_job_went_through_slurm(runs):
 
 def test_pretrain_ran_two_processes_under_srun(runs):
     _, slurm_run, log = runs
-    (slurm_id,) = [job for name, _, job in submitted_jobs(log).values() if name == "pretrain"]
+    (slurm_id,) = [job for name, _, job in submitted_jobs(log).values() if name == "pretrain_size"]
     steps = {job_id: (state, int(cpus)) for job_id, state, cpus in
              sacct("--jobs", slurm_id, "--format", "JobIDRaw,State,AllocCPUS")}
     # .batch is the job script; .0 the executor's `srun` step, which ran torchrun and its 2 workers

@@ -269,7 +269,7 @@ def test_default_dag_evaluates_and_exports_every_size(tmp_path):
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config",
                              f"results={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    for rule in ("decontaminate", "eval", "export_hf"):
+    for rule in ("decontaminate", "eval_size", "export_hf_model"):
         assert f"rule {rule}:" in result.stdout, rule
     assert f"{tmp_path}/sample/eval/tiny/eval.md" in result.stdout
     assert f"{tmp_path}/sample/export/pretrain/tiny/model.safetensors" in result.stdout
