@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import write_manifest
+from pipeline.artifacts import check_inputs, write_manifest
 from pipeline.model.gpt import GPT, GPTConfig, load_final
 from pipeline.tokenizer.bpe import (ASSISTANT_END, ASSISTANT_START, CHAT_SPECIAL_TOKENS, ENDOFTEXT, USER_END,
                                     USER_START, BPETokenizer, bpe_merge, str_to_token)
@@ -278,6 +278,7 @@ def tokenizer_from_hf(path: str | os.PathLike) -> BPETokenizer:
 def export_hf(model_path: str | os.PathLike, tokenizer_path: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Write the HF folder at `out` (built beside it, then renamed into place) with a manifest."""
     out = Path(out)
+    check_inputs(model_path, tokenizer_path)  # against the manifests of the stages that wrote them
     model, checkpoint = load_final(model_path)
     tokenizer = BPETokenizer.load(tokenizer_path)
     vocab_size = model.config.vocab_size

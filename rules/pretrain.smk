@@ -22,6 +22,7 @@ rule pretrain_size:
     input:
         tokens=rules.tokens.output[0],
         tokenizer=rules.tokenizer.output.tokenizer,
+        tokenizer_manifest=rules.tokenizer.output.manifest,
     output:
         model=f"{RUN}/pretrain/{{size}}/final.pt",
         metrics=f"{RUN}/pretrain/{{size}}/metrics.jsonl",

@@ -23,6 +23,7 @@ rule scaling_run:
     input:
         tokens=rules.tokens.output[0],
         tokenizer=rules.tokenizer.output.tokenizer,
+        tokenizer_manifest=rules.tokenizer.output.manifest,
     output:
         model=f"{SCALING}/runs/{{budget}}/{{size}}/final.pt",
         metrics=f"{SCALING}/runs/{{budget}}/{{size}}/metrics.jsonl",

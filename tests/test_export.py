@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RESOURCES
+from conftest import RESOURCES, seal
 from pipeline.artifacts import verify
 from pipeline.export import export_hf, hf_tokenizer, load_hf, tokenizer_from_hf
 from pipeline.model.gpt import GPT, GPTConfig
@@ -67,7 +67,7 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, chat_tokenizer, 
     model = tiny_gpt(chat_tokenizer.n_vocab)
     assert model.config.padded_vocab_size > model.config.vocab_size  # the cut rows are exercised
     out = tmp_path / "hf"
-    metrics = export_hf(save_final(model, tmp_path / "final.pt"), tok_path, out)
+    metrics = export_hf(*seal(save_final(model, tmp_path / "final.pt"), tok_path), out)
     assert metrics["vocab_size"] == chat_tokenizer.n_vocab and metrics["chat_template"]
     assert (out / "model.safetensors").exists()
 
@@ -102,7 +102,7 @@ def test_export_manifest_verifies(tmp_path, chat_tokenizer):
     tok_path = tmp_path / "tokenizer.json"
     chat_tokenizer.save(tok_path)
     out = tmp_path / "hf"
-    export_hf(save_final(tiny_gpt(chat_tokenizer.n_vocab, bias=False), tmp_path / "final.pt"), tok_path, out)
+    export_hf(*seal(save_final(tiny_gpt(chat_tokenizer.n_vocab, bias=False), tmp_path / "final.pt"), tok_path), out)
     manifest = json.loads((out / "manifest.json").read_text())
     names = {entry["path"] for entry in manifest["outputs"]}
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= names
@@ -117,7 +117,7 @@ def test_rotary_model_is_refused(tmp_path, chat_tokenizer):
     chat_tokenizer.save(tok_path)
     final = save_final(tiny_gpt(chat_tokenizer.n_vocab, rope=True), tmp_path / "final.pt")
     with pytest.raises(ValueError, match="rotary.*not exportable as GPT2LMHeadModel"):
-        export_hf(final, tok_path, tmp_path / "hf")
+        export_hf(*seal(final, tok_path), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
 
@@ -126,7 +126,7 @@ def test_tokenizer_of_another_vocabulary_is_refused(tmp_path, chat_tokenizer):
     chat_tokenizer.save(tok_path)
     final = save_final(tiny_gpt(chat_tokenizer.n_vocab + 1), tmp_path / "final.pt")
     with pytest.raises(ValueError, match="tokenizer.json: .* ids, but .*final.pt was trained on a vocabulary"):
-        export_hf(final, tok_path, tmp_path / "hf")
+        export_hf(*seal(final, tok_path), tmp_path / "hf")
 
 
 def test_gpt2_files_convert_exactly(corpus):
@@ -144,7 +144,7 @@ def test_exported_folder_loads_back_as_our_gpt_and_tokenizer(tmp_path, chat_toke
     chat_tokenizer.save(tok_path)
     model = tiny_gpt(chat_tokenizer.n_vocab, bias=bias)
     out = tmp_path / "hf"
-    export_hf(save_final(model, tmp_path / "final.pt"), tok_path, out)
+    export_hf(*seal(save_final(model, tmp_path / "final.pt"), tok_path), out)
     back, meta = load_hf(out)
     assert meta["eos_id"] == chat_tokenizer.eos_id and meta["vocab_size"] == chat_tokenizer.n_vocab
     assert back.config.padded_vocab_size == model.config.padded_vocab_size
@@ -171,7 +171,7 @@ def test_load_hf_names_what_it_cannot_read(tmp_path, chat_tokenizer):
     tok_path = tmp_path / "tokenizer.json"
     chat_tokenizer.save(tok_path)
     out = tmp_path / "hf"
-    export_hf(save_final(tiny_gpt(chat_tokenizer.n_vocab), tmp_path / "final.pt"), tok_path, out)
+    export_hf(*seal(save_final(tiny_gpt(chat_tokenizer.n_vocab), tmp_path / "final.pt"), tok_path), out)
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     with pytest.raises(ValueError, match="config.json: activation_function is 'relu'"):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import seal
 from pipeline.__main__ import main
 from pipeline.artifacts import read_manifest, verify
 from pipeline.config import section_config
@@ -103,6 +104,7 @@ def test_command_writes_the_stage_outputs(stories, tmp_path):
     model = GPT(GPTConfig.from_size("nano", vocab_size=tokenizer.n_vocab, seq_len=64))
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 0,
                 "vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id}, tmp_path / "final.pt")
+    seal(tmp_path / "final.pt", tmp_path / "tokenizer.json")
     config = {"systems": ["naive", "continuous", "http"], "rates": ["inf"], "max_batch_size": 4,
               "workload": {"num_requests": 3, "prompts": "random", "shared_prefix_len": 4,
                            "prompt_len": {"min": 2, "max": 6}, "output_len": {"min": 2, "max": 5}}}

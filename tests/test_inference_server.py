@@ -15,6 +15,7 @@ import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import seal
 from pipeline.inference import Engine, SamplingParams
 from pipeline.inference.server import create_app
 from pipeline.model.gpt import GPT, GPTConfig
@@ -220,6 +221,7 @@ def test_serve_command_on_a_saved_model(model, tokenizer, tmp_path, source):
         final = final.rename(tmp_path / "tiny" / "final.pt")
         args = ["--model", str(final), "--tokenizer", str(tmp_path / "tokenizer.json")]
     else:
+        seal(final), seal(tmp_path / "tokenizer.json")  # as the pretrain and tokenizer stages leave them
         export_hf(final, tmp_path / "tokenizer.json", tmp_path / "tiny")
         args = ["--model", str(tmp_path / "tiny")]
     with socket.socket() as s:

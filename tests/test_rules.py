@@ -33,8 +33,8 @@ with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
                             config_settings=ConfigSettings(configfiles=[Path(f) for f in configfiles]))
     dag = workflow.dag(DAGSettings(targets=targets))
     dag.execute_workflow(executor="dryrun")
-    print(json.dumps([{"rule": job.rule.name, "params": dict(job.params.items()), "log": list(job.log),
-                       "shell": job.shellcmd} for job in dag.workflow_api._workflow.dag.jobs]))
+    print(json.dumps([{"rule": job.rule.name, "input": list(job.input), "params": dict(job.params.items()),
+                       "log": list(job.log), "shell": job.shellcmd} for job in dag.workflow_api._workflow.dag.jobs]))
 """
 
 
@@ -69,6 +69,18 @@ def test_every_command_carries_its_params_and_its_log(preset, tmp_path):
             assert shlex.quote(text) in command or text in command, (job["rule"], name, command[:300])
     sft = next(job for job in commands if job["rule"] == "sft_size")
     assert "--config" in sft["shell"] and "--tasks-config" in sft["shell"]
+
+
+def test_a_job_reading_a_model_or_tokenizer_depends_on_the_manifest_it_is_checked_against(tmp_path):
+    """A lost manifest reruns the job that writes it, so a stage never finds its input unchecked."""
+    jobs = planned_jobs([write_config(tmp_path / "local.yaml", {"results": str(tmp_path)})])
+    readers = set()
+    for job in jobs:
+        for path in map(Path, job["input"]):
+            if path.name in ("final.pt", "tokenizer.json"):
+                readers.add(job["rule"])
+                assert str(path.with_name("manifest.json")) in job["input"], (job["rule"], path)
+    assert {"eval_size", "export_hf_model", "inference_bench_size", "sft_size", "grpo_size"} <= readers
 
 
 @pytest.mark.parametrize("target, rule", [("pretrain", "pretrain_size"), ("sft", "sft_size"), ("grpo", "grpo_size"),

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text, write_manifest
+from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text, check_inputs, write_manifest
 from pipeline.cli import json_arg
 from pipeline.config import section_config
 from pipeline.eval.loss import val_loss_bpb
@@ -125,6 +125,7 @@ def plot(results: dict[str, dict], path: Path, size: str) -> None:
 
 def run_eval(models: dict[str, Path], *, tokens: Path, tokenizer_path: Path, out: Path, size: str,
              cfg: dict[str, Any], tasks_config: dict[str, Any] | None = None) -> dict[str, dict]:
+    check_inputs(*models.values(), tokenizer_path)  # every model before the first is scored
     tokenizer = BPETokenizer.load(tokenizer_path)
     ordered = sorted(models, key=lambda n: (MODEL_ORDER.index(n) if n in MODEL_ORDER else len(MODEL_ORDER), n))
     results: dict[str, dict] = {}

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text, write_manifest
+from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text, check_inputs, write_manifest
 from pipeline.config import section_config
 from pipeline.inference.engine import Engine
 from pipeline.inference.sampling import SamplingParams
@@ -508,6 +508,7 @@ def run(args) -> int:
     device = "cuda" if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available()) else "cpu"
     if cfg["workload"]["prompts"] == "data" and not args.tokens:
         raise ValueError("inference.workload.prompts is 'data' but no --tokens folder was given")
+    check_inputs(args.model, args.draft, args.tokenizer, args.hf_model)  # the tokens are checked as they are read
     model, meta = load_final(args.model, device)
     tokens = args.tokens if cfg["workload"]["prompts"] == "data" else None
     inputs = load_inputs(model, draft=args.draft, tokenizer=args.tokenizer, hf_model=args.hf_model, tokens=tokens,

@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from pipeline.artifacts import check_inputs
 from pipeline.export import load_hf, tokenizer_from_hf
 from pipeline.inference.engine import Engine, RequestOutput
 from pipeline.inference.sampling import SamplingParams
@@ -410,6 +411,9 @@ def run(args) -> int:
     exported = Path(args.model).is_dir()
     if not exported and args.tokenizer is None:
         raise SystemExit(f"--model {args.model} is not an export-hf folder: a final.pt needs --tokenizer (tokenizer.json)")
+    # a file in a results folder is checked against its stage's manifest; one made by hand is served as is
+    for path in check_inputs(args.model, args.tokenizer, args.draft_model, required=False):
+        log.info("%s: sha256 matches its manifest", path)
     model, meta = load_model(args.model, device)
     draft = load_model(args.draft_model, device)[0] if args.draft_model else None
     if args.tokenizer is not None:
