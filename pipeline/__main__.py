@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scaling-fit": ("pipeline.scaling.fit_stage", "scaling laws from the sweep: approach 3 (+ bootstrap CIs) and IsoFLOP"),
     "seal": ("pipeline.seal", "merge per-shard manifests into a stage folder's manifest.json"),
     "verify": ("pipeline.verify", "re-hash every artifact under a results folder against its manifest"),
+    "config-template": ("pipeline.config_template", "write config.yaml from the schemas (defaults, descriptions as comments)"),
 }
 
 
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(known.log)
     started = time.monotonic()
     code = int(module.run(args) or 0)
-    # the last line of every finished job's log, so a log is never empty (a stage may log nothing else)
-    logging.getLogger("pipeline").info("%s: exit %d after %.1f s", command, code, time.monotonic() - started)
+    if known.log:  # the last line of a finished job's log, so none is empty (a stage may log nothing else)
+        logging.getLogger("pipeline").info("%s: exit %d after %.1f s", command, code, time.monotonic() - started)
     return code
 
 

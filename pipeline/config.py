@@ -35,15 +35,15 @@ def _read_yaml(path: Path) -> Any:
 
 
 def section_schema(path: Path) -> dict[str, Any]:
-    """A section's schema with its `fragments:` merged in: the fragments' keys first, then the
-    section's own, a key named in both taking the section's fields over the fragment's."""
+    """A section's schema with its `fragments:` merged in: the section's own keys first (a key a
+    fragment has too taking the section's fields over the fragment's), then the fragments' others."""
     schema = _read_yaml(path)
-    properties: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
     for name in schema.pop("fragments", []):
-        properties.update(_read_yaml(path.parent / "fragments" / f"{name}.yaml")["properties"])
-    for key, fields in schema.get("properties", {}).items():
-        properties[key] = {**properties.get(key, {}), **fields}
-    schema["properties"] = properties
+        shared.update(_read_yaml(path.parent / "fragments" / f"{name}.yaml")["properties"])
+    own = schema.get("properties", {})
+    schema["properties"] = {key: {**shared.get(key, {}), **fields} for key, fields in own.items()} | {
+        key: fields for key, fields in shared.items() if key not in own}
     return schema
 
 
