@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from pipeline.artifacts import atomic_write_text
-from pipeline.config import SCHEMA_DIR, load_schema, validate_config
+from pipeline.config import SCHEMA_DIR, load_schema, validate_config, yaml_float
 
 WIDTH = 110  # columns of the file
 COMMENT_COLUMN = 32  # where a comment on a key's line starts, when the key and its value leave room
@@ -39,13 +39,9 @@ HEADER = """\
 
 
 def scalar(value: Any) -> str:
-    """One value as YAML text that reads back as the same value. A float outside 1e-4 .. 1e6 is
-    written 2.0e+11: YAML 1.1 (PyYAML) reads 2e+11, without the dot, as a string."""
-    if isinstance(value, float) and value not in (0.0, float("inf"), float("-inf")) \
-            and not 1e-4 <= abs(value) < 1e6:
-        mantissa, exponent = f"{value:e}".split("e")
-        mantissa = mantissa.rstrip("0")
-        return f"{mantissa}0e{int(exponent):+03d}" if mantissa.endswith(".") else f"{mantissa}e{int(exponent):+03d}"
+    """One value as YAML text, flow style, that reads back as the same value (floats: yaml_float)."""
+    if isinstance(value, float):
+        return yaml_float(value)
     if isinstance(value, (list, dict)):
         items = [scalar(v) for v in value] if isinstance(value, list) else [f"{k}: {scalar(v)}" for k, v in value.items()]
         return ("[{}]" if isinstance(value, list) else "{{{}}}").format(", ".join(items))

@@ -119,3 +119,22 @@ def test_a_schema_file_without_a_place_in_the_template_is_named(tmp_path):
     (schemas / "extra.schema.yaml").write_text(yaml.safe_dump({"type": "object", "default": {}, "properties": {}}))
     with pytest.raises(ValueError, match="extra: a schema file with no place"):
         render(schemas)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pretrain:\n  lr: 6e-4\n",
+     "config key 'pretrain.lr': '6e-4' was read as a string, not a number (YAML reads an exponent without a dot "
+     "and a sign as text): write 0.0006"),
+    ("pretrain:\n  max_steps: 2e3\n", "config key 'pretrain.max_steps': '2e3' was read as a string, not a number"),
+    ("pretrain:\n  sizes: [tiny, huge]\n",
+     "config key 'pretrain.sizes.1': 'huge' is not valid; expected one of: nano, tiny, small, gpt2-124m, gpt2-350m; "
+     "or d<depth>w<width>"),
+])
+def test_a_newcomers_config_mistake_is_explained(tmp_path, text, message):
+    """What a first config file gets wrong, as Snakemake reports it: a number YAML read as text,
+    and a model size that does not exist (the valid ones listed)."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(mine)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stdout + result.stderr, (result.stdout + result.stderr)[-2000:]

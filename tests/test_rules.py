@@ -130,3 +130,26 @@ def test_a_config_file_reaches_sft_and_grpo_and_every_job_logs(tmp_path, monkeyp
     assert read_manifest(run / "grpo" / "nano" / "manifest.json")["counts"]["train_prompts"] == 200
     assert len(logs) >= 15 and all(Path(log).stat().st_size > 0 for log in logs), \
         [log for log in logs if not Path(log).stat().st_size]
+
+
+def test_relative_paths_in_a_config_file_are_taken_from_the_workflow_folder(tmp_path, sample_wet):
+    """A config file anywhere names inputs relative to the workflow folder (results: relative to the
+    folder Snakemake runs in); a file beside the config file alone is not found, and the error says
+    where relative paths are taken from."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "crawl").mkdir(parents=True)
+    (elsewhere / "crawl" / "mine.warc.wet.gz").write_bytes(sample_wet.read_bytes())
+
+    def dry_run(config: dict) -> subprocess.CompletedProcess:
+        mine = write_config(elsewhere / "mine.yaml", config)
+        return subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(ROOT / "Snakefile"), "data",
+                               "--configfile", str(mine)], cwd=elsewhere, capture_output=True, text=True)
+
+    result = dry_run({"inputs": {"wet": ["resources/commoncrawl/*.warc.wet.gz"]}})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"input: {ROOT / 'resources' / 'commoncrawl' / sample_wet.name}" in result.stdout
+    assert f"output: results/sample/data/ingest/{sample_wet.name.removesuffix('.warc.wet.gz')}.parquet" in result.stdout
+    result = dry_run({"inputs": {"wet": ["crawl/*.warc.wet.gz"]}})
+    assert result.returncode != 0
+    assert (f"config key 'inputs.wet': 'crawl/*.warc.wet.gz' matches no file (a relative path is taken from the "
+            f"workflow folder, {ROOT})") in result.stdout + result.stderr

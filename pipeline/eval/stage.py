@@ -23,7 +23,7 @@ import torch
 
 from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text, check_inputs, write_manifest
 from pipeline.cli import json_arg
-from pipeline.config import section_config
+from pipeline.config import section_config, workflow_path
 from pipeline.eval.loss import val_loss_bpb
 from pipeline.eval.mmlu import evaluate_mmlu
 from pipeline.model.gpt import load_final
@@ -42,7 +42,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer: BPETokenizer, cfg: dict[st
     result: dict[str, Any] = val_loss_bpb(model, tokens, tokenizer, max_tokens=cfg["val_tokens"],
                                           batch_size=cfg["batch_size"])
     mmlu = cfg["mmlu"]
-    result["mmlu"] = {f"{shots}-shot": evaluate_mmlu(model, tokenizer, mmlu["path"], shots=shots,
+    result["mmlu"] = {f"{shots}-shot": evaluate_mmlu(model, tokenizer, workflow_path(mmlu["path"]), shots=shots,
                                                      max_questions=mmlu["max_questions"], batch_size=cfg["batch_size"])
                       for shots in mmlu["shots"]}
     result["tasks"] = {}
