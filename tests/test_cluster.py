@@ -34,7 +34,7 @@ RUN = "sample"
 # status check 5 s after a submission, then 15 s later (the plugin waits 10 s longer after each check
 # that saw nothing finish): most sample jobs take 5-20 s here; the default 40 s suits real clusters
 LOCAL_CLUSTER = ["--default-resources", "slurm_account=wetstone", "slurm_partition=local", "runtime=30", "mem_mb=1000",
-                 "--set-resources", "dedup:mem_mb=2000", "tokenizer:mem_mb=2000", "pretrain:mem_mb=2000",
+                 "--set-resources", "dedup:mem_mb=2000", "tokenizer:mem_mb=2000", "pretrain_size:mem_mb=2000",
                  "--max-threads", "2", "--slurm-init-seconds-before-status-checks", "5"]
 
 
