@@ -51,7 +51,7 @@ def stage(command, args="", sections=("config",), launcher="{PY} -m pipeline"):
     """A rule's shell command: `<launcher> <command> <args>`, then each config slice the rule
     declares in params (`sections`, each with its SECTION_FLAGS flag), then `--log {log:q}`.
     Every rule builds its command here, so none leaves out its config or its log
-    (tests/test_workflow.py checks that each dry-run command carries every param and the log)."""
+    (tests/test_rules.py checks that each dry-run command carries every param and the log)."""
     flags = [f"{SECTION_FLAGS[name]} {{params.{name}:q}}" for name in sections]
     return " ".join(part for part in (launcher, command, args, *flags, "--log {log:q}") if part)
 

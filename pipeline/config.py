@@ -238,8 +238,8 @@ def _input_shards(key: str, patterns: list[str], base: str | os.PathLike, name_o
         else:
             matches = sorted(glob.glob(os.path.join(base, pattern)))
             if not matches:
-                raise ConfigError(f"config key '{key}': {pattern!r} matches no file (a relative path is taken "
-                                  f"from the workflow folder, {base})")
+                where = "" if os.path.isabs(pattern) else f" (a relative path is taken from the workflow folder, {base})"
+                raise ConfigError(f"config key '{key}': {pattern!r} matches no file{where}")
         for match in matches:
             if not pattern.startswith(URL_SCHEMES) and not os.path.isfile(match):
                 raise ConfigError(f"config key '{key}': {match!r} is not a file (a folder? name "
