@@ -256,8 +256,9 @@ def run_http(engine: Engine, tokenizer: Any, workload: list[BenchRequest]) -> li
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # log_config=None: uvicorn's own logging config would close the job's log file handler
     server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, "bench", max_waiting=len(workload)),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+                                           host="127.0.0.1", port=port, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -432,5 +432,6 @@ def run(args) -> int:
     app = create_app(engine, tokenizer, name, max_waiting=args.max_waiting)
     log.info("serving %s (%s, context %d) on http://%s:%d/v1", name, args.model, model.config.seq_len, args.host,
              args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # log_config=None: uvicorn's own logging config would close the --log file's handler
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", log_config=None)
     return 0
