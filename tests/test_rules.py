@@ -108,15 +108,20 @@ POST_TRAINING = {
     "grpo": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "micro_batch": 4, "eval_every": 2,
              "eval_examples": 4, "accuracy_examples": 4, "samples": 0},
     "tasks": {"arithmetic": {"train_problems": 200, "test_problems": 20}},
+    "eval": {"val_tokens": 2048, "mmlu": {"max_questions": 8},
+             "tasks": {"max_examples": 2, "samples": 2, "k": 2, "max_new_tokens": 8}},
 }
 
 
 @pytest.mark.slow
 def test_a_config_file_reaches_sft_and_grpo_and_every_job_logs(tmp_path, monkeypatch):
+    """The data stages, SFT, GRPO, eval and the exports on the sample, small: the changed keys
+    reach SFT and GRPO, and every job's log has something in it."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     config = write_config(tmp_path / "mine.yaml", {"results": str(tmp_path), "run": "mine", **POST_TRAINING})
-    logs = [job["log"][0] for job in planned_jobs([config], ["sft", "grpo"]) if job["shell"]]
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "sft", "grpo", "--configfile", str(config)],
+    targets = ["data", "sft", "grpo", "eval", "export_hf"]
+    logs = [job["log"][0] for job in planned_jobs([config], targets) if job["shell"]]
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *targets, "--configfile", str(config)],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "mine"
@@ -128,7 +133,7 @@ def test_a_config_file_reaches_sft_and_grpo_and_every_job_logs(tmp_path, monkeyp
         assert max(trained) == steps
     assert read_manifest(run / "sft" / "nano" / "manifest.json")["counts"]["train_conversations"] == {"arithmetic": 200}
     assert read_manifest(run / "grpo" / "nano" / "manifest.json")["counts"]["train_prompts"] == 200
-    assert len(logs) >= 15 and all(Path(log).stat().st_size > 0 for log in logs), \
+    assert len(logs) >= 25 and all(Path(log).stat().st_size > 0 for log in logs), \
         [log for log in logs if not Path(log).stat().st_size]
 
 
