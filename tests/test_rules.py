@@ -50,17 +50,26 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("preset", [None, *PRESETS], ids=lambda p: p.name if p else "default")
+# inputs given as URLs plan the fetch rules too (a dry run downloads nothing)
+URLS = {"inputs": {"wet": ["https://data.commoncrawl.org/crawl-data/x/CC-MAIN-1.warc.wet.gz"],
+                   "warc": ["https://data.commoncrawl.org/crawl-data/x/CC-MAIN-1.warc.gz"]},
+        "url_filter": {"lists": [{"name": "demo", "path": "https://example.org/blocklist.txt"}]}}
+
+
+@pytest.mark.parametrize("preset", [None, *PRESETS, "urls"], ids=lambda p: getattr(p, "name", p or "default"))
 def test_every_command_carries_its_params_and_its_log(preset, tmp_path):
     """Each param a rule declares (its config sections first of all) reaches its command, and so
-    does its log: no stage runs on schema defaults while Snakemake reruns it for a changed value."""
-    # the cluster preset's inputs live on a cluster filesystem: the bundled sample stands in
-    local = write_config(tmp_path / "local.yaml", {"results": str(tmp_path), "inputs": {
-        "wet": ["resources/commoncrawl/*.warc.wet.gz"]}} if preset and "cluster" in preset.name else
-        {"results": str(tmp_path)})
-    jobs = planned_jobs([*([preset] if preset else []), local])
+    does its log: no stage runs on schema defaults while Snakemake reruns it for a changed value.
+    The default DAG, every preset in workflow/configs/, and inputs given as URLs."""
+    local = {"results": str(tmp_path)}
+    if preset and "cluster" in str(preset):  # its inputs live on a cluster filesystem: the sample stands in
+        local["inputs"] = {"wet": ["resources/commoncrawl/*.warc.wet.gz"]}
+    configs = [preset] if isinstance(preset, Path) else [write_config(tmp_path / "urls.yaml", URLS)] if preset else []
+    jobs = planned_jobs([*configs, write_config(tmp_path / "local.yaml", local)])
     commands = [job for job in jobs if job["shell"]]
-    assert {"sft_size", "grpo_size", "eval_size", "pretrain_size", "pii"} <= {job["rule"] for job in commands}
+    rules = {job["rule"] for job in commands}
+    assert {"sft_size", "grpo_size", "eval_size", "pretrain_size", "pii"} <= rules
+    assert preset != "urls" or {"fetch_wet", "fetch_warc", "fetch_url_list", "url_filter", "extract"} <= rules
     for job in commands:
         command = job["shell"]
         assert len(job["log"]) == 1 and f"--log {shlex.quote(job['log'][0])}" in command, (job["rule"], command)
