@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import time
 
 from pipeline.cli import configure_logging
 
@@ -39,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scaling-fit": ("pipeline.scaling.fit_stage", "scaling laws from the sweep: approach 3 (+ bootstrap CIs) and IsoFLOP"),
     "seal": ("pipeline.seal", "merge per-shard manifests into a stage folder's manifest.json"),
     "verify": ("pipeline.verify", "re-hash every artifact under a results folder against its manifest"),
+    "config-template": ("pipeline.config_template", "write config.yaml from the schemas (defaults, descriptions as comments)"),
 }
 
 
@@ -69,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     configure_logging(known.log)
-    return int(module.run(args) or 0)
+    started = time.monotonic()
+    code = int(module.run(args) or 0)
+    if known.log:  # the last line of a finished job's log, so none is empty (a stage may log nothing else)
+        logging.getLogger("pipeline").info("%s: exit %d after %.1f s", command, code, time.monotonic() - started)
+    return code
 
 
 if __name__ == "__main__":

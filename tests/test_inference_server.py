@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import seal
 from pipeline.inference import Engine, SamplingParams
 from pipeline.inference.server import create_app
 from pipeline.model.gpt import GPT, GPTConfig
@@ -531,6 +532,7 @@ def test_serve_command_on_a_saved_model(model, tokenizer, tmp_path, source):
 
     args = save_final(model, tokenizer, tmp_path / "tiny")
     if source == "exported folder":
+        seal(tmp_path / "tiny" / "final.pt"), seal(tmp_path / "tiny" / "tokenizer.json")  # as pretrain and the tokenizer stage leave them
         export_hf(tmp_path / "tiny" / "final.pt", tmp_path / "tiny" / "tokenizer.json", tmp_path / "export" / "tiny")
         args = ["--model", str(tmp_path / "export" / "tiny")]
     with serve_process(args, tmp_path / "serve.log") as (proc, url):

@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException
 
+from pipeline.artifacts import check_inputs
 from pipeline.export import load_hf, tokenizer_from_hf
 from pipeline.inference.engine import Engine, RequestOutput
 from pipeline.inference.sampling import InvalidParam, SamplingParams
@@ -686,6 +687,9 @@ def run(args) -> int:
     exported = Path(args.model).is_dir()
     if not exported and args.tokenizer is None:
         raise SystemExit(f"--model {args.model} is not an export-hf folder: a final.pt needs --tokenizer (tokenizer.json)")
+    # a file in a results folder is checked against its stage's manifest; one made by hand is served as is
+    for path in check_inputs(args.model, args.tokenizer, args.draft_model, required=False):
+        log.info("%s: sha256 matches its manifest", path)
     model, meta = load_model(args.model, device)
     draft = load_model(args.draft_model, device)[0] if args.draft_model else None
     if args.tokenizer is not None:
@@ -705,8 +709,9 @@ def run(args) -> int:
                      max_prompt_tokens=args.max_prompt_tokens)
     log.info("serving %s (%s, context %d) on http://%s:%d/v1", name, args.model, model.config.seq_len, args.host,
              args.port)
-    # uvicorn's own timeout is a backstop: by then the engine has aborted every request
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+    # uvicorn's own timeout is a backstop: by then the engine has aborted every request;
+    # log_config=None: uvicorn's own logging config would close the --log file's handler
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", log_config=None,
                             timeout_graceful_shutdown=args.timeout_graceful_shutdown + 2)
     GracefulServer(config, app.state.core, args.timeout_graceful_shutdown).run()
     return 0

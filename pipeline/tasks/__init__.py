@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.tasks.answers import numeric_reward
 
 SPLITS = ("train", "test")
-REPO = Path(__file__).resolve().parent.parent.parent  # relative task paths are taken from here
 # task name -> (module, class)
 TASKS: dict[str, tuple[str, str]] = {
     "arithmetic": ("pipeline.tasks.arithmetic", "ArithmeticTask"),
@@ -60,11 +58,6 @@ class Task:
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
-
-
-def task_path(path: str) -> str:
-    """A configured task file: absolute as given, relative to the repository (workflow) folder."""
-    return str(REPO / path)
 
 
 def get_task(name: str, config: dict[str, Any]) -> Task:
