@@ -532,7 +532,7 @@ def test_serve_command_on_a_saved_model(model, tokenizer, tmp_path, source):
 
     args = save_final(model, tokenizer, tmp_path / "tiny")
     if source == "exported folder":
-        seal(tmp_path / "tiny" / "final.pt"), seal(tmp_path / "tiny" / "tokenizer.json")  # as pretrain and the tokenizer stage leave them
+        seal(tmp_path / "tiny" / "final.pt", tmp_path / "tiny" / "tokenizer.json")  # as the training stages leave them
         export_hf(tmp_path / "tiny" / "final.pt", tmp_path / "tiny" / "tokenizer.json", tmp_path / "export" / "tiny")
         args = ["--model", str(tmp_path / "export" / "tiny")]
     with serve_process(args, tmp_path / "serve.log") as (proc, url):
