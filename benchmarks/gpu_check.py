@@ -1,7 +1,8 @@
 """GPU check: every CUDA path of the project, measured by one prepared command within 8 minutes.
 
     python -m benchmarks.gpu_check --out DIR               # one CUDA GPU (docs/gpu.md: what to carry)
-    python -m benchmarks.gpu_check --cpu-smoke --out DIR   # the same parts at nano sizes on the CPU (CI)
+    python -m benchmarks.gpu_check --cpu-smoke --out DIR   # the same parts at nano sizes on the CPU (tests)
+    python -m benchmarks.gpu_check --out DIR --parts pretrain,fsdp  # some parts (a rerun after a fix)
     python -m benchmarks.gpu_check --write-doc DIR/gpu_check.json   # its tables into docs/benchmarks.md
 
 Each part runs in a process of its own with its own time box, so a part that fails, runs out of
@@ -14,8 +15,8 @@ part times machinery rather than learning:
                  table in pipeline/train/parallel.py); a measured bf16 matmul rate; flash SDPA
     micro_batch  the largest pretrain micro batch that fits (doubling until one does not)
     pretrain     GPT-2 124M, bf16 autocast, fused AdamW, flash SDPA, at that micro batch: eager,
-                 torch.compile, compile + activation checkpointing (peak memory on and off);
-                 tokens/s and MFU; then a profiler trace (`--profile`) naming the kernels that ran
+                 a profiler trace of it (`--profile`: which kernels ran), torch.compile, compile +
+                 activation checkpointing (peak memory on and off); tokens/s and MFU
     fsdp         the same through FSDP2 at world size 1 (nccl; its mixed-precision policy), compiled
     resume       SIGKILL after a checkpoint, rerun, and the loss difference to an uninterrupted run
     sft          20 SFT steps on GSM8K conversations: tokens/s
@@ -49,6 +50,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.artifacts import atomic_write_text
+from pipeline.config import section_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESOURCES = ROOT / "resources"
@@ -97,12 +101,49 @@ SMOKE = Settings(
     sft=dict(global_batch=4, micro_batch=2, max_steps=3, eval_examples=2),
     grpo=dict(prompts_per_step=2, group_size=2, max_completion_tokens=8, micro_batch=4, max_steps=2),
     prompt_len=16, output_len=8, concurrency=(1, 8, 32),
-    boxes=dict(device=30, micro_batch=30, pretrain=90, fsdp=60, resume=60, sft=60, grpo=60, inference=60),
-    budget=240)
+    # about a minute in all on 2 idle cores, three on busy ones; the boxes only catch a hang
+    boxes=dict(device=60, micro_batch=60, pretrain=180, fsdp=120, resume=120, sft=120, grpo=120, inference=120),
+    budget=900)
 
-# config keys every pretrain run here shares: no eval or checkpoint before the run stops, no samples
-PRETRAIN_KEYS = dict(lr=6e-4, warmup_steps=2, max_steps=1000, eval_every=1000, checkpoint_every=1000, keep=1,
-                     samples=0, log_every=5, wandb_mode="disabled")
+
+# --- the config sections the parts run with (validated, defaults filled, as the stages get them) -------------
+
+def pretrain_config(s: Settings, micro_batch: int, **keys: Any) -> dict[str, Any]:
+    """A throughput run: one micro batch per update, one eval round, no eval or checkpoint before
+    it is stopped, no samples."""
+    tokens = micro_batch * s.seq_len
+    return section_config("pretrain", {
+        "seq_len": s.seq_len, "micro_batch": micro_batch, "global_batch_tokens": tokens, "eval_tokens": tokens,
+        "lr": 6e-4, "warmup_steps": 2, "max_steps": 1000, "eval_every": 1000, "checkpoint_every": 1000, "keep": 1,
+        "samples": 0, "log_every": 5, "wandb_mode": "disabled", **keys})
+
+
+def resume_config(s: Settings) -> dict[str, Any]:
+    """The kill-and-resume runs: to max_steps, a checkpoint halfway, the val loss at the end."""
+    keys = dict(s.resume)
+    return pretrain_config(s, keys.pop("micro_batch"), **keys, eval_every=keys["max_steps"])
+
+
+def sft_config(s: Settings) -> dict[str, Any]:
+    return section_config("sft", {"mixture": {"arithmetic": 0, "gsm8k": 1, "instruct": 0}, "lr": 1e-4,
+                                  "warmup_steps": 2, "accuracy_examples": 0, "samples": 0, "keep": 1,
+                                  "wandb_mode": "disabled", **s.sft, "eval_every": s.sft["max_steps"],
+                                  "checkpoint_every": s.sft["max_steps"]})
+
+
+def grpo_config(s: Settings) -> dict[str, Any]:
+    return section_config("grpo", {"task": "gsm8k", "lr": 1e-5, "warmup_steps": 1, "eval_examples": 0,
+                                   "accuracy_examples": 0, "samples": 0, "keep": 1, "wandb_mode": "disabled",
+                                   **s.grpo, "checkpoint_every": s.grpo["max_steps"]})
+
+
+def inference_config(s: Settings, system: str, requests: int, output_len: int) -> dict[str, Any]:
+    """One system, `requests` requests all at once, fixed lengths, random prompts, no shared prefix."""
+    return section_config("inference", {
+        "systems": [system], "rates": ["inf"], "max_batch_size": max(s.concurrency),
+        "workload": {"num_requests": requests, "prompts": "random", "shared_prefix_len": 0, "seed": 0,
+                     "prompt_len": {"min": s.prompt_len, "max": s.prompt_len},
+                     "output_len": {"min": output_len, "max": output_len}}})
 
 
 # --- the parts' common ground ------------------------------------------------------------------------------
@@ -146,7 +187,6 @@ class Results(dict):
 
     def __setitem__(self, key: str, value: Any) -> None:
         super().__setitem__(key, value)
-        from pipeline.artifacts import atomic_write_text
         atomic_write_text(self.path, json.dumps(self, indent=1))  # in the order measured
 
 
@@ -209,12 +249,10 @@ def pretrain_run(ctx: Context, name: str, *, steps: int, micro_batch: int, profi
     from metrics.jsonl: medians over the steps after the first two, the first step's time (which
     holds compilation), peak memory (CUDA: allocated by tensors, this run only; CPU: the process's
     peak resident set). `keep` leaves the run's folder (`out` in the result) for the caller."""
-    from pipeline.config import section_config
     from pipeline.train.pretrain import train
 
     s = ctx.settings
-    cfg = section_config("pretrain", {**PRETRAIN_KEYS, "seq_len": s.seq_len, "micro_batch": micro_batch,
-                                      "global_batch_tokens": micro_batch * s.seq_len, **keys})
+    cfg = pretrain_config(s, micro_batch, **keys)
     out = ctx.work / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
     free_memory()
@@ -447,12 +485,7 @@ def part_resume(ctx: Context, out: Results) -> None:
     """Three `python -m pipeline pretrain` runs of the same config: one uninterrupted; one SIGKILLed
     as soon as its first checkpoint is on disk, then rerun to resume. (They stay in this part's
     process group, so its time box stops them too.)"""
-    from pipeline.config import section_config
-
-    s = ctx.settings
-    cfg = section_config("pretrain", {**PRETRAIN_KEYS, "seq_len": s.seq_len, **s.resume,
-                                      "eval_tokens": s.resume["micro_batch"] * s.seq_len,
-                                      "eval_every": s.resume["max_steps"]})
+    s, cfg = ctx.settings, resume_config(ctx.settings)
     folder = ctx.work / "resume"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -511,26 +544,30 @@ def part_resume(ctx: Context, out: Results) -> None:
                   f"resumed (difference {out['final_loss']['difference']:.2e}); val {val[0]:.6f} vs {val[1]:.6f}")
 
 
-def part_sft(ctx: Context, out: Results) -> None:
-    """SFT of the random base on GSM8K conversations through `sft.train`."""
-    from pipeline.config import section_config
-    from pipeline.train.sft import train
-
-    cfg = section_config("sft", {"mixture": {"arithmetic": 0, "gsm8k": 1, "instruct": 0}, "lr": 1e-4,
-                                 "warmup_steps": 2, "accuracy_examples": 0, "samples": 0, "keep": 1,
-                                 "wandb_mode": "disabled", **ctx.settings.sft,
-                                 "eval_every": ctx.settings.sft["max_steps"],
-                                 "checkpoint_every": ctx.settings.sft["max_steps"]})
+def post_training(ctx: Context, stage: str, train: Callable[..., dict[str, Any]],
+                  cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """A post-training stage's `train` from the random base with the GPT-2 tokenizer: (the
+    manifest's metrics, its counts, wall seconds of the whole stage)."""
     free_memory()
     start = time.perf_counter()
-    summary = train(cfg, model_path=ctx.base, tokenizer_path=ctx.tokenizer, out=ctx.work / "sft",
-                    tasks_config=section_config("tasks", {}))
-    m, c = summary["metrics"], summary["counts"]
+    try:
+        summary = train(cfg, model_path=ctx.base, tokenizer_path=ctx.tokenizer, out=ctx.work / stage,
+                        tasks_config=section_config("tasks", {}))
+    finally:
+        shutil.rmtree(ctx.work / stage, ignore_errors=True)
+    return summary["metrics"], summary["counts"], time.perf_counter() - start
+
+
+def part_sft(ctx: Context, out: Results) -> None:
+    """SFT of the random base on GSM8K conversations through `sft.train`."""
+    from pipeline.train.sft import train
+
+    cfg = sft_config(ctx.settings)
+    m, c, wall = post_training(ctx, "sft", train, cfg)
     out["sft"] = {"steps": c["steps"], "conversations": c["conversations"], "trained_tokens": c["trained_tokens"],
                   "global_batch": cfg["global_batch"], "micro_batch": cfg["micro_batch"],
                   "tokens_per_s": m["tokens_per_s"], "mfu": m["mfu"], "peak_mem_bytes": m["peak_mem_bytes"],
-                  "final_train_loss": m["final_train_loss"], "wall_s": time.perf_counter() - start}
-    shutil.rmtree(ctx.work / "sft", ignore_errors=True)
+                  "final_train_loss": m["final_train_loss"], "wall_s": wall}
     say("sft", f"{c['steps']} steps of {cfg['global_batch']} conversations: {m['tokens_per_s']:,.0f} tok/s "
                f"(padding included), peak {m['peak_mem_bytes'] / GIB:.2f} GiB")
 
@@ -538,22 +575,14 @@ def part_sft(ctx: Context, out: Results) -> None:
 def part_grpo(ctx: Context, out: Results) -> None:
     """GRPO of the random base on GSM8K prompts through `grpo_stage.train`: its completions never
     stop early, so every rollout is max_completion_tokens long."""
-    from pipeline.config import section_config
     from pipeline.train.grpo_stage import train
 
-    cfg = section_config("grpo", {"task": "gsm8k", "lr": 1e-5, "warmup_steps": 1, "eval_examples": 0,
-                                  "accuracy_examples": 0, "samples": 0, "keep": 1, "wandb_mode": "disabled",
-                                  **ctx.settings.grpo, "checkpoint_every": ctx.settings.grpo["max_steps"]})
-    free_memory()
-    start = time.perf_counter()
-    summary = train(cfg, model_path=ctx.base, tokenizer_path=ctx.tokenizer, out=ctx.work / "grpo",
-                    tasks_config=section_config("tasks", {}))
-    m, c = summary["metrics"], summary["counts"]
+    cfg = grpo_config(ctx.settings)
+    m, c, wall = post_training(ctx, "grpo", train, cfg)
     out["grpo"] = {"steps": c["grpo_steps"], "rollouts": c["rollouts"], "prompts_per_step": cfg["prompts_per_step"],
                    "group_size": cfg["group_size"], "max_completion_tokens": cfg["max_completion_tokens"],
                    "rollout_tokens_per_s": m["rollout_tokens_per_s"], "tokens_per_s": m["tokens_per_s"],
-                   "mfu": m["mfu"], "peak_mem_bytes": m["peak_mem_bytes"], "wall_s": time.perf_counter() - start}
-    shutil.rmtree(ctx.work / "grpo", ignore_errors=True)
+                   "mfu": m["mfu"], "peak_mem_bytes": m["peak_mem_bytes"], "wall_s": wall}
     say("grpo", f"{c['grpo_steps']} steps of {cfg['prompts_per_step']} x {cfg['group_size']}: rollouts "
                 f"{m['rollout_tokens_per_s']:,.0f} tok/s, training {m['tokens_per_s']:,.0f} tok/s")
 
@@ -569,7 +598,6 @@ def part_inference(ctx: Context, out: Results) -> None:
     took longer than the time left is skipped."""
     import torch
 
-    from pipeline.config import section_config
     from pipeline.export import hf_model
     from pipeline.inference.bench import bench
     from pipeline.model.gpt import load_final
@@ -584,11 +612,7 @@ def part_inference(ctx: Context, out: Results) -> None:
     out["lengths"] = {"prompt": s.prompt_len, "output": s.output_len}
 
     def run(system: str, requests: int, output_len: int) -> dict[str, Any]:
-        cfg = section_config("inference", {
-            "systems": [system], "rates": ["inf"], "max_batch_size": max(s.concurrency),
-            "workload": {"num_requests": requests, "prompts": "random", "shared_prefix_len": 0, "seed": 0,
-                         "prompt_len": {"min": s.prompt_len, "max": s.prompt_len},
-                         "output_len": {"min": output_len, "max": output_len}}})
+        cfg = inference_config(s, system, requests, output_len)
         return bench(model, cfg, hf_model=hf, stop_ids=[meta["eos_id"]])["results"][system]["inf"]
 
     for system in INFERENCE_SYSTEMS:  # warm-up: kernels, cuBLAS handles, allocator
@@ -657,6 +681,8 @@ def launch(name: str, ctx: Context, box: float) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.gpu_check", "--part", name, "--work", str(ctx.work), "--out",
                str(ctx.out), "--deadline", str(time.time() + box)] + (["--cpu-smoke"] if ctx.smoke else [])
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    path = ctx.work / "parts" / f"{name}.json"
+    path.unlink(missing_ok=True)  # a report left by an earlier run in this work folder is not this one's
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
     try:
@@ -665,7 +691,6 @@ def launch(name: str, ctx: Context, box: float) -> dict[str, Any]:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         rc = None
-    path = ctx.work / "parts" / f"{name}.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     if rc is None:
         result["status"] = f"stopped at its time box of {box:.0f} s"
@@ -702,7 +727,6 @@ def check(settings: Settings, out: Path, work: Path, smoke: bool, parts: list[st
 # --- the report -------------------------------------------------------------------------------------------------
 
 def write_report(report: Report, out: Path) -> None:
-    from pipeline.artifacts import atomic_write_text
     data = report.as_dict()
     atomic_write_text(out / "gpu_check.json", json.dumps(data, indent=1))  # the parts in the order run
     atomic_write_text(out / "gpu_check.md", markdown(data))

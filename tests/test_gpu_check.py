@@ -12,12 +12,16 @@ import gzip
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_check import CARRIED, INFERENCE_SYSTEMS, NOT_ON_GPU_IMAGE, PARTS, PRETRAIN_VARIANTS, SMOKE, check
+from benchmarks.gpu_check import (CARRIED, GPU, INFERENCE_SYSTEMS, NOT_ON_GPU_IMAGE, PARTS, PRETRAIN_VARIANTS, SMOKE,
+                                   Context, check, grpo_config, inference_config, prepare, pretrain_config,
+                                   resume_config, sft_config)
 from conftest import ROOT
+from pipeline.train.data import TokenWindows, read_tokens_manifest, split_shards, val_rounds
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +30,7 @@ pytestmark = pytest.mark.slow
 def smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict, Path]:
     out = tmp_path_factory.mktemp("gpu_check")
     result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--cpu-smoke", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+                            cwd=ROOT, capture_output=True, text=True, timeout=1200)
     return result, json.loads((out / "gpu_check.json").read_text()), out
 
 
@@ -94,3 +98,22 @@ def test_unknown_parts_are_named(tmp_path):
     result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--cpu-smoke", "--out", str(tmp_path),
                              "--parts", "device,warmup"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "--parts: unknown warmup" in result.stderr
+
+
+def test_the_gpu_settings_make_valid_configs_on_the_prepared_data(tmp_path):
+    """The GPU settings run only on a GPU, so their configs are checked here: each validates, and
+    every micro batch up to 256 finds its eval round in the val split at GPT-2's context."""
+    ctx = Context(SMOKE, tmp_path, tmp_path, time.time() + 60, smoke=True)
+    prepare(ctx)
+    windows = TokenWindows(split_shards(ctx.tokens, "val"), read_tokens_manifest(ctx.tokens)["vocab_size"], GPU.seq_len)
+    tried = [b for b in GPU.micro_batches if b <= len(windows)]
+    assert max(tried) == 256
+    for micro_batch in tried:
+        cfg = pretrain_config(GPU, micro_batch, compile=True, activation_checkpointing=True)
+        assert val_rounds(windows, cfg["eval_tokens"], micro_batch, 1) == 1
+    resume = resume_config(GPU)
+    assert resume["global_batch_tokens"] == 2 * resume["micro_batch"] * resume["seq_len"]
+    assert resume["checkpoint_every"] < resume["max_steps"] == resume["eval_every"]
+    assert sft_config(GPU)["mixture"]["gsm8k"] == 1 and grpo_config(GPU)["task"] == "gsm8k"
+    for system in INFERENCE_SYSTEMS:
+        assert inference_config(GPU, system, max(GPU.concurrency), GPU.output_len)["systems"] == [system]
