@@ -19,7 +19,7 @@ from scipy.stats import binomtest
 
 from conftest import ROOT
 from pipeline.__main__ import main
-from pipeline.eval.canary import CanaryError, ProbeMetrics, read_baseline
+from pipeline.eval.canary import CanaryError, ProbeMetrics, eval_max_tokens, read_baseline
 from pipeline.eval.stats import wilson_interval
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tasks import get_task, held_out_items
@@ -83,6 +83,19 @@ def test_a_task_the_eval_did_not_score_is_named(tmp_path):
     path = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 10}})
     with pytest.raises(CanaryError, match="no models.sft.tasks.gsm8k; the eval scored sft on arithmetic"):
         read_baseline(path, "sft", "gsm8k")
+
+
+def test_answers_get_the_eval_s_max_new_tokens(tmp_path, caplog):
+    """From the eval manifest beside eval.json; without one, eval's default, said in a warning."""
+    from pipeline.artifacts import write_manifest
+    from pipeline.config import section_config
+
+    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 10}})
+    assert eval_max_tokens(baseline) == section_config("eval", {})["tasks"]["max_new_tokens"] == 32
+    assert "holds no eval config: answers get at most 32 tokens" in caplog.text
+    write_manifest(tmp_path / "manifest.json", stage="eval", inputs=[], outputs={baseline: None},
+                   config={"size": "nano", **section_config("eval", {"tasks": {"max_new_tokens": 7}})})
+    assert eval_max_tokens(baseline) == 7
 
 
 def test_the_prober_exports_only_the_latest_model_s_series():

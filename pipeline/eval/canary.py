@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from pipeline.artifacts import atomic_write_json
 from pipeline.cli import ConfigError, json_arg
+from pipeline.config import section_config
 from pipeline.eval.stats import wilson_interval
 from pipeline.tasks import Example, Task, get_task, held_out_items
 
@@ -110,8 +111,6 @@ def eval_max_tokens(baseline: str | Path) -> int:
     try:
         return int(json.loads(manifest.read_text(encoding="utf-8"))["config"]["tasks"]["max_new_tokens"])
     except (OSError, ValueError, KeyError, TypeError):
-        from pipeline.config import section_config
-
         default = section_config("eval", {})["tasks"]["max_new_tokens"]
         log.warning("%s holds no eval config: answers get at most %d tokens, eval's default (--max-tokens)",
                     manifest, default)
