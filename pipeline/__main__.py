@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("pipeline.train.sft_cli", "fine-tune a pretrained GPT on task conversations (chat template)"),
     "grpo": ("pipeline.train.grpo_cli", "GRPO of the SFT model on a verifiable task (group-relative rewards)"),
     "eval": ("pipeline.eval.stage", "val loss/bpb, MMLU, task pass@k of every model of a size; the table"),
+    "canary": ("pipeline.eval.canary", "score a served model on eval's held-out items via its API; exit 1 below baseline"),
     "export-hf": ("pipeline.export", "a final.pt as a transformers GPT2LMHeadModel folder + fast tokenizer"),
     "serve": ("pipeline.inference.server", "OpenAI-compatible HTTP server (SSE streaming, /metrics) over the engine"),
     "inference-bench": ("pipeline.inference.bench", "serving benchmark: naive .. continuous batching, paged, speculative, HF"),
