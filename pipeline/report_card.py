@@ -189,8 +189,8 @@ def figure(artifact: Artifact | None, caption: str) -> str:
             f"{source(artifact)}</figure>")
 
 
-def section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{esc(title)}</h2>\n{body}\n</section>'
+def unavailable(what: str) -> str:
+    return f"<p>{esc(what)}: {NA}</p>"
 
 
 def page(title: str, body: str) -> str:
@@ -209,35 +209,36 @@ def flat_rows(obj: Any, spec: str, prefix: str = "") -> list[list[str]]:
 
 # --- the sections, in reading order ----------------------------------------------------------------------
 
-def data_section(reader: Reader, manifest: Path | None) -> str:
-    """The funnel: documents and bytes in and out of each web-data stage, and what each dropped, why."""
-    artifact = reader.output(manifest, "drop_report.json") if manifest else None
+def data_funnel(reader: Reader, manifest: Path) -> str:
+    """Documents and bytes in and out of each web-data stage, and what each dropped, why."""
+    artifact = reader.output(manifest, "drop_report.json")
     report = load_json(artifact)
     if report is None:
-        return section("data", "Data funnel", f"<p>Drop report: {NA}</p>")
+        return unavailable("drop_report.json")
     rows = []
     for stage in report.get("stages", []):
+        docs_in, docs_out = stage.get("docs_in"), stage.get("docs_out")
+        kept = 100 * docs_out / docs_in if is_number(docs_in) and is_number(docs_out) and docs_in else None
+        megabytes = [stage[key] / 1e6 if is_number(stage.get(key)) else None for key in ("bytes_in", "bytes_out")]
         dropped = sorted((stage.get("dropped") or {}).items(), key=lambda kv: (-kv[1], kv[0]))
-        kept = stage["docs_out"] / stage["docs_in"] if stage.get("docs_in") else None
-        rows.append([esc(stage["name"]), number(stage.get("docs_in")), number(stage.get("docs_out")),
-                     number(kept and 100 * kept, ".1f"), number(stage.get("bytes_in", 0) / 1e6, ".2f"),
-                     number(stage.get("bytes_out", 0) / 1e6, ".2f"),
+        entry = f" ({stage['entry'].upper()})" if stage.get("entry") not in (None, "shared") else ""
+        rows.append([esc(f"{stage.get('name', '?')}{entry}"), number(docs_in), number(docs_out), number(kept, ".1f"),
+                     *(number(mb, ".2f") for mb in megabytes),
                      ", ".join(f"{esc(reason)}: {count:,}" for reason, count in dropped) or "none"])
     errors = report.get("input_errors") or []
     body = table(["stage", "docs in", "docs out", "kept %", "MB in", "MB out", "dropped (reason: count)"], rows, artifact)
     if errors:
         body += f"<p>Input errors: {esc('; '.join(map(str, errors)))}</p>"
     body += figure(reader.output(manifest, "plots/funnel.png"), "Documents left after each stage")
-    body += figure(reader.output(manifest, "plots/drop_reasons.png"), "Documents dropped, by stage and reason")
-    return section("data", "Data funnel", body)
+    return body + figure(reader.output(manifest, "plots/drop_reasons.png"), "Documents dropped, by stage and reason")
 
 
-def tokenizer_section(reader: Reader, manifest: Path | None) -> str:
+def tokenizer_compression(reader: Reader, manifest: Path) -> str:
     """Bytes per token of our BPE and GPT-2's on held-out text, per source."""
-    artifact = reader.output(manifest, "compression.json") if manifest else None
+    artifact = reader.output(manifest, "compression.json")
     report = load_json(artifact)
     if report is None:
-        return section("tokenizer", "Tokenizer compression", f"<p>Compression report: {NA}</p>")
+        return unavailable("compression.json")
     vocab = report.get("vocab_size") or {}
     rows = []
     for name, s in [*(report.get("by_source") or {}).items(), ("total", report.get("total") or {})]:
@@ -248,25 +249,19 @@ def tokenizer_section(reader: Reader, manifest: Path | None) -> str:
                      number(ours, ".3f"), number(gpt2, ".3f"), number(ratio, ".3f")])
     body = (f"<p>Bytes per token (higher is better) of our tokenizer ({number(vocab.get('ours'))} ids) and GPT-2's "
             f"({number(vocab.get('gpt2'))} ids), on {esc(report.get('text', 'held-out text'))}.</p>")
-    body += table(["source", "documents", "bytes", "tokens (ours)", "tokens (GPT-2)", "bytes/token (ours)",
-                   "bytes/token (GPT-2)", "ours / GPT-2"], rows, artifact)
-    return section("tokenizer", "Tokenizer compression vs GPT-2", body)
+    return body + table(["source", "documents", "bytes", "tokens (ours)", "tokens (GPT-2)", "bytes/token (ours)",
+                         "bytes/token (GPT-2)", "ours / GPT-2"], rows, artifact)
 
 
-def pretrain_section(reader: Reader, manifests: list[Path]) -> str:
-    """Per model size: what was trained (the manifest's counts) and the loss curves."""
-    if not manifests:
-        return section("pretrain", "Pretraining", f"<p>Pretraining runs: {NA}</p>")
-    body = ""
-    for path in manifests:
-        manifest, artifact = reader.manifest(path)
-        metrics, counts = manifest.get("metrics", {}), manifest.get("counts", {})
-        rows = [["parameters", number(metrics.get("params"))], ["steps", number(counts.get("steps"))],
-                ["tokens trained", number(counts.get("tokens"))],
-                ["final val loss (nats/token)", metric(metrics.get("final_val_loss"), ".4f")]]
-        body += f"<h3><code>{esc(path.parent.name)}</code></h3>" + table(["", "value"], rows, artifact)
-        body += figure(reader.output(path, "loss.png"), f"{path.parent.name}: train and val loss against step")
-    return section("pretrain", "Pretraining loss", body)
+def pretrain_run(reader: Reader, path: Path) -> str:
+    """One size: what was trained (the manifest's counts) and the loss curves."""
+    manifest, artifact = reader.manifest(path)
+    metrics, counts = manifest.get("metrics", {}), manifest.get("counts", {})
+    rows = [["parameters", number(metrics.get("params"))], ["steps", number(counts.get("steps"))],
+            ["tokens trained", number(counts.get("tokens"))],
+            ["final val loss (nats/token)", metric(metrics.get("final_val_loss"), ".4f")]]
+    return table(["", "value"], rows, artifact) + figure(reader.output(path, "loss.png"),
+                                                         f"{path.parent.name}: train and val loss against step")
 
 
 def task_cell(task: Any, key: str) -> str:
@@ -322,90 +317,68 @@ def forgetting(models: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def eval_section(reader: Reader, manifests: list[Path]) -> str:
-    """Per model size: base, SFT and GRPO side by side, every metric with its 95% interval where the
-    eval gives one, forgetting, and the paired comparisons."""
-    if not manifests:
-        return section("eval", "Evaluation", f"<p>Eval results: {NA}</p>")
-    body = ""
-    for path in manifests:
-        artifact = reader.output(path, "eval.json")
-        result = load_json(artifact)
-        models = (result or {}).get("models") or {}
-        body += f"<h3><code>{esc(path.parent.name)}</code></h3>"
-        if not models:
-            body += f"<p>eval.json: {NA}</p>"
-            continue
-        headers = ["metric", *(ROW_NAMES.get(name, name) for name in models)]
-        rows = [[esc(label), *(cell(r) for r in models.values())] for label, cell in eval_rows(models)]
-        body += ("<p>Each value with its 95% interval where the eval gives one (hover for n and method). "
-                 "Forgetting: val loss after post-training minus the base model's.</p>")
-        body += table(headers, rows + forgetting(models), artifact)
-        comparisons = result.get("comparisons")
-        if comparisons:
-            rows = [[esc(f"{ROW_NAMES.get(c.get('a'), c.get('a'))} → {ROW_NAMES.get(c.get('b'), c.get('b'))}"),
-                     esc(str(c.get("metric", c.get("task", "")))), metric({"value": c.get("diff"), "ci95": c.get("ci95")}, "+.3f"),
-                     number(c.get("p_value"), ".3g"), esc(str(c.get("test", ""))), number(c.get("n"))]
-                    for c in comparisons]
-            body += "<p>Paired comparisons on the same items (diff = second minus first):</p>"
-            body += table(["models", "metric", "diff [95% CI]", "p", "test", "n"], rows, artifact)
-        else:
-            body += f"<p>Paired comparisons: {NA}</p>"
-        body += figure(reader.output(path, "eval.png"), f"{path.parent.name}: the eval table as bars")
-    return section("eval", "Evaluation", body)
+def eval_table(reader: Reader, path: Path) -> str:
+    """One size: base, SFT and GRPO side by side, every metric with its 95% interval where the eval
+    gives one, forgetting, and the paired comparisons."""
+    artifact = reader.output(path, "eval.json")
+    result = load_json(artifact) or {}
+    models = result.get("models")
+    if not models:
+        return unavailable("eval.json")
+    headers = ["metric", *(ROW_NAMES.get(name, name) for name in models)]
+    rows = [[esc(label), *(cell(r) for r in models.values())] for label, cell in eval_rows(models)]
+    body = ("<p>Each value with its 95% interval where the eval gives one (hover for n and method). "
+            "Forgetting: val loss after post-training minus the base model's.</p>")
+    body += table(headers, rows + forgetting(models), artifact)
+    if comparisons := result.get("comparisons"):
+        rows = [[esc(f"{ROW_NAMES.get(c.get('a'), c.get('a'))} → {ROW_NAMES.get(c.get('b'), c.get('b'))}"),
+                 esc(str(c.get("metric", c.get("task", "")))), metric({"value": c.get("diff"), "ci95": c.get("ci95")}, "+.3f"),
+                 number(c.get("p_value"), ".3g"), esc(str(c.get("test", ""))), number(c.get("n"))]
+                for c in comparisons]
+        body += "<p>Paired comparisons on the same items (diff = second minus first):</p>"
+        body += table(["models", "metric", "diff [95% CI]", "p", "test", "n"], rows, artifact)
+    else:
+        body += unavailable("Paired comparisons")
+    return body + figure(reader.output(path, "eval.png"), f"{path.parent.name}: the eval table as bars")
 
 
-def grpo_section(reader: Reader, manifests: list[Path]) -> str:
-    """Per size: GRPO's rewards over training and its held-out accuracy, from its manifest."""
-    if not manifests:
-        return section("grpo", "GRPO", f"<p>GRPO runs: {NA}</p>")
-    body = ""
-    for path in manifests:
-        manifest, artifact = reader.manifest(path)
-        metrics = manifest.get("metrics", {})
-        rows = [[esc(key.replace("_", " ")), metric(item, ".3f")] for key, item in metrics.items()
-                if any(word in key for word in ("reward", "accuracy", "scored"))]
-        rows = rows or [["rewards and accuracy", NA]]
-        body += f"<h3><code>{esc(path.parent.name)}</code></h3>" + table(["", "value"], rows, artifact)
-        body += figure(reader.output(path, "rewards.png"), f"{path.parent.name}: GRPO rewards and rollout statistics per step")
-    return section("grpo", "GRPO rewards", body)
+def grpo_run(reader: Reader, path: Path) -> str:
+    """One size: GRPO's reward and held-out accuracy figures (its manifest) and its rewards plot."""
+    manifest, artifact = reader.manifest(path)
+    rows = [[esc(key.replace("_", " ")), metric(item, ".3f")] for key, item in manifest.get("metrics", {}).items()
+            if any(word in key for word in ("reward", "accuracy", "scored"))]
+    return (table(["", "value"], rows or [["rewards and accuracy", NA]], artifact)
+            + figure(reader.output(path, "rewards.png"), f"{path.parent.name}: GRPO rewards and rollout statistics per step"))
 
 
 def ms(stats: Any, *keys: str) -> str:
     return " / ".join(number(get(stats, key), ".1f") for key in keys)
 
 
-def inference_section(reader: Reader, manifests: list[Path]) -> str:
-    """Per size and request rate: every serving system's throughput and latency percentiles."""
-    if not manifests:
-        return section("inference", "Inference benchmark", f"<p>Benchmark: {NA}</p>")
-    body = ""
-    for path in manifests:
-        artifact = reader.output(path, "bench.json")
-        report = load_json(artifact) or {}
-        results = report.get("results") or {}
-        body += f"<h3><code>{esc(path.parent.name)}</code></h3>"
-        if not results:
-            body += f"<p>bench.json: {NA}</p>"
-            continue
-        body += (f"<p>Device {esc(str(report.get('device', '?')))}, {esc(str(report.get('threads', '?')))} thread(s); "
-                 f"{esc(str(get(report, 'config', 'workload', 'num_requests') or '?'))} requests per rate.</p>")
-        rates = [str(r) for r in get(report, "config", "rates") or []] or sorted({r for s in results.values() for r in s})
-        for rate in rates:
-            rows = [[esc(system), number(get(m, "output_tokens_per_s"), ".1f"), number(get(m, "requests_per_s"), ".2f"),
-                     number(get(m, "goodput_requests_per_s"), ".2f"), ms(get(m, "ttft_ms"), "median", "p99"),
-                     ms(get(m, "tpot_ms"), "median", "p99"), ms(get(m, "itl_ms"), "median"),
-                     ms(get(m, "e2e_ms"), "median", "p99")]
-                    for system, per_rate in results.items() if (m := per_rate.get(rate)) is not None]
-            label = "all at once" if math.isinf(float(rate)) else f"{float(rate):g} requests/s (Poisson arrivals)"
-            body += f"<h4>{esc(label)}</h4>" + table(
-                ["system", "out tok/s", "req/s", "goodput req/s", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms",
-                 "ITL p50 ms", "E2E p50 / p99 ms"], rows, artifact)
-        if report.get("skipped"):
-            body += "<p>Skipped: " + esc("; ".join(f"{s} ({why})" for s, why in report["skipped"].items())) + "</p>"
-        body += figure(reader.output(path, "throughput.png"), f"{path.parent.name}: output tokens/s per system and rate")
-        body += figure(reader.output(path, "latency.png"), f"{path.parent.name}: latency percentiles at the heaviest load")
-    return section("inference", "Inference benchmark", body)
+def inference_bench(reader: Reader, path: Path) -> str:
+    """One size: every serving system's throughput and latency percentiles at each request rate."""
+    artifact = reader.output(path, "bench.json")
+    report = load_json(artifact) or {}
+    results = report.get("results")
+    if not results:
+        return unavailable("bench.json")
+    body = (f"<p>Device {esc(str(report.get('device', '?')))}, {esc(str(report.get('threads', '?')))} thread(s); "
+            f"{esc(str(get(report, 'config', 'workload', 'num_requests') or '?'))} requests per rate.</p>")
+    rates = [str(r) for r in get(report, "config", "rates") or []] or sorted({r for s in results.values() for r in s})
+    for rate in rates:
+        rows = [[esc(system), number(get(m, "output_tokens_per_s"), ".1f"), number(get(m, "requests_per_s"), ".2f"),
+                 number(get(m, "goodput_requests_per_s"), ".2f"), ms(get(m, "ttft_ms"), "median", "p99"),
+                 ms(get(m, "tpot_ms"), "median", "p99"), ms(get(m, "itl_ms"), "median"),
+                 ms(get(m, "e2e_ms"), "median", "p99")]
+                for system, per_rate in results.items() if (m := per_rate.get(rate)) is not None]
+        label = "all at once" if math.isinf(float(rate)) else f"{float(rate):g} requests/s (Poisson arrivals)"
+        body += f"<h4>{esc(label)}</h4>" + table(
+            ["system", "out tok/s", "req/s", "goodput req/s", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms",
+             "ITL p50 ms", "E2E p50 / p99 ms"], rows, artifact)
+    if report.get("skipped"):
+        body += "<p>Skipped: " + esc("; ".join(f"{s} ({why})" for s, why in report["skipped"].items())) + "</p>"
+    body += figure(reader.output(path, "throughput.png"), f"{path.parent.name}: output tokens/s per system and rate")
+    return body + figure(reader.output(path, "latency.png"), f"{path.parent.name}: latency percentiles at the heaviest load")
 
 
 PARAMS = ("E", "A", "B", "alpha", "beta")
@@ -426,13 +399,13 @@ def identification(fit: dict[str, Any]) -> tuple[bool, str]:
                    f"allocations are not shown as findings.{bound}</p>")
 
 
-def scaling_section(reader: Reader, manifest: Path | None) -> str:
+def scaling_fit(reader: Reader, manifest: Path) -> str:
     """The approach-3 fit (its parameters with intervals, whether it is identified), the
     pre-registered prediction of the largest budget against its measurement, and the plots."""
-    artifact = reader.output(manifest, "fit.json") if manifest else None
+    artifact = reader.output(manifest, "fit.json")
     fit = load_json(artifact)
     if fit is None:
-        return section("scaling", "Scaling fit", f"<p>fit.json: {NA}</p>")
+        return unavailable("fit.json")
     identified, verdict = identification(fit)
     a3, boot = fit.get("approach3") or {}, get(fit, "bootstrap", "params") or {}
     rows = [[esc(name), metric({"value": a3.get(name), "ci95": boot.get(name)} if name in boot else a3.get(name), ".4g")]
@@ -450,19 +423,18 @@ def scaling_section(reader: Reader, manifest: Path | None) -> str:
                  "the measurement stands beside it.</p>")
         body += table(["", "value"], flat_rows(prediction, ".4g"), artifact)
     else:
-        body += f"<p>Prediction of the largest budget from the smaller ones: {NA}</p>"
+        body += unavailable("Prediction of the largest budget from the smaller ones")
     body += figure(reader.output(manifest, "fit.png"), "Approach 3: loss against N per budget, with the fit")
     body += figure(reader.output(manifest, "isoflop.png"), "IsoFLOP curves")
-    body += figure(reader.output(manifest, "frontier.png"), "Compute-optimal frontier")
-    return section("scaling", "Scaling fit", body)
+    return body + figure(reader.output(manifest, "frontier.png"), "Compute-optimal frontier")
 
 
-def artifacts_section(reader: Reader) -> str:
+def artifacts(reader: Reader) -> str:
     rows = [[f"<code>{esc(a.name)}</code>", f"<code>{a.sha256}</code>",
              f"<code>{esc(a.manifest)}</code>" if a.manifest else "(a manifest: its own bytes)"]
             for a in sorted(reader.read.values(), key=lambda a: a.name)]
     body = "<p>Every file this page was read from, checked against the sha256 its stage recorded.</p>"
-    return section("artifacts", "Artifacts", body + table(["artifact", "sha256", "checked against"], rows))
+    return body + table(["artifact", "sha256", "checked against"], rows)
 
 
 # --- the tables as HTML pages ---------------------------------------------------------------------------
@@ -495,24 +467,42 @@ def markdown_page(reader: Reader, md: Path) -> str:
 
 # --- the page --------------------------------------------------------------------------------------------
 
-SECTIONS = (("data", "Data funnel"), ("tokenizer", "Tokenizer compression"), ("pretrain", "Pretraining loss"),
-            ("eval", "Evaluation"), ("grpo", "GRPO rewards"), ("inference", "Inference benchmark"),
-            ("scaling", "Scaling fit"), ("artifacts", "Artifacts"))
+SECTIONS = {"data": "Data funnel", "tokenizer": "Tokenizer compression vs GPT-2", "pretrain": "Pretraining loss",
+            "eval": "Evaluation", "grpo": "GRPO rewards", "inference": "Inference benchmark", "scaling": "Scaling fit",
+            "artifacts": "Artifacts"}
+
+
+def per_run(render: Callable[[Reader, Path], str], reader: Reader, manifest: Path | None, what: str) -> str:
+    """A section of the whole run (data, tokenizer, scaling): one manifest, or "not available"."""
+    return render(reader, manifest) if manifest else unavailable(what)
+
+
+def per_size(render: Callable[[Reader, Path], str], reader: Reader, manifests: list[Path], what: str) -> str:
+    """One sub-section per model size (the folder of its manifest)."""
+    if not manifests:
+        return unavailable(what)
+    return "".join(f"<h3><code>{esc(path.parent.name)}</code></h3>{render(reader, path)}" for path in manifests)
 
 
 def render_card(reader: Reader, *, data: Path | None, tokenizer: Path | None, pretrain: list[Path],
                 eval: list[Path], grpo: list[Path], inference: list[Path], scaling: Path | None) -> str:
-    parts = [data_section(reader, data), tokenizer_section(reader, tokenizer), pretrain_section(reader, pretrain),
-             eval_section(reader, eval), grpo_section(reader, grpo), inference_section(reader, inference),
-             scaling_section(reader, scaling)]
-    parts.append(artifacts_section(reader))  # last: it lists what the sections above read
+    bodies = {"data": per_run(data_funnel, reader, data, "Drop report"),
+              "tokenizer": per_run(tokenizer_compression, reader, tokenizer, "Compression report"),
+              "pretrain": per_size(pretrain_run, reader, pretrain, "Pretraining runs"),
+              "eval": per_size(eval_table, reader, eval, "Eval results"),
+              "grpo": per_size(grpo_run, reader, grpo, "GRPO runs"),
+              "inference": per_size(inference_bench, reader, inference, "Benchmark"),
+              "scaling": per_run(scaling_fit, reader, scaling, "Scaling fit")}
+    bodies["artifacts"] = artifacts(reader)  # last: it lists what the sections above read
     run = reader.run.name
-    contents = "".join(f'<li><a href="#{anchor}">{esc(title)}</a></li>' for anchor, title in SECTIONS)
+    contents = "".join(f'<li><a href="#{anchor}">{esc(title)}</a></li>' for anchor, title in SECTIONS.items())
     head = (f"<h1>wetstone report card: run <code>{esc(run)}</code></h1>"
             "<p>The run top to bottom, from raw web text to a served model. Every table and figure names the "
             "artifact it was read from and its sha256, checked against the manifest of the stage that wrote it. "
             f"What a stage does not report yet says {NA}.</p><ol>{contents}</ol>")
-    return page(f"wetstone report card: {run}", head + "\n".join(parts))
+    sections = "\n".join(f'<section id="{anchor}"><h2>{esc(SECTIONS[anchor])}</h2>\n{body}\n</section>'
+                          for anchor, body in bodies.items())
+    return page(f"wetstone report card: {run}", f"{head}\n{sections}")
 
 
 def report_card(*, out: Path, data: Path | None = None, tokenizer: Path | None = None, pretrain: Iterable[Path] = (),

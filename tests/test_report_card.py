@@ -108,7 +108,7 @@ def run(tmp_path) -> dict[str, object]:
     from pipeline.train.report import plot_losses
 
     run = tmp_path / "results" / "card"
-    drop = {"stages": [{"name": "ingest", "docs_in": 318, "docs_out": 317, "bytes_in": 2346332, "bytes_out": 2346211,
+    drop = {"stages": [{"name": "ingest", "entry": "wet", "docs_in": 318, "docs_out": 317, "bytes_in": 2346332, "bytes_out": 2346211,
                         "dropped": {"empty": 1}},
                        {"name": "langid", "docs_in": 317, "docs_out": 69, "bytes_in": 2346211, "bytes_out": 493084,
                         "dropped": {"language_not_kept": 215, "low_confidence": 33}}], "input_errors": []}
@@ -215,7 +215,7 @@ def test_the_card_shows_every_section_with_intervals_and_names_each_artifact(run
     assert "+0.236 [+0.190, +0.280]" in text  # the eval's own forgetting figure, with its interval
     assert "not measured at this scale" in text  # gsm8k: flagged, not drawn as zeros
     assert "base → SFT arithmetic pass@1 +0.482 [+0.438, +0.526] 1.2e-30 mcnemar_exact 500" in text
-    assert "ingest 318 317 99.7 2.35 2.35 empty: 1" in text  # the funnel with its drop reasons
+    assert "ingest (WET) 318 317 99.7 2.35 2.35 empty: 1" in text  # the funnel with its drop reasons
     assert "langid 317 69 21.8 2.35 0.49 language_not_kept: 215, low_confidence: 33" in text
     assert "web 2 8,203 2,715 1,755 3.021 4.674 0.646" in text  # compression vs GPT-2
     assert "final val loss (nats/token) 4.2817" in text and "tokens trained 1,638,400" in text
