@@ -44,7 +44,7 @@ from pipeline.artifacts import atomic_write_text, read_checked, read_manifest, u
 log = logging.getLogger(__name__)
 
 NA = '<span class="na">not available</span>'
-ROW_NAMES = {"pretrain": "base", "sft": "SFT", "grpo": "GRPO"}  # the eval table's rows, as eval.md names them
+ROW_NAMES = {"pretrain": "base", "sft": "SFT", "grpo": "GRPO"}  # the eval table's models in training order, as eval.md names them
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; color: #222; max-width: 1120px; margin: 2em auto; padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
@@ -322,9 +322,10 @@ def eval_table(reader: Reader, path: Path) -> str:
     gives one, forgetting, and the paired comparisons."""
     artifact = reader.output(path, "eval.json")
     result = load_json(artifact) or {}
-    models = result.get("models")
-    if not models:
+    if not result.get("models"):
         return unavailable("eval.json")
+    order = list(ROW_NAMES)  # training order (eval.json's keys are sorted by name)
+    models = dict(sorted(result["models"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     headers = ["metric", *(ROW_NAMES.get(name, name) for name in models)]
     rows = [[esc(label), *(cell(r) for r in models.values())] for label, cell in eval_rows(models)]
     body = ("<p>Each value with its 95% interval where the eval gives one (hover for n and method). "

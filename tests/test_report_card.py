@@ -81,6 +81,8 @@ EVAL_MODELS = {
                                      "k": 8, "n": 500},
                       "gsm8k": {"pass@1": 0.0, "pass@k": 0.0, "k": 8, "n": 50, "measured": False}}},
 }
+EVAL_MODELS["grpo"] = {**EVAL_MODELS["sft"], "val_loss": m(4.53, 4.44, 4.62, 93, "bootstrap"),
+                       "forgetting": {"val_loss": m(0.249, 0.2, 0.3, 93, "paired_bootstrap")}}
 COMPARISONS = [{"a": "pretrain", "b": "sft", "metric": "arithmetic pass@1", "diff": 0.482, "ci95": [0.438, 0.526],
                 "p_value": 1.2e-30, "test": "mcnemar_exact", "n": 500}]
 FIT = {"approach3": {"E": 1.93, "A": 120.5, "B": 310.2, "alpha": 0.412, "beta": 0.371, "at_bound": []},
@@ -212,7 +214,8 @@ def test_the_card_shows_every_section_with_intervals_and_names_each_artifact(run
     text = text_of(page)
     for number in eval_numbers():
         assert number in text, number
-    assert "+0.236 [+0.190, +0.280]" in text  # the eval's own forgetting figure, with its interval
+    assert "metric base SFT GRPO" in text  # in training order, though eval.json's keys are sorted
+    assert "Δ val loss vs base (forgetting) — +0.236 [+0.190, +0.280] +0.249 [+0.200, +0.300]" in text  # the eval's own
     assert "not measured at this scale" in text  # gsm8k: flagged, not drawn as zeros
     assert "base → SFT arithmetic pass@1 +0.482 [+0.438, +0.526] 1.2e-30 mcnemar_exact 500" in text
     assert "ingest (WET) 318 317 99.7 2.35 2.35 empty: 1" in text  # the funnel with its drop reasons
@@ -263,9 +266,9 @@ def test_fields_a_stage_does_not_write_say_not_available(run):
     run["tables"].remove(run["root"] / "scaling" / "fit.md")
     assert main(card_args(run, grpo=True, inference=True)) == 0
     text = text_of((run["root"] / "report" / "index.html").read_text())
-    assert "val loss (nats/token) 4.281 4.517" in text
-    assert "Δ val loss vs base (forgetting) — +0.236" in text  # computed from the two val losses
-    assert "arithmetic pass@1 (greedy, n=20) 0.000 0.350" in text
+    assert "val loss (nats/token) 4.281 4.517 4.530" in text
+    assert "Δ val loss vs base (forgetting) — +0.236 +0.249" in text  # computed from the two val losses
+    assert "arithmetic pass@1 (greedy, n=20) 0.000 0.350 0.000" in text
     assert "Paired comparisons: not available" in text
     assert "the eval table as bars: not available" in text
     assert "GRPO runs: not available" in text and "Benchmark: not available" in text
