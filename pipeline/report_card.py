@@ -148,16 +148,26 @@ def value(x: Any) -> float | None:
     return x if is_number(x) else None
 
 
+def is_metric(x: Any) -> bool:
+    """A metric {"value", "ci95", ...} or a paired comparison {"a", "b", "diff", "ci95", "p_value", ...}."""
+    return isinstance(x, dict) and ("value" in x or "diff" in x)
+
+
 def metric(x: Any, spec: str = ".3f") -> str:
-    """A metric as text: `0.480 [0.436, 0.524]` with n and method on hover; a plain number as is."""
-    if not isinstance(x, dict):
+    """A metric as text: `0.480 [0.436, 0.524]` with n and method on hover; a paired comparison as
+    its signed difference, interval and p-value; a plain number as is."""
+    if not is_metric(x):
         return number(x, spec)
-    text = number(x.get("value"), spec)
+    comparison = "value" not in x
+    spec = f"+{spec}" if comparison and not spec.startswith("+") else spec
+    text = number(x["diff"] if comparison else x["value"], spec)
     ci = x.get("ci95")
     if isinstance(ci, (list, tuple)) and len(ci) == 2:
         bounds = [format(b, spec) if is_number(b) else "unbounded" for b in ci]
         text += f' <span class="ci">[{bounds[0]}, {bounds[1]}]</span>'
-    about = ", ".join(f"{key} {x[key]}" for key in ("n", "method") if key in x)
+    if comparison and is_number(x.get("p_value")):
+        text += f' <span class="ci">p {x["p_value"]:.2g}</span>'
+    about = ", ".join(f"{key} {x[key]}" for key in ("n", "method", "test") if key in x)
     return f'<span title="{esc(about)}">{text}</span>' if about else text
 
 
@@ -199,12 +209,16 @@ def page(title: str, body: str) -> str:
 
 
 def flat_rows(obj: Any, spec: str, prefix: str = "") -> list[list[str]]:
-    """[name, value] rows of a nested dict whose shape the card does not know: leaves and metrics
-    as values, nested dicts as `outer · inner` names."""
-    if not isinstance(obj, dict) or "value" in obj:
-        shown = metric(obj, spec) if obj is None or isinstance(obj, (dict, int, float)) else esc(str(obj))
-        return [[esc(prefix), shown]]
-    return [row for key, item in obj.items() for row in flat_rows(item, spec, f"{prefix} · {key}" if prefix else key)]
+    """[name, value] rows of a nested dict whose shape the card does not know: numbers, metrics,
+    text and lists as values, nested dicts as `outer · inner` names."""
+    if isinstance(obj, dict) and not is_metric(obj):
+        return [row for key, item in obj.items()
+                for row in flat_rows(item, spec, f"{prefix} · {key}" if prefix else str(key))]
+    if isinstance(obj, list):
+        shown = "; ".join(number(x, spec) if is_number(x) else esc(str(x)) for x in obj) or "none"
+    else:
+        shown = esc(obj) if isinstance(obj, str) else metric(obj, spec)
+    return [[esc(prefix.replace("_", " ")), shown]]
 
 
 # --- the sections, in reading order ----------------------------------------------------------------------
@@ -278,39 +292,33 @@ def eval_rows(models: dict[str, dict[str, Any]]) -> list[tuple[str, Callable[[di
     first = next(iter(models.values()))
     rows: list[tuple[str, Callable[[dict], str]]] = [
         ("val loss (nats/token)", lambda r: metric(r.get("val_loss"))), ("bits per byte", lambda r: metric(r.get("bpb")))]
-    for src in first.get("per_source") or {}:
-        rows += [(f"val loss: {src}", lambda r, s=src: metric(get(r, "per_source", s, "val_loss"))),
-                 (f"bpb: {src}", lambda r, s=src: metric(get(r, "per_source", s, "bpb")))]
+    for src in first.get("by_source") or {}:
+        rows += [(f"val loss: {src}", lambda r, s=src: metric(get(r, "by_source", s, "val_loss"))),
+                 (f"bpb: {src}", lambda r, s=src: metric(get(r, "by_source", s, "bpb")))]
     for shot, summary in (first.get("mmlu") or {}).items():
         n = f" (n={summary['n']})" if is_number(summary.get("n")) else ""
         rows += [(f"MMLU {shot} {key}{n}", lambda r, s=shot, k=key: metric(get(r, "mmlu", s, k))) for key in ("acc", "acc_norm")]
     for name, task in (first.get("tasks") or {}).items():
-        n = f", n={task['n']}" if is_number(task.get("n")) else ""
-        rows += [(f"{name} pass@1 (greedy{n})", lambda r, t=name: task_cell(get(r, "tasks", t), "pass@1")),
-                 (f"{name} pass@{task.get('k', 'k')} (sampled{n})", lambda r, t=name: task_cell(get(r, "tasks", t), "pass@k"))]
+        for key, label in (("pass@1", "pass@1 (greedy"), ("pass@k", f"pass@{task.get('k', 'k')} (sampled")):
+            n = get(task, key, "n") or task.get("n")
+            rows.append((f"{name} {label}{f', n={n}' if is_number(n) else ''})",
+                         lambda r, t=name, k=key: task_cell(get(r, "tasks", t), k)))
     return rows
-
-
-def own_forgetting(result: dict[str, Any], source: str | None) -> Any:
-    """The eval's own forgetting metric of one model (overall, or of one val source), or None: its
-    `forgetting` is a metric, or holds `val_loss` and `per_source`."""
-    found = get(result, "forgetting") if source is None else get(result, "forgetting", "per_source", source)
-    return found if value(found) is not None else get(found, "val_loss")
 
 
 def forgetting(models: dict[str, dict[str, Any]]) -> list[list[str]]:
     """Rows: the change of val loss vs the base model (forgetting), overall and per source: the
-    eval's own figure (with its interval) when it gives one, else the plain difference of the two
-    val losses in the same eval.json."""
+    eval's own paired comparison (`forgetting`, with its interval and p-value) when it gives one,
+    else the plain difference of the two val losses in the same eval.json."""
     base = models.get("pretrain")
     if base is None:
         return []
     rows = []
-    for source in [None, *(base.get("per_source") or {})]:
-        path = ("val_loss",) if source is None else ("per_source", source, "val_loss")
+    for source in [None, *(base.get("by_source") or {})]:
+        path = ("val_loss",) if source is None else ("by_source", source, "val_loss")
         cells = []
         for name, result in models.items():
-            own, a, b = own_forgetting(result, source), value(get(base, *path)), value(get(result, *path))
+            own, a, b = get(result, "forgetting", *path), value(get(base, *path)), value(get(result, *path))
             cells.append("—" if name == "pretrain" else metric(own, "+.3f") if own is not None
                          else number(b - a, "+.3f") if a is not None and b is not None else NA)
         rows.append([f"Δ val loss{': ' + esc(source) if source else ''} vs base (forgetting)", *cells])
@@ -333,7 +341,7 @@ def eval_table(reader: Reader, path: Path) -> str:
     body += table(headers, rows + forgetting(models), artifact)
     if comparisons := result.get("comparisons"):
         rows = [[esc(f"{ROW_NAMES.get(c.get('a'), c.get('a'))} → {ROW_NAMES.get(c.get('b'), c.get('b'))}"),
-                 esc(str(c.get("metric", c.get("task", "")))), metric({"value": c.get("diff"), "ci95": c.get("ci95")}, "+.3f"),
+                 esc(str(c.get("metric", ""))), metric({"value": c.get("diff"), "ci95": c.get("ci95")}, "+.3f"),
                  number(c.get("p_value"), ".3g"), esc(str(c.get("test", ""))), number(c.get("n"))]
                 for c in comparisons]
         body += "<p>Paired comparisons on the same items (diff = second minus first):</p>"
@@ -344,10 +352,12 @@ def eval_table(reader: Reader, path: Path) -> str:
 
 
 def grpo_run(reader: Reader, path: Path) -> str:
-    """One size: GRPO's reward and held-out accuracy figures (its manifest) and its rewards plot."""
+    """One size: GRPO's reward and held-out accuracy figures (its manifest: accuracy of the SFT
+    input and of GRPO, their paired comparison, the items scored) and its rewards plot."""
     manifest, artifact = reader.manifest(path)
-    rows = [[esc(key.replace("_", " ")), metric(item, ".3f")] for key, item in manifest.get("metrics", {}).items()
-            if any(word in key for word in ("reward", "accuracy", "scored"))]
+    shown = {key: item for key, item in manifest.get("metrics", {}).items()
+             if any(word in key for word in ("reward", "accuracy", "scored", "comparison", "held_out"))}
+    rows = flat_rows(shown, ".3f")
     return (table(["", "value"], rows or [["rewards and accuracy", NA]], artifact)
             + figure(reader.output(path, "rewards.png"), f"{path.parent.name}: GRPO rewards and rollout statistics per step"))
 
@@ -400,6 +410,29 @@ def identification(fit: dict[str, Any]) -> tuple[bool, str]:
                    f"allocations are not shown as findings.{bound}</p>")
 
 
+PREDICTED = (("best_loss", "best final loss"), ("N_opt", "N*"))  # what the held-out fit predicts, as labelled
+
+
+def prediction_check(prediction: Any, artifact: Artifact | None) -> str:
+    """The fit from every budget but the largest against that budget's runs: per quantity, the
+    prediction with its interval, the measurement and whether it falls inside; the prediction's
+    other fields (which budgets, the held-out fit's parameters) key by key below."""
+    if not isinstance(prediction, dict) or not prediction:
+        return unavailable("Prediction of the largest budget from the smaller ones")
+    body = ("<p>Pre-registered: the fit from every budget but the largest predicts the largest budget's best "
+            "loss and N*; the runs' measurement stands beside it.</p>")
+    if prediction.get("made") is False:
+        why = "; ".join(map(str, prediction.get("reasons") or [])) or "no reason given"
+        body += f'<p class="warn"><b>No prediction made</b>: {esc(why)}.</p>'
+    rows = [[esc(label), metric(get(prediction, key, "predicted"), ".4g"), metric(get(prediction, key, "measured"), ".4g"),
+             number(get(prediction, key, "inside")), esc(str(get(prediction, key, "note") or ""))]
+            for key, label in PREDICTED if isinstance(prediction.get(key), dict)]
+    if rows:
+        body += table(["", "predicted [95% CI]", "measured", "inside the interval", "note"], rows, artifact)
+    rest = {key: item for key, item in prediction.items() if key not in dict(PREDICTED)}
+    return body + (table(["", "value"], flat_rows(rest, ".4g"), artifact) if rest else "")
+
+
 def scaling_fit(reader: Reader, manifest: Path) -> str:
     """The approach-3 fit (its parameters with intervals, whether it is identified), the
     pre-registered prediction of the largest budget against its measurement, and the plots."""
@@ -417,14 +450,7 @@ def scaling_fit(reader: Reader, manifest: Path) -> str:
     if identified and exponents:
         body += (f"<p>Compute-optimal exponents: N* ∝ C^{number(exponents.get('N_opt'), '.3f')}, "
                  f"D* ∝ C^{number(exponents.get('D_opt'), '.3f')}.</p>{source(artifact)}")
-    prediction = fit.get("prediction")
-    body += "<h3>Prediction check</h3>"
-    if isinstance(prediction, dict) and prediction:
-        body += ("<p>The fit from every budget but the largest predicts the largest budget's best loss and N*; "
-                 "the measurement stands beside it.</p>")
-        body += table(["", "value"], flat_rows(prediction, ".4g"), artifact)
-    else:
-        body += unavailable("Prediction of the largest budget from the smaller ones")
+    body += "<h3>Prediction check</h3>" + prediction_check(fit.get("prediction"), artifact)
     body += figure(reader.output(manifest, "fit.png"), "Approach 3: loss against N per budget, with the fit")
     body += figure(reader.output(manifest, "isoflop.png"), "IsoFLOP curves")
     return body + figure(reader.output(manifest, "frontier.png"), "Compute-optimal frontier")

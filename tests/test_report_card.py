@@ -61,37 +61,59 @@ def stage(folder: Path, name: str, files: dict[str, object], metrics: dict | Non
     return folder / "manifest.json"
 
 
-# eval.json in the shared contract's shape: metrics with intervals, per source, forgetting, comparisons
+def c(a: str, b: str, diff: float, lo: float, hi: float, p: float, n: int, test: str = "paired_bootstrap") -> dict:
+    """A paired comparison of model b against model a, in the shape the stages share."""
+    return {"a": a, "b": b, "diff": diff, "ci95": [lo, hi], "p_value": p, "test": test, "n": n}
+
+
+def lm(loss: float, web: float, stories: float) -> dict:
+    """val loss and bpb overall and per source, each with its bootstrap interval over documents."""
+    return {"val_loss": m(loss, loss - 0.07, loss + 0.07, 93, "bootstrap"), "bpb": m(loss / 2.65, 1.5, 1.8, 93, "bootstrap"),
+            "by_source": {"tinystories": {"val_loss": m(stories, stories - 0.1, stories + 0.1, 91, "bootstrap"), "bpb": 1.4},
+                          "web": {"val_loss": m(web, web - 0.2, web + 0.2, 2, "bootstrap"), "bpb": 2.2}}}
+
+
+def tasks(pass1: dict, passk: dict) -> dict:
+    return {"arithmetic": {"pass@1": pass1, "pass@k": passk, "k": 8, "measured": True},
+            "gsm8k": {"pass@1": m(0.0, 0.0, 0.074, 50), "pass@k": m(0.0, 0.0, 0.0, 50, "bootstrap"), "k": 8,
+                      "measured": False}}
+
+
+def forgetting(base: dict, model: dict, name: str) -> dict:
+    """The eval's forgetting of `model` vs `base`: paired comparisons of val loss, overall and per source."""
+    def change(a: dict, b: dict) -> dict:
+        diff = b["value"] - a["value"]
+        return c("pretrain", name, diff, diff - 0.04, diff + 0.04, 0.001, 93)
+    return {"val_loss": change(base["val_loss"], model["val_loss"]),
+            "by_source": {s: {"val_loss": change(base["by_source"][s]["val_loss"], model["by_source"][s]["val_loss"])}
+                          for s in base["by_source"]}}
+
+
+# eval.json in the eval stage's shape: metrics with intervals, per source, forgetting, comparisons
+MMLU = {"0-shot": {"acc": m(0.262, 0.21, 0.32, 200), "acc_norm": m(0.251, 0.2, 0.31, 200), "n": 200, "chance": 0.25}}
 EVAL_MODELS = {
-    "pretrain": {"val_loss": m(4.281, 4.204, 4.352, 93, "bootstrap"), "bpb": m(1.612, 1.583, 1.641, 93, "bootstrap"),
-                 "per_source": {"web": {"val_loss": m(5.904, 5.71, 6.1, 2, "bootstrap"), "bpb": 2.2},
-                                "tinystories": {"val_loss": m(3.995, 3.9, 4.1, 91, "bootstrap"), "bpb": 1.4}},
-                 "mmlu": {"0-shot": {"acc": m(0.262, 0.21, 0.32, 200), "acc_norm": 0.251, "n": 200, "chance": 0.25}},
-                 "tasks": {"arithmetic": {"pass@1": m(0.0, 0.0, 0.0076, 500), "pass@k": m(0.014, 0.006, 0.028, 500,
-                                                                                          "bootstrap"),
-                                          "k": 8, "n": 500},
-                           "gsm8k": {"pass@1": 0.0, "pass@k": 0.0, "k": 8, "n": 50, "measured": False}}},
-    "sft": {"val_loss": m(4.517, 4.43, 4.6, 93, "bootstrap"), "bpb": m(1.701, 1.67, 1.73, 93, "bootstrap"),
-            "per_source": {"web": {"val_loss": m(6.02, 5.8, 6.2, 2, "bootstrap"), "bpb": 2.3},
-                           "tinystories": {"val_loss": m(4.236, 4.1, 4.3, 91, "bootstrap"), "bpb": 1.5}},
-            "forgetting": {"val_loss": m(0.236, 0.19, 0.28, 93, "paired_bootstrap")},
-            "mmlu": {"0-shot": {"acc": m(0.27, 0.22, 0.33, 200), "acc_norm": 0.249, "n": 200, "chance": 0.25}},
-            "tasks": {"arithmetic": {"pass@1": m(0.482, 0.438, 0.526, 500), "pass@k": m(0.716, 0.675, 0.754, 500,
-                                                                                         "bootstrap"),
-                                     "k": 8, "n": 500},
-                      "gsm8k": {"pass@1": 0.0, "pass@k": 0.0, "k": 8, "n": 50, "measured": False}}},
+    "pretrain": {**lm(4.281, 5.904, 3.995), "mmlu": MMLU,
+                 "tasks": tasks(m(0.0, 0.0, 0.0076, 500), m(0.014, 0.006, 0.028, 100, "bootstrap"))},
+    "sft": {**lm(4.517, 6.02, 4.236), "mmlu": MMLU,
+            "tasks": tasks(m(0.482, 0.438, 0.526, 500), m(0.716, 0.675, 0.754, 100, "bootstrap"))},
+    "grpo": {**lm(4.53, 6.1, 4.25), "mmlu": MMLU,
+             "tasks": tasks(m(0.522, 0.478, 0.566, 500), m(0.73, 0.69, 0.77, 100, "bootstrap"))},
 }
-EVAL_MODELS["grpo"] = {**EVAL_MODELS["sft"], "val_loss": m(4.53, 4.44, 4.62, 93, "bootstrap"),
-                       "forgetting": {"val_loss": m(0.249, 0.2, 0.3, 93, "paired_bootstrap")}}
-COMPARISONS = [{"a": "pretrain", "b": "sft", "metric": "arithmetic pass@1", "diff": 0.482, "ci95": [0.438, 0.526],
-                "p_value": 1.2e-30, "test": "mcnemar_exact", "n": 500}]
+for name in ("sft", "grpo"):
+    EVAL_MODELS[name]["forgetting"] = forgetting(EVAL_MODELS["pretrain"], EVAL_MODELS[name], name)
+COMPARISONS = [c("pretrain", "sft", 0.482, 0.438, 0.526, 1.2e-30, 500, "mcnemar_exact") | {"metric": "arithmetic pass@1"},
+               c("sft", "grpo", 0.04, 0.01, 0.07, 0.03, 500, "mcnemar_exact") | {"metric": "arithmetic pass@1"}]
+# fit.json in the scaling fit's shape: identified, with the held-out prediction of the largest budget
 FIT = {"approach3": {"E": 1.93, "A": 120.5, "B": 310.2, "alpha": 0.412, "beta": 0.371, "at_bound": []},
        "bootstrap": {"params": {"E": [1.7, 2.1], "A": [60.1, 300.7], "B": [150.0, 800.0], "alpha": [0.3, 0.5],
                                 "beta": [0.3, 0.45]}},
        "exponents": {"N_opt": 0.474, "D_opt": 0.526}, "identified": True, "reasons": [],
-       "prediction": {"budget": 1.8e12, "loss": m(3.912, 3.85, 3.99, 200, "bootstrap"), "N_opt": m(51200, 31000, 88000, 200,
-                                                                                                 "bootstrap"),
-                      "measured": {"loss": 3.947, "N": 58000}, "inside": True}}
+       "prediction": {"made": True, "identified": True, "reasons": [], "heldout_flops": 1.8e12,
+                      "fitted_budgets": [2e11, 6e11], "fitted_runs": 6, "level": 0.95,
+                      "best_loss": {"predicted": m(3.912, 3.85, 3.99, 6, "bootstrap"), "predicted_size": "d1w64",
+                                    "measured": 3.947, "measured_size": "d1w64", "inside": True},
+                      "N_opt": {"predicted": m(51200, 31000, 88000, 6, "bootstrap"), "measured": 58000,
+                                "note": "the IsoFLOP vertex", "inside": True}}}
 BENCH = {"model": "tiny", "device": "cpu", "threads": 2,
          "config": {"rates": [8, "inf"], "workload": {"num_requests": 32}},
          "results": {system: {rate: {"output_tokens_per_s": tps, "requests_per_s": 1.5, "goodput_requests_per_s": 1.25,
@@ -134,10 +156,14 @@ def run(tmp_path) -> dict[str, object]:
     manifests["sft"] = stage(run / "sft" / "tiny", "sft", {"samples.md": samples})
     png(run / "grpo" / "tiny" / "rewards.png", [0.1, 0.4, 0.5], "rewards")
     manifests["grpo"] = stage(run / "grpo" / "tiny", "grpo", {"rewards.png": None, "samples.md": samples},
-                              metrics={"final_reward_mean": 0.5625, "arithmetic_accuracy_input": 0.385,
-                                       "arithmetic_accuracy": 0.43, "arithmetic_scored": 200, "peak_flops": 1e12})
+                              metrics={"final_reward_mean": 0.5625, "arithmetic_accuracy_input": m(0.482, 0.438, 0.526, 500),
+                                       "arithmetic_accuracy": m(0.522, 0.478, 0.566, 500),
+                                       "arithmetic_comparison": c("input", "grpo", 0.04, 0.01, 0.07, 0.03, 500, "mcnemar_exact"),
+                                       "arithmetic_held_out": {"items": 500, "seed": 7, "sha256": "ab" * 32},
+                                       "peak_flops": 1e12})
     png(run / "eval" / "tiny" / "eval.png", [4.281, 4.517], "eval")
-    eval_json = {"size": "tiny", "models": EVAL_MODELS, "comparisons": COMPARISONS}
+    eval_json = {"size": "tiny", "models": EVAL_MODELS, "comparisons": COMPARISONS,
+                 "tasks": {"arithmetic": {"measured": True}, "gsm8k": {"measured": False, "note": "not measured at this scale"}}}
     manifests["eval"] = stage(run / "eval" / "tiny", "eval", {
         "eval.json": eval_json, "eval.md": "# Eval: `tiny`\n\n| model | val loss |\n|---|---:|\n| base | 4.281 |\n",
         "eval.png": None})
@@ -201,7 +227,7 @@ def eval_numbers() -> list[str]:
     for model in EVAL_MODELS.values():
         for metric in (model["val_loss"], model["bpb"], model["mmlu"]["0-shot"]["acc"],
                        model["tasks"]["arithmetic"]["pass@1"], model["tasks"]["arithmetic"]["pass@k"],
-                       *(s["val_loss"] for s in model["per_source"].values())):
+                       *(s["val_loss"] for s in model["by_source"].values())):
             lo, hi = metric["ci95"]
             shown.append(f"{metric['value']:.3f} [{lo:.3f}, {hi:.3f}]")
     return shown
@@ -215,20 +241,28 @@ def test_the_card_shows_every_section_with_intervals_and_names_each_artifact(run
     for number in eval_numbers():
         assert number in text, number
     assert "metric base SFT GRPO" in text  # in training order, though eval.json's keys are sorted
-    assert "Δ val loss vs base (forgetting) — +0.236 [+0.190, +0.280] +0.249 [+0.200, +0.300]" in text  # the eval's own
-    assert "not measured at this scale" in text  # gsm8k: flagged, not drawn as zeros
+    # forgetting: the eval's own paired comparisons, overall and per source, with interval and p-value
+    assert "Δ val loss vs base (forgetting) — +0.236 [+0.196, +0.276] p 0.001 +0.249 [+0.209, +0.289] p 0.001" in text
+    assert "Δ val loss: web vs base (forgetting) — +0.116 [+0.076, +0.156] p 0.001" in text
+    assert "gsm8k pass@1 (greedy, n=50) not measured at this scale" in text  # flagged, not drawn as zeros
+    assert "arithmetic pass@8 (sampled, n=100) 0.014 [0.006, 0.028]" in text
     assert "base → SFT arithmetic pass@1 +0.482 [+0.438, +0.526] 1.2e-30 mcnemar_exact 500" in text
+    assert "SFT → GRPO arithmetic pass@1 +0.040 [+0.010, +0.070] 0.03 mcnemar_exact 500" in text
     assert "ingest (WET) 318 317 99.7 2.35 2.35 empty: 1" in text  # the funnel with its drop reasons
     assert "langid 317 69 21.8 2.35 0.49 language_not_kept: 215, low_confidence: 33" in text
     assert "web 2 8,203 2,715 1,755 3.021 4.674 0.646" in text  # compression vs GPT-2
     assert "final val loss (nats/token) 4.2817" in text and "tokens trained 1,638,400" in text
-    assert "arithmetic accuracy input 0.385" in text and "arithmetic accuracy 0.430" in text  # GRPO
+    # GRPO: held-out accuracy of its input and its own, paired, on the recorded items
+    assert "arithmetic accuracy 0.522 [0.478, 0.566] arithmetic accuracy input 0.482 [0.438, 0.526]" in text
+    assert "arithmetic comparison +0.040 [+0.010, +0.070] p 0.03" in text and "arithmetic held out · items 500" in text
     assert "peak flops" not in text  # GRPO's section shows rewards and accuracy, not its FLOP counts
     assert "paged_prefix 1234.5 1.50 1.25 11.5 / 30.2 1.8 / 4.5 1.5 88.5 / 150.0" in text
     assert "all at once" in text and "8 requests/s" in text and "hf_generate (no exported HF model)" in text
     assert "The fit is identified" in text and "N* ∝ C^0.474" in text
     assert "alpha 0.412 [0.3, 0.5]" in text
-    assert "loss 3.912 [3.85, 3.99]" in text and "measured · loss 3.947" in text and "inside yes" in text
+    assert "best final loss 3.912 [3.85, 3.99] 3.947 yes" in text  # predicted, measured, inside
+    assert "N* 5.12e+04 [3.1e+04, 8.8e+04] 5.8e+04 yes the IsoFLOP vertex" in text
+    assert "heldout flops 1.8e+12" in text and "fitted budgets 2e+11; 6e+11" in text
     assert page.count('<img src="data:image/png;base64,') == 10  # every plot embedded: one file to open
     # every table and figure names the artifacts it came from, with the sha256 its manifest recorded
     sources = re.findall(r'<p class="source">from (.*?)</p>', page)
@@ -255,6 +289,7 @@ def test_fields_a_stage_does_not_write_say_not_available(run):
     what is there is shown, the rest says "not available"; an unidentified fit prints no exponent."""
     eval_json = run["root"] / "eval" / "tiny" / "eval.json"
     plain = {name: {"val_loss": r["val_loss"]["value"], "bpb": r["bpb"]["value"],
+                    "by_source": {s: {"val_loss": v["val_loss"]["value"]} for s, v in r["by_source"].items()},
                     "mmlu": {"0-shot": {"acc": 0.25, "acc_norm": 0.25, "n": 20, "chance": 0.25}},
                     "tasks": {"arithmetic": {"pass@1": 0.35 if name == "sft" else 0.0, "pass@k": 0.5, "k": 8, "n": 20}}}
              for name, r in EVAL_MODELS.items()}
@@ -268,6 +303,7 @@ def test_fields_a_stage_does_not_write_say_not_available(run):
     text = text_of((run["root"] / "report" / "index.html").read_text())
     assert "val loss (nats/token) 4.281 4.517 4.530" in text
     assert "Δ val loss vs base (forgetting) — +0.236 +0.249" in text  # computed from the two val losses
+    assert "Δ val loss: web vs base (forgetting) — +0.116 +0.196" in text
     assert "arithmetic pass@1 (greedy, n=20) 0.000 0.350 0.000" in text
     assert "Paired comparisons: not available" in text
     assert "the eval table as bars: not available" in text
@@ -276,13 +312,16 @@ def test_fields_a_stage_does_not_write_say_not_available(run):
     assert "search bounds of alpha" in text and "N* ∝" not in text
     assert "Prediction of the largest budget from the smaller ones: not available" in text
 
-    fit.update(identified=False, reasons=["alpha at its bound 2.0", "A's interval unbounded"])
+    fit.update(identified=False, reasons=["alpha at its bound 2.0", "A's interval unbounded"], exponents=None,
+               prediction={"made": False, "identified": False, "reasons": ["2 budget(s): the held-out fit needs 2 "
+                                                                           "besides the largest"]})
     fit["bootstrap"]["params"]["A"] = [4.5e-5, None]
     stage(run["root"] / "scaling", "scaling_fit", {"fit.json": fit})
     assert main(card_args(run)) == 0
     text = text_of((run["root"] / "report" / "index.html").read_text())
     assert "Not identified: alpha at its bound 2.0; A's interval unbounded" in text and "N* ∝" not in text
     assert "A 120.5 [4.5e-05, unbounded]" in text
+    assert "No prediction made: 2 budget(s): the held-out fit needs 2 besides the largest." in text
 
 
 def test_a_changed_artifact_stops_the_card_naming_it(run):
