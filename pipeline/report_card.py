@@ -340,11 +340,14 @@ def eval_table(reader: Reader, path: Path) -> str:
             "Forgetting: val loss after post-training minus the base model's.</p>")
     body += table(headers, rows + forgetting(models), artifact)
     if comparisons := result.get("comparisons"):
+        # a task at zero for every model compares zeros: left out, as the eval's own table does
+        unmeasured = [task for task, flags in (result.get("tasks") or {}).items() if get(flags, "measured") is False]
         rows = [[esc(f"{ROW_NAMES.get(c.get('a'), c.get('a'))} → {ROW_NAMES.get(c.get('b'), c.get('b'))}"),
                  esc(str(c.get("metric", ""))), metric({"value": c.get("diff"), "ci95": c.get("ci95")}, "+.3f"),
                  number(c.get("p_value"), ".3g"), esc(str(c.get("test", ""))), number(c.get("n"))]
-                for c in comparisons]
-        body += "<p>Paired comparisons on the same items (diff = second minus first):</p>"
+                for c in comparisons if str(c.get("metric", "")).split(" ")[0] not in unmeasured]
+        left_out = f" Tasks not measured at this scale are left out: {esc(', '.join(unmeasured))}." if unmeasured else ""
+        body += f"<p>Paired comparisons on the same items (diff = second minus first).{left_out}</p>"
         body += table(["models", "metric", "diff [95% CI]", "p", "test", "n"], rows, artifact)
     else:
         body += unavailable("Paired comparisons")
@@ -521,7 +524,7 @@ def render_card(reader: Reader, *, data: Path | None, tokenizer: Path | None, pr
               "inference": per_size(inference_bench, reader, inference, "Benchmark"),
               "scaling": per_run(scaling_fit, reader, scaling, "Scaling fit")}
     bodies["artifacts"] = artifacts(reader)  # last: it lists what the sections above read
-    run = reader.run.name
+    run = reader.run.resolve().name
     contents = "".join(f'<li><a href="#{anchor}">{esc(title)}</a></li>' for anchor, title in SECTIONS.items())
     head = (f"<h1>wetstone report card: run <code>{esc(run)}</code></h1>"
             "<p>The run top to bottom, from raw web text to a served model. Every table and figure names the "

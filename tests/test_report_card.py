@@ -102,7 +102,8 @@ EVAL_MODELS = {
 for name in ("sft", "grpo"):
     EVAL_MODELS[name]["forgetting"] = forgetting(EVAL_MODELS["pretrain"], EVAL_MODELS[name], name)
 COMPARISONS = [c("pretrain", "sft", 0.482, 0.438, 0.526, 1.2e-30, 500, "mcnemar_exact") | {"metric": "arithmetic pass@1"},
-               c("sft", "grpo", 0.04, 0.01, 0.07, 0.03, 500, "mcnemar_exact") | {"metric": "arithmetic pass@1"}]
+               c("sft", "grpo", 0.04, 0.01, 0.07, 0.03, 500, "mcnemar_exact") | {"metric": "arithmetic pass@1"},
+               c("sft", "grpo", 0.0, 0.0, 0.0, 1.0, 50, "mcnemar_exact") | {"metric": "gsm8k pass@1"}]
 # fit.json in the scaling fit's shape: identified, with the held-out prediction of the largest budget
 FIT = {"approach3": {"E": 1.93, "A": 120.5, "B": 310.2, "alpha": 0.412, "beta": 0.371, "at_bound": []},
        "bootstrap": {"params": {"E": [1.7, 2.1], "A": [60.1, 300.7], "B": [150.0, 800.0], "alpha": [0.3, 0.5],
@@ -248,6 +249,7 @@ def test_the_card_shows_every_section_with_intervals_and_names_each_artifact(run
     assert "arithmetic pass@8 (sampled, n=100) 0.014 [0.006, 0.028]" in text
     assert "base → SFT arithmetic pass@1 +0.482 [+0.438, +0.526] 1.2e-30 mcnemar_exact 500" in text
     assert "SFT → GRPO arithmetic pass@1 +0.040 [+0.010, +0.070] 0.03 mcnemar_exact 500" in text
+    assert "gsm8k pass@1 +0.000" not in text and "Tasks not measured at this scale are left out: gsm8k." in text
     assert "ingest (WET) 318 317 99.7 2.35 2.35 empty: 1" in text  # the funnel with its drop reasons
     assert "langid 317 69 21.8 2.35 0.49 language_not_kept: 215, low_confidence: 33" in text
     assert "web 2 8,203 2,715 1,755 3.021 4.674 0.646" in text  # compression vs GPT-2
