@@ -372,7 +372,7 @@ def test_the_card_renders_in_chromium_with_the_eval_numbers_in_its_text(run, tmp
     image = Image.open(shot).convert("RGB")
     stddev = ImageStat.Stat(image.convert("L")).stddev[0]
     colours = len(image.getcolors(maxcolors=1 << 20) or ())
-    assert stddev > 20 and colours > 50, (stddev, colours)  # text, tables and plots, not a blank page
+    assert stddev > 10 and colours > 50, (stddev, colours)  # text, tables and plots (a blank page: 0 and 1)
 
 
 @pytest.mark.slow
