@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inference-bench": ("pipeline.inference.bench", "serving benchmark: naive .. continuous batching, paged, speculative, HF"),
     "scaling-plan": ("pipeline.scaling.plan", "the scaling sweep's runs, tokens per run, run count and GPU-hours"),
     "scaling-fit": ("pipeline.scaling.fit_stage", "scaling laws from the sweep: approach 3 (+ bootstrap CIs) and IsoFLOP"),
+    "report-card": ("pipeline.report_card", "the run on one page (report/index.html) and its tables as HTML pages"),
     "seal": ("pipeline.seal", "merge per-shard manifests into a stage folder's manifest.json"),
     "verify": ("pipeline.verify", "re-hash every artifact under a results folder against its manifest"),
     "config-template": ("pipeline.config_template", "write config.yaml from the schemas (defaults, descriptions as comments)"),
