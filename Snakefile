@@ -2,16 +2,22 @@
 #
 #   snakemake --cores all                      the whole DAG on the bundled sample
 #   snakemake --cores all data                 only the web-data stages (ends at the drop report)
+#   snakemake --cores all sft                  one stage (and what it needs) for every configured size:
+#                                              pretrain, sft, grpo, eval, export_hf, inference_bench
 #   snakemake --cores all scaling_fit          the scaling sweep and its fit
-#   snakemake --cores all --forcerun quality   rerun one stage (and what depends on it)
+#   snakemake --cores all report_card          the run on one page: results/<run>/report/index.html
+#   snakemake --cores all --forcerun quality   rerun one stage (and what depends on it); a per-size
+#                                              stage by its job's rule: --forcerun pretrain_size
 #   snakemake --configfile my.yaml --cores all your own WET files / settings
 #
-# Rules are wiring only: each calls `python -m pipeline <stage>`, which also runs by hand.
+# Rules are wiring only: each runs `python -m pipeline <stage>` (which also runs by hand) through
+# `stage` below, which passes the rule's config sections and its log.
 import json
 import os
 import sys
 
 from pipeline.config import input_shards, validate_config, warc_batches, wet_batches
+from pipeline.train.launch import torchrun_command
 
 
 configfile: "config.yaml"
@@ -38,6 +44,25 @@ def section(name):
     return json.dumps(config[name], sort_keys=True)
 
 
+# the config-slice params a rule may declare, and the flag each is passed with
+SECTION_FLAGS = {"config": "--config", "tasks": "--tasks-config"}
+
+
+def stage(command, args="", sections=("config",), launcher="{PY} -m pipeline"):
+    """A rule's shell command: `<launcher> <command> <args>`, then each config slice the rule
+    declares in params (`sections`, each with its SECTION_FLAGS flag), then `--log {log:q}`.
+    Every rule builds its command here, so none leaves out its config or its log
+    (tests/test_rules.py checks that each dry-run command carries every param and the log)."""
+    flags = [f"{SECTION_FLAGS[name]} {{params.{name}:q}}" for name in sections]
+    return " ".join(part for part in (launcher, command, args, *flags, "--log {log:q}") if part)
+
+
+def torchrun(nodes, nproc):
+    """The launcher of a training stage: torchrun over nodes x nproc processes. `--` ends
+    torchrun's options (its argparse would take the stage's `--log` for its own `--log-dir`)."""
+    return torchrun_command(PY, nodes, nproc) + " -m pipeline --"
+
+
 wildcard_constraints:
     shard="[A-Za-z0-9._-]+",
 
@@ -48,7 +73,8 @@ include: "rules/pretrain.smk"
 include: "rules/posttrain.smk"
 include: "rules/scaling.smk"
 include: "rules/inference.smk"
-include: "rules/eval.smk"  # last: it evaluates the models of every training rule included before it
+include: "rules/eval.smk"  # after the training rules: it evaluates the model of every one included before it
+include: "rules/report.smk"  # last: the report card reads every stage's outputs
 
 
 rule all:
@@ -57,10 +83,11 @@ rule all:
         rules.data.input,
         rules.tokenizer.output,
         rules.tokens.output,
-        expand(rules.pretrain.output.manifest, size=config["pretrain"]["sizes"]),
-        expand(rules.sft.output.manifest, size=config["pretrain"]["sizes"]),
-        expand(rules.grpo.output.manifest, size=config["pretrain"]["sizes"]),
-        expand(rules.eval.output.manifest, size=config["pretrain"]["sizes"]),
-        expand(rules.export_hf.output.manifest, stage=MODEL_STAGES, size=config["pretrain"]["sizes"]),
-        expand(rules.inference_bench.output.manifest, size=config["inference"]["sizes"]),
+        rules.pretrain.input,
+        rules.sft.input,
+        rules.grpo.input,
+        rules.eval.input,
+        rules.export_hf.input,
+        rules.inference_bench.input,
         rules.scaling_fit.output.manifest,
+        rules.report_card.output.manifest,

@@ -136,8 +136,8 @@ def main() -> None:
     lines = [
         f"Command: `.venv/bin/python -m benchmarks.bench_dag{flags} --inputs {' '.join(map(str, args.inputs))} "
         f"--batch-size {' '.join(map(str, args.batch_size))} --timeout {args.timeout:g}`  ",
-        f"Machine: {machine()}; the 2 cores were shared with other work, which inflates wall and CPU "
-        "seconds alike: compare rows of one run, not runs on different days.",
+        f"Machine: {machine()}; wall and CPU seconds move with other work on the machine: compare rows "
+        "of one run, not runs on different days.",
         "",
         f"`snakemake -n` of every default target over N {named} (the bundled tinystories text "
         f"source included). `{size_key}` 1 is one job per file per data stage; a larger batch makes one "

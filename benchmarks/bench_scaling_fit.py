@@ -1,5 +1,5 @@
 """What Chinchilla approach 3 costs by each `fit_loss` method: `lbfgsb` (one scipy L-BFGS-B run per
-grid start, issue 10's wording) and `descend` (the default: vectorised Levenberg-Marquardt from
+grid start, Besiroglu et al.'s method to the letter) and `descend` (the default: vectorised Levenberg-Marquardt from
 every start, L-BFGS-B from the best distinct end points), on the default CPU sweep's 9 points and
 a synthetic 30-point sweep.
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import time
 
 from pipeline.cli import configure_logging
 
@@ -32,13 +34,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("pipeline.train.sft_cli", "fine-tune a pretrained GPT on task conversations (chat template)"),
     "grpo": ("pipeline.train.grpo_cli", "GRPO of the SFT model on a verifiable task (group-relative rewards)"),
     "eval": ("pipeline.eval.stage", "val loss/bpb, MMLU, task pass@k of every model of a size; the table"),
+    "canary": ("pipeline.eval.canary", "score a served model on eval's held-out items via its API; exit 1 below baseline"),
     "export-hf": ("pipeline.export", "a final.pt as a transformers GPT2LMHeadModel folder + fast tokenizer"),
     "serve": ("pipeline.inference.server", "OpenAI-compatible HTTP server (SSE streaming, /metrics) over the engine"),
     "inference-bench": ("pipeline.inference.bench", "serving benchmark: naive .. continuous batching, paged, speculative, HF"),
     "scaling-plan": ("pipeline.scaling.plan", "the scaling sweep's runs, tokens per run, run count and GPU-hours"),
     "scaling-fit": ("pipeline.scaling.fit_stage", "scaling laws from the sweep: approach 3 (+ bootstrap CIs) and IsoFLOP"),
+    "report-card": ("pipeline.report_card", "the run on one page (report/index.html) and its tables as HTML pages"),
     "seal": ("pipeline.seal", "merge per-shard manifests into a stage folder's manifest.json"),
     "verify": ("pipeline.verify", "re-hash every artifact under a results folder against its manifest"),
+    "config-template": ("pipeline.config_template", "write config.yaml from the schemas (defaults, descriptions as comments)"),
 }
 
 
@@ -69,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     configure_logging(known.log)
-    return int(module.run(args) or 0)
+    started = time.monotonic()
+    code = int(module.run(args) or 0)
+    if known.log:  # the last line of a finished job's log, so none is empty (a stage may log nothing else)
+        logging.getLogger("pipeline").info("%s: exit %d after %.1f s", command, code, time.monotonic() - started)
+    return code
 
 
 if __name__ == "__main__":

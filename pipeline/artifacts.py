@@ -10,7 +10,8 @@ Manifests hold no timestamps: the same config and inputs give the same manifest 
 
 A stage reads only files an upstream manifest names (never a folder's glob, which would pick up
 files of an earlier config), and checks their sha256 against that manifest before it uses them
-(`read_checked`, `check_file`): a changed byte fails the job naming the file.
+(`read_checked`, `check_file`, and `check_inputs` for models, tokenizers and export folders): a
+changed byte fails the job naming the file.
 """
 
 from __future__ import annotations
@@ -180,13 +181,19 @@ class ChangedInput(ValueError):
     """An input whose bytes are not those its upstream manifest recorded."""
 
 
+def _manifest_beside(path: Path) -> Path | None:
+    for candidate in (path.with_name(f"{path.stem}.manifest.json"), path.with_name("manifest.json")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def upstream_manifest(path: str | os.PathLike) -> Path:
     """The manifest of the job that wrote `path`: `<stem>.manifest.json` beside it (a per-shard
     job), else the folder's `manifest.json` (tokenizer.json, clusters.parquet)."""
     path = Path(path)
-    for candidate in (path.with_name(f"{path.stem}.manifest.json"), path.with_name("manifest.json")):
-        if candidate.is_file():
-            return candidate
+    if manifest := _manifest_beside(path):
+        return manifest
     raise ChangedInput(f"{path}: no manifest beside it ({path.stem}.manifest.json or manifest.json) "
                        "names it; inputs must come from the stage that writes them")
 
@@ -224,6 +231,26 @@ def check_file(path: str | os.PathLike, manifest_path: str | os.PathLike | None 
     entry = manifest_entry(path, manifest_path)
     if os.path.getsize(path) != entry["bytes"] or sha256_file(path) != entry["sha256"]:
         raise _changed(path, manifest_path)
+
+
+def check_inputs(*paths: str | os.PathLike | None, required: bool = True) -> list[Path]:
+    """Check each input against the manifest of the stage that wrote it before a stage loads it: a
+    file (final.pt, tokenizer.json) with `check_file`, a folder (an export-hf folder) file by file
+    against its own manifest.json. None is skipped. With `required=False` (serve, which also takes
+    files made by hand) an input with no manifest beside it passes unchecked. Returns those checked."""
+    checked = []
+    for path in map(Path, filter(None, paths)):
+        folder = path.is_dir()
+        manifest = path / "manifest.json" if folder else _manifest_beside(path)
+        if not required and not (manifest and manifest.is_file()):
+            continue
+        if folder:
+            for entry in read_manifest(manifest)["outputs"]:
+                check_file(path / entry["path"], manifest)
+        else:
+            check_file(path)  # without a manifest beside it, the error says so
+        checked.append(path)
+    return checked
 
 
 def find_manifests(root: str | os.PathLike) -> list[Path]:

@@ -24,10 +24,17 @@ import yaml
 
 from pipeline.cli import ConfigError
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "workflow" / "schemas"
+WORKFLOW_DIR = Path(__file__).resolve().parent.parent  # the folder holding the Snakefile
+SCHEMA_DIR = WORKFLOW_DIR / "workflow" / "schemas"
 WET_SUFFIXES = (".warc.wet.gz", ".wet.gz", ".warc.gz", ".gz", ".wet")
 URL_SCHEMES = ("http://", "https://")
 WARC_SHARD_SUFFIX = ".warc"
+
+
+def workflow_path(path: str | os.PathLike) -> str:
+    """A path a config file names: absolute as given, relative taken from the workflow folder, so
+    it means the same file whichever folder Snakemake, or a stage run by hand, runs in."""
+    return str(WORKFLOW_DIR / path)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -35,15 +42,15 @@ def _read_yaml(path: Path) -> Any:
 
 
 def section_schema(path: Path) -> dict[str, Any]:
-    """A section's schema with its `fragments:` merged in: the fragments' keys first, then the
-    section's own, a key named in both taking the section's fields over the fragment's."""
+    """A section's schema with its `fragments:` merged in: the section's own keys first (a key a
+    fragment has too taking the section's fields over the fragment's), then the fragments' others."""
     schema = _read_yaml(path)
-    properties: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
     for name in schema.pop("fragments", []):
-        properties.update(_read_yaml(path.parent / "fragments" / f"{name}.yaml")["properties"])
-    for key, fields in schema.get("properties", {}).items():
-        properties[key] = {**properties.get(key, {}), **fields}
-    schema["properties"] = properties
+        shared.update(_read_yaml(path.parent / "fragments" / f"{name}.yaml")["properties"])
+    own = schema.get("properties", {})
+    schema["properties"] = {key: {**shared.get(key, {}), **fields} for key, fields in own.items()} | {
+        key: fields for key, fields in shared.items() if key not in own}
     return schema
 
 
@@ -106,10 +113,56 @@ def _min_over_max(instance: Any, key: str = "") -> list[str]:
     return lines
 
 
+def yaml_float(value: float) -> str:
+    """A float as YAML text that reads back as a float: outside 1e-4 .. 1e6 as 2.0e+11, since
+    YAML 1.1 (PyYAML, so Snakemake) reads an exponent without a dot and a sign (2e11, 6e-4) as a string."""
+    if value in (0.0, float("inf"), float("-inf")) or 1e-4 <= abs(value) < 1e6 or value != value:
+        return repr(value)
+    mantissa, exponent = f"{value:e}".split("e")
+    mantissa = mantissa.rstrip("0")
+    return f"{mantissa}{'0' if mantissa.endswith('.') else ''}e{int(exponent):+03d}"
+
+
+def _types(schema: Any) -> set[str]:
+    types = schema.get("type", []) if isinstance(schema, dict) else []
+    return {types} if isinstance(types, str) else set(types)
+
+
+def _expected(schema: dict[str, Any]) -> str:
+    """One alternative of an anyOf, as a person would say it."""
+    if "description" in schema:
+        return schema["description"]
+    if "enum" in schema or "const" in schema:
+        return ", ".join(map(str, schema.get("enum", [schema.get("const")])))
+    if "pattern" in schema:
+        return f"a string matching {schema['pattern']}"
+    return f"a {schema.get('type', 'value')}"
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's message, said for the person who wrote the file: a number YAML read as a string
+    says so, and a value matching none of a key's alternatives lists them."""
+    value = error.instance
+    alternatives = error.validator_value if error.validator in ("anyOf", "oneOf") else [error.schema]
+    types = set().union(*map(_types, alternatives))
+    if isinstance(value, str) and types & {"number", "integer"}:
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None:
+            written = str(int(number)) if "number" not in types and number.is_integer() else yaml_float(number)
+            return (f"{value!r} was read as a string, not a number (YAML reads an exponent without a dot and "
+                    f"a sign as text): write {written}")
+    if error.validator in ("anyOf", "oneOf"):
+        return f"{value!r} is not valid; expected one of: " + "; or ".join(map(_expected, alternatives))
+    return error.message
+
+
 def _validate(instance: Any, schema: dict[str, Any], prefix: str = "") -> None:
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
-    lines = [f"config key '{_qualified(prefix, _key_path(e))}': {e.message}" for e in errors]
+    lines = [f"config key '{_qualified(prefix, _key_path(e))}': {_message(e)}" for e in errors]
     lines = lines or _min_over_max(instance, prefix)
     if lines:
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
@@ -185,7 +238,8 @@ def _input_shards(key: str, patterns: list[str], base: str | os.PathLike, name_o
         else:
             matches = sorted(glob.glob(os.path.join(base, pattern)))
             if not matches:
-                raise ConfigError(f"config key '{key}': {pattern!r} matches no file")
+                where = "" if os.path.isabs(pattern) else f" (a relative path is taken from the workflow folder, {base})"
+                raise ConfigError(f"config key '{key}': {pattern!r} matches no file{where}")
         for match in matches:
             if not pattern.startswith(URL_SCHEMES) and not os.path.isfile(match):
                 raise ConfigError(f"config key '{key}': {match!r} is not a file (a folder? name "

@@ -3,11 +3,14 @@
     python -m pipeline export-hf --model results/sample/pretrain/tiny/final.pt \\
         --tokenizer results/sample/tokenizer/tokenizer.json --out results/sample/export/pretrain/tiny
 
-writes into <out>: model.safetensors and config.json (`GPT2LMHeadModel`), tokenizer.json,
-tokenizer_config.json (with the chat template when the tokenizer has the chat tokens) and
+writes into <out>: model.safetensors and config.json (`GPT2LMHeadModel`), generation_config.json
+(`generate` stops at <|assistant_end|>, the end of a chat reply, and at <|endoftext|>), tokenizer.json,
+tokenizer_config.json (the chat template when the tokenizer has the chat tokens; model_max_length
+the context length, so `truncation=True` cuts to what the model can read) and
 special_tokens_map.json, and manifest.json. `AutoModelForCausalLM.from_pretrained(out)` and
 `AutoTokenizer.from_pretrained(out)` load it, and so do lm-evaluation-harness (`--model hf
---model_args pretrained=<out>`) and vLLM.
+--model_args pretrained=<out>`) and vLLM. The model and tokenizer are checked against their
+stages' manifests first.
 
 The mapping to GPT-2's layout:
 - our blocks are GPT-2's: same names (wte, wpe, h.i.{ln_1, attn.c_attn, attn.c_proj, ln_2,
@@ -51,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import write_manifest
+from pipeline.artifacts import check_inputs, write_manifest
 from pipeline.model.gpt import GPT, GPTConfig, load_final
 from pipeline.tokenizer.bpe import (ASSISTANT_END, ASSISTANT_START, CHAT_SPECIAL_TOKENS, ENDOFTEXT, USER_END,
                                     USER_START, BPETokenizer, bpe_merge, str_to_token)
@@ -115,13 +118,16 @@ def hf_state_dict(model: GPT, vocab_size: int) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def hf_model(model: GPT, vocab_size: int, eos_id: int):
-    """A GPT2LMHeadModel holding our weights (strict load: every name must map)."""
+def hf_model(model: GPT, vocab_size: int, eos_id: int, stop_ids: list[int]):
+    """A GPT2LMHeadModel holding our weights (strict load: every name must map) whose generation
+    config stops at each of `stop_ids` (the chat turn's end and the document's)."""
     from transformers import GPT2LMHeadModel
 
     hf = GPT2LMHeadModel(hf_config(model.config, vocab_size, eos_id))
     hf.load_state_dict(hf_state_dict(model, vocab_size), strict=True)
     hf.tie_weights()
+    hf.generation_config.eos_token_id = stop_ids or None
+    hf.generation_config.pad_token_id = eos_id
     return hf.eval()
 
 
@@ -143,9 +149,9 @@ def ours_pattern(pattern: str) -> str:
     return re.sub(r"\(\?>" + COUNTED_REPEAT + r"\)", r"\1\2+", pattern)
 
 
-def hf_tokenizer(tokenizer: BPETokenizer):
-    """Our BPE as a transformers fast tokenizer (see the module docstring), specials included and
-    the chat template set when the chat tokens exist."""
+def hf_tokenizer(tokenizer: BPETokenizer, model_max_length: int | None = None):
+    """Our BPE as a transformers fast tokenizer (see the module docstring), specials included, the
+    chat template set when the chat tokens exist, and `model_max_length` (the model's context)."""
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -163,7 +169,7 @@ def hf_tokenizer(tokenizer: BPETokenizer):
     chat = all(token in tokenizer.special_tokens for token in CHAT_SPECIAL_TOKENS)
     eos = ENDOFTEXT if ENDOFTEXT in tokenizer.special_tokens else None
     return PreTrainedTokenizerFast(tokenizer_object=fast, bos_token=eos, eos_token=eos, pad_token=eos,
-                                   model_max_length=None, clean_up_tokenization_spaces=False,
+                                   model_max_length=model_max_length, clean_up_tokenization_spaces=False,
                                    chat_template=CHAT_TEMPLATE if chat else None)
 
 
@@ -278,14 +284,16 @@ def tokenizer_from_hf(path: str | os.PathLike) -> BPETokenizer:
 def export_hf(model_path: str | os.PathLike, tokenizer_path: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Write the HF folder at `out` (built beside it, then renamed into place) with a manifest."""
     out = Path(out)
+    check_inputs(model_path, tokenizer_path)  # against the manifests of the stages that wrote them
     model, checkpoint = load_final(model_path)
     tokenizer = BPETokenizer.load(tokenizer_path)
     vocab_size = model.config.vocab_size
     if tokenizer.n_vocab != vocab_size:
         raise ValueError(f"{tokenizer_path}: {tokenizer.n_vocab} ids, but {model_path} was trained on a "
                          f"vocabulary of {vocab_size}; export the model with the tokenizer it was trained with")
-    hf = hf_model(model, vocab_size, tokenizer.special_tokens.get(ENDOFTEXT))
-    hf_tok = hf_tokenizer(tokenizer)
+    stop_ids = [tokenizer.special_tokens[t] for t in (ASSISTANT_END, ENDOFTEXT) if t in tokenizer.special_tokens]
+    hf = hf_model(model, vocab_size, tokenizer.special_tokens.get(ENDOFTEXT), stop_ids)
+    hf_tok = hf_tokenizer(tokenizer, model_max_length=model.config.seq_len)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -59,7 +59,7 @@ rule fetch_wet:  # one per WET file given as a URL (`shard`: that file's own nam
         config=section("fetch"),
     retries: 3
     shell:
-        "{PY} -m pipeline fetch {params.url:q} {output:q} --config {params.config:q} --log {log:q}"
+        stage("fetch", "{params.url:q} {output:q}")
 
 
 rule fetch_warc:  # one per WARC file given as a URL (`shard`: that file's own name)
@@ -75,7 +75,7 @@ rule fetch_warc:  # one per WARC file given as a URL (`shard`: that file's own n
         config=section("fetch"),
     retries: 3
     shell:
-        "{PY} -m pipeline fetch {params.url:q} {output:q} --config {params.config:q} --log {log:q}"
+        stage("fetch", "{params.url:q} {output:q}")
 
 
 rule fetch_url_list:
@@ -90,7 +90,7 @@ rule fetch_url_list:
         config=section("fetch"),
     retries: 3
     shell:
-        "{PY} -m pipeline fetch {params.url:q} {output:q} --config {params.config:q} --log {log:q}"
+        stage("fetch", "{params.url:q} {output:q}")
 
 
 rule ingest:
@@ -110,9 +110,8 @@ rule ingest:
     params:
         config=section("ingest"),
     shell:
-        "{PY} -m pipeline ingest --input {input.wet:q} --output {output.docs:q}"
-        " --removed {output.removed:q} --manifest {output.manifest:q}"
-        " --config {params.config:q} --log {log:q}"
+        stage("ingest", "--input {input.wet:q} --output {output.docs:q} --removed {output.removed:q}"
+                        " --manifest {output.manifest:q}")
 
 
 # --- WARC input (url_filter -> extract), joining the WET documents at langid
@@ -135,9 +134,8 @@ rule url_filter:
         config=section("url_filter"),
         lists=json.dumps(URL_LIST_FILES, sort_keys=True),
     shell:
-        "{PY} -m pipeline url_filter --input {input.warc:q} --output {output.docs:q}"
-        " --removed {output.removed:q} --manifest {output.manifest:q}"
-        " --config {params.config:q} --lists {params.lists:q} --log {log:q}"
+        stage("url_filter", "--input {input.warc:q} --output {output.docs:q} --removed {output.removed:q}"
+                            " --manifest {output.manifest:q} --lists {params.lists:q}")
 
 
 rule extract:
@@ -159,9 +157,8 @@ rule extract:
     params:
         config=section("extract"),
     shell:
-        "{PY} -m pipeline extract --input {input.warc:q} --passed {input.passed:q} --output {output.docs:q}"
-        " --removed {output.removed:q} --manifest {output.manifest:q}"
-        " --config {params.config:q} --log {log:q}"
+        stage("extract", "--input {input.warc:q} --passed {input.passed:q} --output {output.docs:q}"
+                         " --removed {output.removed:q} --manifest {output.manifest:q}")
 
 
 rule langid:
@@ -182,9 +179,8 @@ rule langid:
     params:
         config=section("langid"),
     shell:
-        "{PY} -m pipeline langid --input {input.docs:q} --output {output.docs:q}"
-        " --removed {output.removed:q} --manifest {output.manifest:q}"
-        " --config {params.config:q} --log {log:q}"
+        stage("langid", "--input {input.docs:q} --output {output.docs:q} --removed {output.removed:q}"
+                        " --manifest {output.manifest:q}")
 
 
 rule quality:
@@ -205,9 +201,8 @@ rule quality:
     params:
         config=section("quality"),
     shell:
-        "{PY} -m pipeline quality --input {input.docs:q} --output {output.docs:q}"
-        " --removed {output.removed:q} --manifest {output.manifest:q}"
-        " --config {params.config:q} --log {log:q}"
+        stage("quality", "--input {input.docs:q} --output {output.docs:q} --removed {output.removed:q}"
+                         " --manifest {output.manifest:q}")
 
 
 rule dedup_signatures:
@@ -228,8 +223,8 @@ rule dedup_signatures:
     params:
         config=section("dedup"),
     shell:
-        "{PY} -m pipeline dedup signatures --input {input.docs:q} --output {output.signatures:q}"
-        " --buckets {output.buckets:q} --manifest {output.manifest:q} --config {params.config:q} --log {log:q}"
+        stage("dedup signatures", "--input {input.docs:q} --output {output.signatures:q}"
+                                  " --buckets {output.buckets:q} --manifest {output.manifest:q}")
 
 
 # one job per LSH band, plus one for exact text: each reads its row groups of every shard's bucket
@@ -255,9 +250,8 @@ rule dedup_band:
     params:
         config=section("dedup"),
     shell:
-        "{PY} -m pipeline dedup band --band {wildcards.band} --input {input.buckets:q}"
-        " --upstream {input.upstream:q} --output {output.pairs:q} --manifest {output.manifest:q}"
-        " --config {params.config:q} --log {log:q}"
+        stage("dedup band", "--band {wildcards.band} --input {input.buckets:q} --upstream {input.upstream:q}"
+                            " --output {output.pairs:q} --manifest {output.manifest:q}")
 
 
 rule dedup:
@@ -280,8 +274,8 @@ rule dedup:
         config=section("dedup"),
         folder=f"{DATA}/dedup/clusters",
     shell:
-        "{PY} -m pipeline dedup clusters --input {input.signatures:q} --pairs {input.pairs:q}"
-        " --output {params.folder:q} --manifest {output.manifest:q} --config {params.config:q} --log {log:q}"
+        stage("dedup clusters", "--input {input.signatures:q} --pairs {input.pairs:q} --output {params.folder:q}"
+                                " --manifest {output.manifest:q}")
 
 
 rule dedup_filter:
@@ -303,9 +297,8 @@ rule dedup_filter:
     params:
         config=section("dedup"),
     shell:
-        "{PY} -m pipeline dedup filter --input {input.docs:q} --clusters {input.clusters:q}"
-        " --output {output.docs:q} --removed {output.removed:q} --manifest {output.manifest:q}"
-        " --config {params.config:q} --log {log:q}"
+        stage("dedup filter", "--input {input.docs:q} --clusters {input.clusters:q} --output {output.docs:q}"
+                              " --removed {output.removed:q} --manifest {output.manifest:q}")
 
 
 # --- decontaminate: dedup's output -> decontaminated/, dropping documents that quote an eval set;
@@ -333,11 +326,11 @@ rule decontaminate:
     params:
         config=section("decontaminate"),
         evalsets=EVALSETS,
-        tasks=section("tasks") if "tasks" in config else "{}",
+        tasks=section("tasks"),
     shell:
-        "{PY} -m pipeline decontaminate --input {input.docs:q} --output {output.docs:q}"
-        " --removed {output.removed:q} --manifest {output.manifest:q} --config {params.config:q}"
-        " --evalsets {params.evalsets:q} --tasks-config {params.tasks:q} --log {log:q}"
+        stage("decontaminate", "--input {input.docs:q} --output {output.docs:q} --removed {output.removed:q}"
+                               " --manifest {output.manifest:q} --evalsets {params.evalsets:q}",
+              sections=("config", "tasks"))
 
 
 # --- pii: the last text change, after decontaminate -> clean/
@@ -359,9 +352,8 @@ rule pii:
     params:
         config=section("pii"),
     shell:
-        "{PY} -m pipeline pii --input {input.docs:q} --output {output.docs:q}"
-        " --removed {output.removed:q} --manifest {output.manifest:q}"
-        " --config {params.config:q} --log {log:q}"
+        stage("pii", "--input {input.docs:q} --output {output.docs:q} --removed {output.removed:q}"
+                     " --manifest {output.manifest:q}")
 
 
 rule seal:
@@ -376,7 +368,7 @@ rule seal:
     benchmark:
         f"{BENCH}/seal/{{folder}}.tsv"
     shell:
-        "{PY} -m pipeline seal {output:q} {input:q} --log {log:q}"
+        stage("seal", "{output:q} {input:q}", sections=())
 
 
 rule data_report:
@@ -385,7 +377,7 @@ rule data_report:
         clusters=rules.dedup.output.manifest,
     output:
         json=f"{DATA}/drop_report.json",
-        md=report(f"{DATA}/drop_report.md", caption="../workflow/report/drop_report.rst", category="Data"),
+        md=f"{DATA}/drop_report.md",  # in the Snakemake report as an HTML page of the report card's (rules/report.smk)
         funnel=report(f"{DATA}/plots/funnel.png", caption="../workflow/report/funnel.rst", category="Data"),
         reasons=report(f"{DATA}/plots/drop_reasons.png", caption="../workflow/report/drop_reasons.rst", category="Data"),
         languages=report(f"{DATA}/plots/languages.png", caption="../workflow/report/languages.rst", category="Data"),
@@ -398,7 +390,7 @@ rule data_report:
         data=DATA,
         entries=ENTRIES,
     shell:
-        "{PY} -m pipeline data-report --data {params.data:q} --entries {params.entries} --log {log:q}"
+        stage("data-report", "--data {params.data:q} --entries {params.entries}", sections=())
 
 
 rule data:

@@ -1,7 +1,8 @@
-# Eval: per model size, every model of that size the run trains, side by side (rows base / SFT /
-# GRPO of the table); and export-hf of every final model, so lm-evaluation-harness, vLLM and HF
-# `generate` can load any of them. Included after the training rules: a post-training stage whose
-# rule exists (rules.sft, rules.grpo) adds its model to the table and to the exports by itself.
+# Eval: per model size (rule eval_size), every model of that size the run trains, side by side (rows
+# base / SFT / GRPO of the table); and export-hf of every final model (rule export_hf_model), so
+# lm-evaluation-harness, vLLM and HF `generate` can load any of them. `snakemake eval` and
+# `snakemake export_hf` run every configured size. Included after the training rules: a post-training
+# stage whose rule exists (rules.sft, rules.grpo) adds its model to the table and to the exports by itself.
 import os
 import shlex
 
@@ -15,15 +16,21 @@ def final_model(stage, size):
 
 
 def eval_inputs(wildcards):
-    """The final.pt of every model of this size the run trains, plus what scoring needs."""
-    return {**{stage: final_model(stage, wildcards.size) for stage in MODEL_STAGES},
-            "tokens": rules.tokens.output[0], "tokenizer": rules.tokenizer.output.tokenizer, "mmlu": EVAL_MMLU}
+    """The final.pt of every model of this size the run trains and the manifests it is checked
+    against, plus what scoring needs."""
+    models = {stage: final_model(stage, wildcards.size) for stage in MODEL_STAGES}
+    return {**models, **{f"{stage}_manifest": os.path.join(os.path.dirname(path), "manifest.json")
+                         for stage, path in models.items()},
+            "tokens": rules.tokens.output[0], "tokenizer": rules.tokenizer.output.tokenizer,
+            "tokenizer_manifest": rules.tokenizer.output.manifest, "mmlu": EVAL_MMLU}
 
 
-rule export_hf:
+rule export_hf_model:
     input:
         model=final_model("{stage}", "{size}"),
+        upstream=f"{RUN}/{{stage}}/{{size}}/manifest.json",  # what final.pt is checked against
         tokenizer=rules.tokenizer.output.tokenizer,
+        tokenizer_manifest=rules.tokenizer.output.manifest,
     output:
         weights=f"{RUN}/export/{{stage}}/{{size}}/model.safetensors",
         manifest=f"{RUN}/export/{{stage}}/{{size}}/manifest.json",
@@ -39,18 +46,22 @@ rule export_hf:
     params:
         out=lambda wc: f"{RUN}/export/{wc.stage}/{wc.size}",
     shell:
-        "{PY} -m pipeline export-hf --model {input.model:q} --tokenizer {input.tokenizer:q}"
-        " --out {params.out:q} --log {log:q}"
+        stage("export-hf", "--model {input.model:q} --tokenizer {input.tokenizer:q} --out {params.out:q}",
+              sections=())
 
 
-rule eval:
+rule export_hf:
+    input:
+        expand(rules.export_hf_model.output.manifest, stage=MODEL_STAGES, size=config["pretrain"]["sizes"]),
+
+
+rule eval_size:
     input:
         unpack(eval_inputs),
     output:
         json=report(f"{RUN}/eval/{{size}}/eval.json", caption="../workflow/report/eval_json.rst",
                     category="Eval", subcategory="{size}"),
-        md=report(f"{RUN}/eval/{{size}}/eval.md", caption="../workflow/report/eval_table.rst",
-                  category="Eval", subcategory="{size}"),
+        md=f"{RUN}/eval/{{size}}/eval.md",  # in the Snakemake report as an HTML page (rules/report.smk)
         plot=report(f"{RUN}/eval/{{size}}/eval.png", caption="../workflow/report/eval_plot.rst",
                     category="Eval", subcategory="{size}"),
         manifest=f"{RUN}/eval/{{size}}/manifest.json",
@@ -65,11 +76,15 @@ rule eval:
         mem_mb=4000,
     params:
         config=section("eval"),
-        tasks=section("tasks") if "tasks" in config else "{}",
+        tasks=section("tasks"),
         models=lambda wc: " ".join(f"--model {shlex.quote(f'{s}={final_model(s, wc.size)}')}" for s in MODEL_STAGES),
         tokens=f"{RUN}/tokens",
         out=lambda wc: f"{RUN}/eval/{wc.size}",
     shell:
-        "{PY} -m pipeline eval {params.models} --tokens {params.tokens:q} --tokenizer {input.tokenizer:q}"
-        " --out {params.out:q} --size {wildcards.size} --config {params.config:q}"
-        " --tasks-config {params.tasks:q} --threads {threads} --log {log:q}"
+        stage("eval", "{params.models} --tokens {params.tokens:q} --tokenizer {input.tokenizer:q} --out {params.out:q}"
+                      " --size {wildcards.size} --threads {threads}", sections=("config", "tasks"))
+
+
+rule eval:
+    input:
+        expand(rules.eval_size.output.manifest, size=config["pretrain"]["sizes"]),

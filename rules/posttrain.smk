@@ -1,17 +1,18 @@
-# Post-training: SFT of every pretrained size (config pretrain.sizes), each a torchrun launch of
-# `python -m pipeline sft` with sft.nproc processes. Like pretraining, checkpoints and the metrics
-# history under {RUN}/sft/{size}/checkpoints/ are not declared outputs, so a rerun after a failed,
-# preempted or killed job resumes from them.
+# Post-training: SFT of every pretrained size (config pretrain.sizes; rule sft_size, one job per
+# size), each a torchrun launch of `python -m pipeline sft` with sft.nproc processes; `snakemake sft`
+# runs every size. Like pretraining, checkpoints and the metrics history under
+# {RUN}/sft/{size}/checkpoints/ are not declared outputs, so a rerun after a failed, preempted or
+# killed job resumes from them.
 #
 # On SLURM: set sft.device: cuda and sft.nproc: <GPUs per node> so the job asks for the GPUs.
 
 SFT = config["sft"]
 
 
-rule sft:
+rule sft_size:
     input:
-        model=rules.pretrain.output.model,
-        upstream=rules.pretrain.output.manifest,  # what final.pt is checked against
+        model=rules.pretrain_size.output.model,
+        upstream=rules.pretrain_size.output.manifest,  # what final.pt is checked against
         tokenizer=rules.tokenizer.output.tokenizer,
         tokenizer_manifest=rules.tokenizer.output.manifest,
     output:
@@ -37,20 +38,26 @@ rule sft:
         tasks=section("tasks"),
         out=lambda wc: f"{RUN}/sft/{wc.size}",
     shell:
-        # `--` ends torchrun's options: its argparse would take `--log` for its own `--log-dir`
-        "{PY} -m torch.distributed.run --standalone --nproc_per_node={resources.nproc}"
-        " -m pipeline -- sft --model {input.model:q} --tokenizer {input.tokenizer:q} --out {params.out:q}"
+        stage("sft", "--model {input.model:q} --tokenizer {input.tokenizer:q} --out {params.out:q}",
+              sections=("config", "tasks"), launcher=torchrun(1, SFT["nproc"]))
 
-# GRPO of every SFT model: one process of `python -m pipeline grpo` (GRPO runs in one process;
-# see pipeline/train/grpo_stage.py); checkpoints resume like SFT's. On SLURM: set grpo.device: cuda.
+
+rule sft:
+    input:
+        expand(rules.sft_size.output.manifest, size=config["pretrain"]["sizes"]),
+
+
+# GRPO of every SFT model (rule grpo_size; `snakemake grpo`: every size): one process of
+# `python -m pipeline grpo` (GRPO runs in one process; see pipeline/train/grpo_stage.py);
+# checkpoints resume like SFT's. On SLURM: set grpo.device: cuda.
 
 GRPO = config["grpo"]
 
 
-rule grpo:
+rule grpo_size:
     input:
-        model=rules.sft.output.model,
-        upstream=rules.sft.output.manifest,  # what final.pt is checked against
+        model=rules.sft_size.output.model,
+        upstream=rules.sft_size.output.manifest,  # what final.pt is checked against
         tokenizer=rules.tokenizer.output.tokenizer,
         tokenizer_manifest=rules.tokenizer.output.manifest,
     output:
@@ -76,4 +83,10 @@ rule grpo:
         tasks=section("tasks"),
         out=lambda wc: f"{RUN}/grpo/{wc.size}",
     shell:
-        "{PY} -m pipeline grpo --model {input.model:q} --tokenizer {input.tokenizer:q} --out {params.out:q}"
+        stage("grpo", "--model {input.model:q} --tokenizer {input.tokenizer:q} --out {params.out:q}",
+              sections=("config", "tasks"))
+
+
+rule grpo:
+    input:
+        expand(rules.grpo_size.output.manifest, size=config["pretrain"]["sizes"]),

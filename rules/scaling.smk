@@ -23,6 +23,7 @@ rule scaling_run:
     input:
         tokens=rules.tokens.output[0],
         tokenizer=rules.tokenizer.output.tokenizer,
+        tokenizer_manifest=rules.tokenizer.output.manifest,
     output:
         model=f"{SCALING}/runs/{{budget}}/{{size}}/final.pt",
         metrics=f"{SCALING}/runs/{{budget}}/{{size}}/metrics.jsonl",
@@ -47,9 +48,9 @@ rule scaling_run:
         data=f"{RUN}/tokens",
         out=lambda wc: f"{SCALING}/runs/{wc.budget}/{wc.size}",
     shell:
-        "OMP_NUM_THREADS={threads} {PY} -m torch.distributed.run --standalone --nproc_per_node={resources.nproc}"
-        " -m pipeline -- pretrain --data {params.data:q} --out {params.out:q} --size {wildcards.size}"
-        " --tokenizer {input.tokenizer:q} --config {params.config:q} --log {log:q}"
+        stage("pretrain", "--data {params.data:q} --out {params.out:q} --size {wildcards.size}"
+                          " --tokenizer {input.tokenizer:q}",
+              launcher="OMP_NUM_THREADS={threads} " + torchrun(1, SWEEP_PRETRAIN["nproc"]))
 
 
 rule scaling_fit:
@@ -77,5 +78,5 @@ rule scaling_fit:
         runs=f"{SCALING}/runs",
         out=SCALING,
     shell:
-        "{PY} -m pipeline scaling-fit --runs {params.runs:q} --out {params.out:q} --config {params.config:q}"
-        " --pretrain {params.pretrain:q} --vocab-size {params.vocab_size} --log {log:q}"
+        stage("scaling-fit", "--runs {params.runs:q} --out {params.out:q} --pretrain {params.pretrain:q}"
+                             " --vocab-size {params.vocab_size}")

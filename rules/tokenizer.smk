@@ -36,9 +36,9 @@ rule tokenizer:
         config=section("tokenizer"),
         text=json.dumps([vars(source) for source in TEXT.values()], sort_keys=True),
     shell:
-        "{PY} -m pipeline tokenizer --clean {input.clean:q} --text {params.text:q} --gpt2 {input.gpt2:q}"
-        " --tokenizer {output.tokenizer:q} --compression {output.compression:q} --report {output.report:q}"
-        " --manifest {output.manifest:q} --config {params.config:q} --log {log:q}"
+        stage("tokenizer", "--clean {input.clean:q} --text {params.text:q} --gpt2 {input.gpt2:q}"
+                           " --tokenizer {output.tokenizer:q} --compression {output.compression:q}"
+                           " --report {output.report:q} --manifest {output.manifest:q}")
 
 
 rule tokenize:
@@ -66,9 +66,8 @@ rule tokenize:
         config=section("tokenizer"),
         source=lambda wc: SOURCES[wc.source].to_json(),
     shell:
-        "{PY} -m pipeline tokenize --source {params.source:q} --tokenizer {input.tokenizer:q}"
-        " --train {output.train:q} --val {output.val:q} --manifest {output.manifest:q}"
-        " --threads {threads} --config {params.config:q} --log {log:q}"
+        stage("tokenize", "--source {params.source:q} --tokenizer {input.tokenizer:q} --train {output.train:q}"
+                          " --val {output.val:q} --manifest {output.manifest:q} --threads {threads}")
 
 
 rule tokens:
@@ -83,5 +82,4 @@ rule tokens:
     benchmark:
         f"{BENCH}/tokens.tsv"
     shell:
-        "{PY} -m pipeline tokens --tokenizer {input.tokenizer:q} --output {output:q}"
-        " {input.manifests:q} --log {log:q}"
+        stage("tokens", "--tokenizer {input.tokenizer:q} --output {output:q} {input.manifests:q}", sections=())

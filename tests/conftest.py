@@ -95,6 +95,16 @@ def make_docs(texts: list[str], source: str = "s", **extra) -> list[dict]:
              "source": source, "text": t, **extra} for i, t in enumerate(texts)]
 
 
+def seal(*paths: Path) -> tuple[Path, ...]:
+    """`paths` (in one folder) named by a manifest.json beside them, as the stage that wrote them
+    leaves them: stages check a model or a tokenizer against it before loading it."""
+    from pipeline.artifacts import write_manifest
+
+    write_manifest(paths[0].parent / "manifest.json", stage="upstream", config={}, inputs=[],
+                   outputs={p: None for p in paths})
+    return paths
+
+
 def save_chat_model(folder: Path, stories: list[str], seq_len: int, stage: str) -> tuple[Path, Path]:
     """(final.pt, tokenizer.json): a seeded nano GPT saved as the training engine exports it, beside
     a small tokenizer with the chat special tokens, both named by a `stage` manifest."""

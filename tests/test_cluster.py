@@ -34,7 +34,7 @@ RUN = "sample"
 # status check 5 s after a submission, then 15 s later (the plugin waits 10 s longer after each check
 # that saw nothing finish): most sample jobs take 5-20 s here; the default 40 s suits real clusters
 LOCAL_CLUSTER = ["--default-resources", "slurm_account=wetstone", "slurm_partition=local", "runtime=30", "mem_mb=1000",
-                 "--set-resources", "dedup:mem_mb=2000", "tokenizer:mem_mb=2000", "pretrain:mem_mb=2000",
+                 "--set-resources", "dedup:mem_mb=2000", "tokenizer:mem_mb=2000", "pretrain_size:mem_mb=2000",
                  "--max-threads", "2", "--slurm-init-seconds-before-status-checks", "5"]
 
 
@@ -108,7 +108,7 @@ def test_every_job_went_through_slurm(runs):
     jobs = submitted_jobs(log)
     rules = sorted(rule for _, job_rules, _ in jobs.values() for rule in job_rules)
     assert {"ingest", "langid", "quality", "dedup_signatures", "dedup_band", "dedup", "pii", "tokenizer",
-            "tokenize", "tokens", "pretrain"} <= set(rules), rules
+            "tokenize", "tokens", "pretrain_size"} <= set(rules), rules
     assert all(slurm_id for _, _, slurm_id in jobs.values()), f"jobs run outside SLURM: {jobs}"
     ids = ",".join(slurm_id for _, _, slurm_id in jobs.values())
     accounted = {job_id: (state, comment) for job_id, state, comment in
@@ -123,7 +123,7 @@ def test_every_job_went_through_slurm(runs):
 
 def test_pretrain_ran_two_processes_under_srun(runs):
     _, slurm_run, log = runs
-    (slurm_id,) = [job for name, _, job in submitted_jobs(log).values() if name == "pretrain"]
+    (slurm_id,) = [job for name, _, job in submitted_jobs(log).values() if name == "pretrain_size"]
     steps = {job_id: (state, int(cpus)) for job_id, state, cpus in
              sacct("--jobs", slurm_id, "--format", "JobIDRaw,State,AllocCPUS")}
     # .batch is the job script; .0 the executor's `srun` step, which ran torchrun and its 2 workers

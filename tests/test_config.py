@@ -11,6 +11,7 @@ import yaml
 from conftest import ROOT
 from pipeline.cli import ConfigError
 from pipeline.config import load_config, section_config, validate_config, wet_shards
+from pipeline.config_template import render, scalar
 
 
 def test_default_config_is_valid_and_complete():
@@ -94,3 +95,46 @@ def test_quality_fractions_stay_under_one_and_minimums_under_maximums(quality, k
         validate_config({"quality": quality})
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         section_config("quality", quality)
+
+
+def test_config_yaml_is_the_schemas_rendered():
+    """Every default and description lives once, in the schemas: config.yaml is what
+    `python -m pipeline config-template` writes from them, byte for byte."""
+    assert (ROOT / "config.yaml").read_text(encoding="utf-8") == render(), \
+        "config.yaml differs from workflow/schemas/: run python -m pipeline config-template --output config.yaml"
+
+
+def test_the_rendered_config_reads_back_as_the_schema_defaults():
+    """Every value the template writes (2.0e+11, inf, [+], <|endoftext|>, '') is read back by YAML as
+    the schema's default, and every comment is the key's description."""
+    text = render()
+    assert yaml.safe_load(text) == validate_config({})
+    assert "# Peak learning rate (after warmup). Small models take larger rates (GPT-2 124M about 6e-4)." in text
+    assert scalar(2e11) == "2.0e+11" and yaml.safe_load(scalar(989e12)) == 989e12 and scalar(1e-3) == "0.001"
+
+
+def test_a_schema_file_without_a_place_in_the_template_is_named(tmp_path):
+    import shutil
+    schemas = shutil.copytree(ROOT / "workflow" / "schemas", tmp_path / "schemas")
+    (schemas / "extra.schema.yaml").write_text(yaml.safe_dump({"type": "object", "default": {}, "properties": {}}))
+    with pytest.raises(ValueError, match="extra: a schema file with no place"):
+        render(schemas)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pretrain:\n  lr: 6e-4\n",
+     "config key 'pretrain.lr': '6e-4' was read as a string, not a number (YAML reads an exponent without a dot "
+     "and a sign as text): write 0.0006"),
+    ("pretrain:\n  max_steps: 2e3\n", "config key 'pretrain.max_steps': '2e3' was read as a string, not a number"),
+    ("pretrain:\n  sizes: [tiny, huge]\n",
+     "config key 'pretrain.sizes.1': 'huge' is not valid; expected one of: nano, tiny, small, gpt2-124m, gpt2-350m; "
+     "or d<depth>w<width>"),
+])
+def test_a_newcomers_config_mistake_is_explained(tmp_path, text, message):
+    """What a first config file gets wrong, as Snakemake reports it: a number YAML read as text,
+    and a model size that does not exist (the valid ones listed)."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(mine)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stdout + result.stderr, (result.stdout + result.stderr)[-2000:]

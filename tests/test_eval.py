@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RESOURCES
+from conftest import RESOURCES, seal
 from pipeline.artifacts import verify, write_manifest
 from pipeline.eval.loss import bits_per_byte, token_logprobs, val_loss_bpb
 from pipeline.eval.mmlu import format_question, prompt, questions, summarize
@@ -244,6 +244,7 @@ def test_run_eval_writes_the_table(tmp_path, tokenizer, stories):
                                   "tasks": {"names": ["arithmetic"], "max_examples": 2, "samples": 2, "k": 2,
                                             "max_new_tokens": 4}})
     out = tmp_path / "eval"
+    seal(*models.values(), tok_path)
     results = run_eval(models, tokens=tokens, tokenizer_path=tok_path, out=out, size="nano", cfg=cfg,
                        tasks_config={})
     assert list(results) == ["pretrain", "sft"]  # training order
@@ -269,7 +270,7 @@ def test_default_dag_evaluates_and_exports_every_size(tmp_path):
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config",
                              f"results={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    for rule in ("decontaminate", "eval", "export_hf"):
+    for rule in ("decontaminate", "eval_size", "export_hf_model"):
         assert f"rule {rule}:" in result.stdout, rule
     assert f"{tmp_path}/sample/eval/tiny/eval.md" in result.stdout
     assert f"{tmp_path}/sample/export/pretrain/tiny/model.safetensors" in result.stdout

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RESOURCES
+from conftest import RESOURCES, seal
 from pipeline.artifacts import verify
 from pipeline.export import export_hf, hf_tokenizer, load_hf, tokenizer_from_hf
 from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS, BPETokenizer
+from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS, BPETokenizer
 from pipeline.tokenizer.chat import render_conversation, render_prompt
 from test_tokenizer_bpe import VARIED_TEXTS, wet_texts
 
@@ -67,7 +67,7 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, chat_tokenizer, 
     model = tiny_gpt(chat_tokenizer.n_vocab)
     assert model.config.padded_vocab_size > model.config.vocab_size  # the cut rows are exercised
     out = tmp_path / "hf"
-    metrics = export_hf(save_final(model, tmp_path / "final.pt"), tok_path, out)
+    metrics = export_hf(*seal(save_final(model, tmp_path / "final.pt"), tok_path), out)
     assert metrics["vocab_size"] == chat_tokenizer.n_vocab and metrics["chat_template"]
     assert (out / "model.safetensors").exists()
 
@@ -102,7 +102,7 @@ def test_export_manifest_verifies(tmp_path, chat_tokenizer):
     tok_path = tmp_path / "tokenizer.json"
     chat_tokenizer.save(tok_path)
     out = tmp_path / "hf"
-    export_hf(save_final(tiny_gpt(chat_tokenizer.n_vocab, bias=False), tmp_path / "final.pt"), tok_path, out)
+    export_hf(*seal(save_final(tiny_gpt(chat_tokenizer.n_vocab, bias=False), tmp_path / "final.pt"), tok_path), out)
     manifest = json.loads((out / "manifest.json").read_text())
     names = {entry["path"] for entry in manifest["outputs"]}
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= names
@@ -117,7 +117,7 @@ def test_rotary_model_is_refused(tmp_path, chat_tokenizer):
     chat_tokenizer.save(tok_path)
     final = save_final(tiny_gpt(chat_tokenizer.n_vocab, rope=True), tmp_path / "final.pt")
     with pytest.raises(ValueError, match="rotary.*not exportable as GPT2LMHeadModel"):
-        export_hf(final, tok_path, tmp_path / "hf")
+        export_hf(*seal(final, tok_path), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
 
@@ -126,7 +126,7 @@ def test_tokenizer_of_another_vocabulary_is_refused(tmp_path, chat_tokenizer):
     chat_tokenizer.save(tok_path)
     final = save_final(tiny_gpt(chat_tokenizer.n_vocab + 1), tmp_path / "final.pt")
     with pytest.raises(ValueError, match="tokenizer.json: .* ids, but .*final.pt was trained on a vocabulary"):
-        export_hf(final, tok_path, tmp_path / "hf")
+        export_hf(*seal(final, tok_path), tmp_path / "hf")
 
 
 def test_gpt2_files_convert_exactly(corpus):
@@ -144,7 +144,7 @@ def test_exported_folder_loads_back_as_our_gpt_and_tokenizer(tmp_path, chat_toke
     chat_tokenizer.save(tok_path)
     model = tiny_gpt(chat_tokenizer.n_vocab, bias=bias)
     out = tmp_path / "hf"
-    export_hf(save_final(model, tmp_path / "final.pt"), tok_path, out)
+    export_hf(*seal(save_final(model, tmp_path / "final.pt"), tok_path), out)
     back, meta = load_hf(out)
     assert meta["eos_id"] == chat_tokenizer.eos_id and meta["vocab_size"] == chat_tokenizer.n_vocab
     assert back.config.padded_vocab_size == model.config.padded_vocab_size
@@ -171,7 +171,7 @@ def test_load_hf_names_what_it_cannot_read(tmp_path, chat_tokenizer):
     tok_path = tmp_path / "tokenizer.json"
     chat_tokenizer.save(tok_path)
     out = tmp_path / "hf"
-    export_hf(save_final(tiny_gpt(chat_tokenizer.n_vocab), tmp_path / "final.pt"), tok_path, out)
+    export_hf(*seal(save_final(tiny_gpt(chat_tokenizer.n_vocab), tmp_path / "final.pt"), tok_path), out)
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     with pytest.raises(ValueError, match="config.json: activation_function is 'relu'"):
@@ -184,3 +184,51 @@ def test_load_hf_names_what_it_cannot_read(tmp_path, chat_tokenizer):
         load_hf(tmp_path)
     with pytest.raises(ValueError, match="tokenizer.json: not a byte-level BPE"):
         tokenizer_from_hf(tok_path)  # ours, not the fast tokenizer's file
+
+
+def scripted_gpt(vocab_size: int, seq_len: int, script: dict[int, int]) -> GPT:
+    """A GPT whose greedy choice at position p is script[p]: its blocks add nothing (zero output
+    projections), so the last layer norm sees wte[token] + wpe[p], and wpe[p] is a large multiple
+    of the scripted token's own embedding, which the tied head then scores highest."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=1, n_head=2, n_embd=64))
+    with torch.no_grad():
+        for block in model.blocks:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.zero_(), proj.bias.zero_()
+        model.wpe.weight.zero_()
+        for position, token in script.items():
+            model.wpe.weight[position] = 30 * model.wte.weight[token]
+    return model.eval()
+
+
+def test_generate_on_a_chat_prompt_stops_where_the_reply_ends(tmp_path, chat_tokenizer):
+    """transformers' `generate` on the chat template's prompt ends at <|assistant_end|> (the
+    exported generation_config lists it with <|endoftext|>), not at max_new_tokens; the tokenizer
+    truncates to the context, so an over-long input still fits the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    messages = [{"role": "user", "content": "What is 12 + 7?"}]
+    prompt = render_prompt(chat_tokenizer, messages)
+    end = chat_tokenizer.special_tokens[ASSISTANT_END]
+    reply = chat_tokenizer.encode("12 + 7 = 19") + [end]
+    model = scripted_gpt(chat_tokenizer.n_vocab, 64, {len(prompt) - 1 + i: t for i, t in enumerate(reply)})
+    assert model.generate(torch.tensor([prompt]), len(reply))[0, len(prompt):].tolist() == reply  # the script holds
+    tok_path = tmp_path / "tokenizer.json"
+    chat_tokenizer.save(tok_path)
+    out = tmp_path / "hf"
+    export_hf(*seal(save_final(model, tmp_path / "final.pt"), tok_path), out)
+
+    hf, hf_tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [end, chat_tokenizer.eos_id]
+    text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = hf_tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == prompt
+    generated = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+    assert generated[0, len(prompt):].tolist() == reply
+    assert hf_tok.decode(generated[0, len(prompt):], skip_special_tokens=True) == "12 + 7 = 19"
+
+    assert hf_tok.model_max_length == 64
+    long = hf_tok(" ".join(["a long conversation"] * 100), truncation=True, return_tensors="pt")
+    assert long["input_ids"].shape == (1, 64)
+    assert hf(**long).logits.shape == (1, 64, chat_tokenizer.n_vocab)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import seal
 from pipeline.__main__ import main
 from pipeline.artifacts import read_manifest, verify
 from pipeline.config import section_config
@@ -103,18 +104,23 @@ def test_command_writes_the_stage_outputs(stories, tmp_path):
     model = GPT(GPTConfig.from_size("nano", vocab_size=tokenizer.n_vocab, seq_len=64))
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 0,
                 "vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id}, tmp_path / "final.pt")
+    seal(tmp_path / "final.pt", tmp_path / "tokenizer.json")
     config = {"systems": ["naive", "continuous", "http"], "rates": ["inf"], "max_batch_size": 4,
               "workload": {"num_requests": 3, "prompts": "random", "shared_prefix_len": 4,
                            "prompt_len": {"min": 2, "max": 6}, "output_len": {"min": 2, "max": 5}}}
     out = tmp_path / "inference" / "nano"
+    log = tmp_path / "logs" / "nano.log"
     assert main(["inference-bench", "--model", str(tmp_path / "final.pt"), "--tokenizer", str(tmp_path / "tokenizer.json"),
-                 "--out", str(out), "--config", json.dumps(config)]) == 0
+                 "--out", str(out), "--config", json.dumps(config), "--log", str(log)]) == 0
     report = json.loads((out / "bench.json").read_text())
     assert set(report["results"]) == {"naive", "continuous", "http"}
     assert "## all at once" in (out / "bench.md").read_text()
     manifest = read_manifest(out / "manifest.json")
     assert {o["path"] for o in manifest["outputs"]} == {"bench.json", "bench.md", "throughput.png", "latency.png"}
     assert verify(tmp_path)[1] == []
+    # the job's log keeps every line, those after the http system's server too (uvicorn leaves it open)
+    lines = log.read_text().splitlines()
+    assert any(" http " in line for line in lines) and "inference-bench: exit 0" in lines[-1], lines
 
 
 def test_hf_generate_peer_delivers_each_requested_length():

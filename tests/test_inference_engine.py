@@ -13,6 +13,7 @@ from scipy.stats import chisquare
 from pipeline.inference import Engine, SamplingParams
 from pipeline.inference.blocks import BlockManager, block_hashes
 from pipeline.inference.engine import forward_full
+from pipeline.inference.sampling import InvalidParam
 from pipeline.model.gpt import GPT, GPTConfig
 
 PROMPTS = [[1, 2, 3], [5] * 20, list(range(7, 25)), [42], list(range(100, 137)), [9, 9, 8, 8, 7]]
@@ -130,6 +131,15 @@ def test_stop_tokens_finish_and_ignore_eos_does_not():
     assert full == first
 
 
+def test_ignore_eos_ignores_eos_only():
+    """The engine's stop tokens (EOS) are ignored; the request's own stop_token_ids still stop it."""
+    model = nano()
+    first = alone(model, [PROMPTS[2]], 12)[0]
+    engine = Engine(model, max_batch_size=2, stop_token_ids=[first[2]])
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=[first[6]])
+    assert engine.generate([PROMPTS[2]], params)[0] == first[:first.index(first[6]) + 1]
+
+
 def test_context_limit_and_bad_prompts():
     model = nano(seq_len=32)
     engine = Engine(model, max_batch_size=2)
@@ -141,6 +151,59 @@ def test_context_limit_and_bad_prompts():
         engine.add_request([1, 300], GREEDY)
     with pytest.raises(ValueError, match="prompt: empty"):
         engine.add_request([], GREEDY)
+    with pytest.raises(InvalidParam, match="stop_token_ids: token ids \\[257\\]") as e:
+        engine.add_request([1], SamplingParams(stop_token_ids=[3, 257]))
+    assert e.value.param == "stop_token_ids"
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_a_request_whose_sampling_raises_fails_alone(monkeypatch, draft):
+    """One request's sampling (or its draft's) raises: that request finishes with "error" and
+    the message; the others run to the same tokens as without it; every block comes back.
+    A forward pass that raises fails its step's requests, and the next requests run."""
+    import pipeline.inference.engine as engine_module
+    poisoned = 666  # the seed that marks the request to fail
+
+    def failing(real):
+        def wrapped(logits, params, *args, **kwargs):
+            if params.seed == poisoned:
+                raise RuntimeError("injected sampling failure")
+            return real(logits, params, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(engine_module, "probabilities" if draft else "sample",
+                        failing(engine_module.probabilities if draft else engine_module.sample))
+    model = nano()
+    engine = Engine(model, max_batch_size=4, block_size=4, draft_model=nano(1) if draft else None)
+    ids = [engine.add_request(p, GREEDY) for p in PROMPTS[:3]]
+    bad = engine.add_request(PROMPTS[3], SamplingParams(temperature=0.0, max_tokens=12, seed=poisoned))
+    out: dict[int, list[int]] = {i: [] for i in ids}
+    finished = {}
+    while engine.has_work():
+        for o in engine.step():
+            out.get(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                finished[o.request_id] = o
+    assert [out[i] for i in ids] == alone(model, PROMPTS[:3], 12)
+    assert finished[bad].finish_reason == "error" and "injected sampling failure" in finished[bad].error
+    assert all(finished[i].finish_reason == "length" for i in ids)
+    assert_all_blocks_free(engine)
+
+    calls = 0
+    real_forward = engine._forward
+
+    def forward_fails_once(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected forward failure")
+        return real_forward(*args)
+
+    monkeypatch.setattr(engine, "_forward", forward_fails_once)
+    first = engine.add_request(PROMPTS[0], GREEDY)
+    assert [(o.request_id, o.finish_reason) for o in engine.step()] == [(first, "error")]
+    assert engine.generate([PROMPTS[1]], GREEDY) == alone(model, [PROMPTS[1]], 12)
+    assert_all_blocks_free(engine)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch():

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.inference.engine import forward_full
-from pipeline.inference.sampling import (SamplingParams, apply_repetition_penalty, beam_search,
+from pipeline.inference.sampling import (InvalidParam, SamplingParams, apply_repetition_penalty, beam_search,
                                          contrastive_search, entropy, min_p_filter, probabilities, process_logits,
                                          sample, sample_token, top_k_filter, top_p_filter)
 from test_inference_engine import nano, one_thread  # noqa: F401 (one_thread: an autouse fixture)
@@ -26,10 +28,10 @@ def test_greedy_is_deterministic_and_the_argmax():
 def test_no_filters_is_plain_multinomial():
     """top_p 1.0, top_k 0, min_p 0: the same draws as torch.multinomial on softmax(logits / T)."""
     logits = random_logits()
-    params = SamplingParams(temperature=2.5, top_k=0, top_p=1.0)
+    params = SamplingParams(temperature=2.0, top_k=0, top_p=1.0)
     ours, plain = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     a = [sample(logits, params, [], ours) for _ in range(300)]
-    b = [int(torch.multinomial((logits / 2.5).softmax(-1), 1, generator=plain)) for _ in range(300)]
+    b = [int(torch.multinomial((logits / 2.0).softmax(-1), 1, generator=plain)) for _ in range(300)]
     assert a == b
     assert len(set(a)) > 10  # really sampling
 
@@ -60,7 +62,7 @@ def test_batched_sample_token_draws_from_the_same_distribution_as_sample():
 
 def test_temperature_raises_entropy():
     logits = random_logits()
-    h = [float(entropy(process_logits(logits, SamplingParams(temperature=t), []))) for t in (0.25, 0.5, 1.0, 2.0, 4.0)]
+    h = [float(entropy(process_logits(logits, SamplingParams(temperature=t), []))) for t in (0.25, 0.5, 1.0, 1.5, 2.0)]
     assert h == sorted(h) and len(set(h)) == len(h), h
 
 
@@ -92,11 +94,47 @@ def test_repetition_penalty_makes_seen_tokens_less_likely():
     assert apply_repetition_penalty(logits, [0], 1.0) is logits
 
 
-def test_sampling_params_name_the_bad_field():
-    with pytest.raises(ValueError, match="SamplingParams.top_p"):
-        SamplingParams(top_p=0.0)
-    with pytest.raises(ValueError, match="SamplingParams.max_tokens"):
-        SamplingParams(max_tokens=-1)
+def test_sampling_params_name_the_bad_field_checked_as_float32_holds_it():
+    for field, value in [("top_p", 0.0), ("top_p", 1e-300), ("temperature", 2.5), ("temperature", float("nan")),
+                         ("temperature", 10**400), ("min_p", 1.5), ("repetition_penalty", 1e-300),
+                         ("repetition_penalty", 1e39), ("max_tokens", -1), ("top_k", -2), ("seed", 2**63)]:
+        with pytest.raises(InvalidParam, match=f"{field}=") as e:
+            SamplingParams(**{field: value})
+        assert e.value.param == field
+    SamplingParams(top_p=1e-45, repetition_penalty=1e-45, temperature=2.0, seed=-2**63)  # tiny but not 0 in float32
+
+
+EXTREMES = [0.0, -0.0, 1e-45, -1e-45, 1e-30, 1.0, -1.0, 30.0, -30.0, 1e30, -1e30, 3.4e38, -3.4e38,
+            float("inf"), -float("inf"), float("nan")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(logits=st.lists(st.sampled_from(EXTREMES) | st.floats(-100, 100), min_size=100, max_size=100),
+       temperature=st.sampled_from([0.0, 1e-45, 1e-6, 1e-5, 0.3, 1.0, 2.0]),
+       top_p=st.sampled_from([1.4e-45, 1e-30, 0.5, 0.999, 1.0]),
+       top_k=st.sampled_from([-1, 0, 1, 7, 99, 100, 10**30]),
+       min_p=st.sampled_from([0.0, 1e-45, 0.5, 1.0]),
+       penalty=st.sampled_from([1.4e-45, 1e-38, 0.5, 1.0, 2.0, 1e38, 3.4e38]),
+       history=st.lists(st.integers(0, 99), max_size=40), seed=st.integers(0, 2**32))
+def test_sampling_never_makes_nan_nor_draws_a_dead_token(logits, temperature, top_p, top_k, min_p, penalty,
+                                                          history, seed):
+    """Any logits (NaN, +-inf, float32's extremes) on a padded vocabulary (100 ids in a 128-wide
+    row, as logits_of masks them), any valid extreme settings: the distribution is finite and
+    sums to 1, the draw is a token whose logit was a number (never padding, -inf or NaN); a row
+    with no such token raises ValueError instead of drawing from NaN."""
+    row = torch.tensor(logits + [-float("inf")] * 28)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                            repetition_penalty=penalty)
+    alive = ~(row.isnan() | (row == -float("inf")))
+    if not alive.any():
+        with pytest.raises(ValueError, match="no token has a finite logit"):
+            sample(row, params, history, torch.Generator().manual_seed(seed))
+        return
+    p = probabilities(row, params, history)
+    assert p.isfinite().all() and (p >= 0).all() and abs(float(p.sum()) - 1) < 1e-4
+    assert (p[~alive] == 0).all()
+    token = sample(row, params, history, torch.Generator().manual_seed(seed))
+    assert 0 <= token < 100 and alive[token]
 
 
 def test_seeded_request_is_reproducible():

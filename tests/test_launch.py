@@ -84,7 +84,7 @@ def test_rule_renders_the_multi_node_launch(tmp_path):
            "--configfile", str(preset)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    block = result.stdout[result.stdout.index("rule pretrain:"):]
+    block = result.stdout[result.stdout.index("rule pretrain_size:"):]
     resources = block[block.index("resources:"):].splitlines()[0]
     assert "nodes=2" in resources and "tasks=2" in resources and "mpi=srun" in resources
     shell = next(line for line in block.splitlines() if "torch.distributed.run" in line)

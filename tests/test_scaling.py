@@ -56,7 +56,7 @@ def test_fit_loss_recovers_planted_parameters_from_noisy_points():
 
 @pytest.mark.slow
 def test_fit_loss_descend_finds_the_minimum_of_lbfgsb_from_every_start():
-    """Issue 10's method to the letter (`method="lbfgsb"`, one L-BFGS-B run per grid start, ~30
+    """Besiroglu et al.'s method to the letter (`method="lbfgsb"`, one L-BFGS-B run per grid start, ~30
     CPU-s) and the default shortcut (all starts descended at once, the best polished) must reach
     the same minimum."""
     _, N, D, L = isoflop_points(0.002, np.random.default_rng(4))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import RESOURCES, make_docs, write_stage_docs
+from conftest import RESOURCES, make_docs, save_chat_model, write_stage_docs
 from pipeline.__main__ import main
 from pipeline.artifacts import ChangedInput, write_manifest
 from pipeline.data.docs import DOC_COLUMNS, LANG_COLUMNS
@@ -66,4 +66,37 @@ def test_a_changed_parquet_stops_the_next_document_stage(tmp_path, stories):
     with pytest.raises(ChangedInput, match="ingest/s.parquet: sha256 differs"):
         main(["langid", "--input", str(docs), "--output", str(out / "s.parquet"), "--removed", str(out / "r.parquet"),
               "--manifest", str(out / "s.manifest.json")])
+    assert not out.exists()
+
+
+@pytest.fixture
+def pretrained(tmp_path, stories):
+    """(final.pt, tokenizer.json) as a results folder holds them, named by their manifest."""
+    return save_chat_model(tmp_path / "pretrain", stories, seq_len=64, stage="pretrain")
+
+
+def model_command(command, final, tokenizer, out):
+    return {"eval": ["eval", "--model", f"pretrain={final}", "--tokens", str(out.parent / "tokens"),
+                     "--tokenizer", str(tokenizer), "--out", str(out)],
+            "export-hf": ["export-hf", "--model", str(final), "--tokenizer", str(tokenizer), "--out", str(out)],
+            "inference-bench": ["inference-bench", "--model", str(final), "--tokenizer", str(tokenizer),
+                                "--out", str(out), "--config", json.dumps({"workload": {"prompts": "random"}})],
+            "serve": ["serve", "--model", str(final), "--tokenizer", str(tokenizer), "--port", "0"]}[command]
+
+
+@pytest.mark.parametrize("changed", ["final.pt", "tokenizer.json"])
+@pytest.mark.parametrize("command", ["eval", "export-hf", "inference-bench", "serve"])
+def test_a_changed_model_or_tokenizer_stops_the_stage_naming_it(command, changed, pretrained, tmp_path, monkeypatch):
+    import uvicorn
+
+    def serve_unchecked(*args, **kwargs):
+        raise AssertionError("serve started on a changed file")
+
+    monkeypatch.setattr(uvicorn, "run", serve_unchecked)
+    final, tokenizer = pretrained
+    path = final.with_name(changed)
+    flip_a_byte(path, at=len(path.read_bytes()) // 2)
+    out = tmp_path / "out"
+    with pytest.raises(ChangedInput, match=f"{path}: sha256 differs from {final.with_name('manifest.json')}"):
+        main(model_command(command, final, tokenizer, out))
     assert not out.exists()

@@ -355,6 +355,41 @@ def test_wandb_offline_writes_under_the_run_folder_only(byte_tokens, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+# --- activation checkpointing and the profiler ----------------------------------------------------------------
+
+def test_activation_checkpointing_recomputes_every_block_and_trains_the_same_losses(byte_tokens, reference_run,
+                                                                                    tmp_path, monkeypatch):
+    import pipeline.model.gpt as gpt
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(gpt, "checkpoint", counted)
+    run(byte_tokens, tmp_path, activation_checkpointing=True)
+    assert len(calls) == 8 * 2 * 2  # 8 steps x 2 micro batches x 2 blocks; evaluation is not checkpointed
+    assert step_losses(tmp_path) == step_losses(reference_run)  # exactly: the same gradients every step
+
+
+def test_profile_writes_a_perfetto_trace_of_the_steps_after_two_warm_up_steps(byte_tokens, tmp_path):
+    cfg = section_config("pretrain", TEST_CONFIG)
+    train(cfg, data=byte_tokens, out=tmp_path, size="nano", profile=3)
+    trace = json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())  # Chrome trace JSON
+    names = [e.get("name", "") for e in trace["traceEvents"] if e.get("ph") == "X"]
+    # training steps 3-5; torch counts the profiler's steps from 0
+    assert sorted(n for n in names if n.startswith("ProfilerStep#")) == ["ProfilerStep#2", "ProfilerStep#3",
+                                                                          "ProfilerStep#4"]
+    assert "aten::scaled_dot_product_attention" in names and "Optimizer.step#AdamW.step" in names
+
+
+def test_a_profile_longer_than_the_run_is_refused_before_the_first_step(byte_tokens, tmp_path):
+    cfg = section_config("pretrain", TEST_CONFIG)
+    with pytest.raises(ConfigError, match=r"--profile 7: needs 7 steps after 2 warm-up steps, but this invocation runs 8"):
+        train(cfg, data=byte_tokens, out=tmp_path, size="nano", profile=7)
+    assert not (tmp_path / "checkpoints" / "metrics.jsonl").read_text()
+
+
 # --- it learns ------------------------------------------------------------------------------------------------
 
 def test_val_loss_falls_well_below_the_unigram_entropy(byte_tokens, tmp_path):

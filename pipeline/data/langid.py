@@ -22,7 +22,7 @@ from typing import Any
 import fasttext
 
 from pipeline.cli import ConfigError
-from pipeline.config import section_config
+from pipeline.config import section_config, workflow_path
 from pipeline.data.docs import LANG_COLUMNS, REMOVED_COLUMNS, Doc
 from pipeline.data.steps import Decision, add_stage_arguments, run_doc_stage
 
@@ -43,7 +43,7 @@ def bundled_model_path() -> Path:
 
 
 def load_model(model: str | None) -> tuple[Any, Path]:
-    path = Path(model) if model else bundled_model_path()
+    path = Path(workflow_path(model)) if model else bundled_model_path()
     if not path.is_file():
         raise ConfigError(f"config key 'langid.model': no fastText model at {path}")
     return fasttext.load_model(str(path)), path

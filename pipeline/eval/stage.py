@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text, write_manifest
+from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text, check_inputs, write_manifest
 from pipeline.cli import json_arg
-from pipeline.config import section_config
+from pipeline.config import section_config, workflow_path
 from pipeline.eval.loss import val_loss_bpb
 from pipeline.eval.mmlu import evaluate_mmlu
 from pipeline.model.gpt import load_final
@@ -42,7 +42,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer: BPETokenizer, cfg: dict[st
     result: dict[str, Any] = val_loss_bpb(model, tokens, tokenizer, max_tokens=cfg["val_tokens"],
                                           batch_size=cfg["batch_size"])
     mmlu = cfg["mmlu"]
-    result["mmlu"] = {f"{shots}-shot": evaluate_mmlu(model, tokenizer, mmlu["path"], shots=shots,
+    result["mmlu"] = {f"{shots}-shot": evaluate_mmlu(model, tokenizer, workflow_path(mmlu["path"]), shots=shots,
                                                      max_questions=mmlu["max_questions"], batch_size=cfg["batch_size"])
                       for shots in mmlu["shots"]}
     result["tasks"] = {}
@@ -125,6 +125,7 @@ def plot(results: dict[str, dict], path: Path, size: str) -> None:
 
 def run_eval(models: dict[str, Path], *, tokens: Path, tokenizer_path: Path, out: Path, size: str,
              cfg: dict[str, Any], tasks_config: dict[str, Any] | None = None) -> dict[str, dict]:
+    check_inputs(*models.values(), tokenizer_path)  # every model before the first is scored
     tokenizer = BPETokenizer.load(tokenizer_path)
     ordered = sorted(models, key=lambda n: (MODEL_ORDER.index(n) if n in MODEL_ORDER else len(MODEL_ORDER), n))
     results: dict[str, dict] = {}

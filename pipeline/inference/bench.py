@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text, write_manifest
+from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text, check_inputs, write_manifest
 from pipeline.config import section_config
 from pipeline.inference.engine import Engine
 from pipeline.inference.sampling import SamplingParams
@@ -256,8 +256,9 @@ def run_http(engine: Engine, tokenizer: Any, workload: list[BenchRequest]) -> li
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # log_config=None: uvicorn's own logging config would close the job's log file handler
     server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, "bench", max_waiting=len(workload)),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+                                           host="127.0.0.1", port=port, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -508,6 +509,7 @@ def run(args) -> int:
     device = "cuda" if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available()) else "cpu"
     if cfg["workload"]["prompts"] == "data" and not args.tokens:
         raise ValueError("inference.workload.prompts is 'data' but no --tokens folder was given")
+    check_inputs(args.model, args.draft, args.tokenizer, args.hf_model)  # the tokens are checked as they are read
     model, meta = load_final(args.model, device)
     tokens = args.tokens if cfg["workload"]["prompts"] == "data" else None
     inputs = load_inputs(model, draft=args.draft, tokenizer=args.tokenizer, hf_model=args.hf_model, tokens=tokens,

@@ -6,7 +6,8 @@ preemption by recompute and speculative decoding.
 
 or, a request at a time (the server): `add_request(prompt, params) -> id`, then `step()` until
 `has_work()` is false, each step returning the new tokens of every request it advanced;
-`abort(id)` cancels one.
+`abort(id)` cancels one. A request whose sampling raises (or whose step's forward pass raises)
+finishes with `finish_reason="error"` and the error's text; the engine goes on with the others.
 
 ## One step
 1. Schedule (vLLM v1's policy). Running requests go first, in the order they were admitted:
@@ -29,9 +30,10 @@ or, a request at a time (the server): `add_request(prompt, params) -> id`, then 
    Decodes (one query each) share one such call, multi-token rows (prefill chunks, speculative
    verification) another. (A GPU would use a paged-attention kernel that reads the blocks in
    place; on the CPU this gather costs about what the kernel saves.)
-4. Sample each request whose row reached its last token; finish on a stop token (EOS,
-   <|assistant_end|>) unless `ignore_eos`, on `max_tokens`, or when the context is full; a
-   finished request's blocks are freed at once.
+4. Sample each request whose row reached its last token; finish on a stop token (the engine's
+   `stop_token_ids`, EOS, unless `ignore_eos`; the request's own `stop_token_ids`, such as chat's
+   <|assistant_end|>, always), on `max_tokens`, or when the context is full; a finished request's
+   blocks are freed at once.
 
 `paged=False` is the contiguous cache for comparison: one block of the whole context per
 request, taken at admission (what a static KV cache allocates), no prefix caching.
@@ -60,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.inference.blocks import BlockManager, NoFreeBlocks
-from pipeline.inference.sampling import SamplingParams, probabilities, sample
+from pipeline.inference.sampling import InvalidParam, SamplingParams, probabilities, sample
 from pipeline.model.gpt import GPT, apply_rope
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,7 @@ def forward_full(model: GPT) -> Callable[[torch.Tensor], tuple[torch.Tensor, tor
 
 # --- requests ----------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass(eq=False)  # a request is itself: compared by identity in the queues
@@ -156,6 +158,7 @@ class RequestOutput:
     finished: bool
     finish_reason: FinishReason | None
     num_output_tokens: int
+    error: str | None = None  # finish_reason "error": what went wrong
 
 
 @dataclass
@@ -246,19 +249,26 @@ class Engine:
 
     # --- the request-at-a-time interface -------------------------------------------------------
 
-    def add_request(self, prompt: Sequence[int], params: SamplingParams) -> int:
-        """Queue a request; returns its id. A prompt must be non-empty, of known token ids, and
-        no longer than the context."""
-        prompt = [int(t) for t in prompt]
+    def check_request(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        """Raise InvalidParam unless the prompt is non-empty, no longer than the context and of
+        known token ids, and the stop tokens are known ids. Reads only the model's sizes: safe
+        from any thread."""
+        vocab = self.model.config.vocab_size
         if not prompt:
-            raise ValueError("prompt: empty (a completion needs at least one token to start from)")
+            raise InvalidParam("prompt", "prompt: empty (a completion needs at least one token to start from)")
         if len(prompt) > self.seq_len:
-            raise ValueError(f"prompt: {len(prompt)} tokens, the model's context is {self.seq_len}")
-        bad = [t for t in prompt if not 0 <= t < self.model.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt: token ids {bad[:5]} outside the vocabulary [0, {self.model.config.vocab_size})")
-        req = Request(next(self._ids), prompt, params, params.generator(self.generator),
-                      frozenset() if params.ignore_eos else self.stop_token_ids | set(params.stop_token_ids))
+            raise InvalidParam("prompt", f"prompt: {len(prompt)} tokens, the model's context is {self.seq_len}")
+        for name, ids in (("prompt", prompt), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidParam(name, f"{name}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+
+    def add_request(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        """Queue a request (checked by `check_request`); returns its id."""
+        prompt = [int(t) for t in prompt]
+        self.check_request(prompt, params)
+        eos = frozenset() if params.ignore_eos else self.stop_token_ids
+        req = Request(next(self._ids), prompt, params, params.generator(self.generator), eos | set(params.stop_token_ids))
         self.requests[req.id] = req
         self.waiting.append(req)
         return req.id
@@ -299,38 +309,64 @@ class Engine:
         self.stats.usage_max = max(self.stats.usage_max, self.blocks.usage)
         held = sum(len(w.req.table) for w in rows) * self.block_size
         self.stats.slot_fill_sum += sum(w.start + len(w.tokens) for w in rows) / held
-        spec = [w for w in rows if w.k > 0]
-        drafts = self._propose(spec) if spec else {}
-        for w in rows:
-            w.tokens = w.tokens + drafts.get(w.req.id, ([], []))[0]
-        hidden = self._forward(self.model, self.kv, rows)
-        # the rows whose last token is the request's last (a finished prefill, a decode) need
-        # logits: of that token and of each draft token after it; one lm_head call for all
-        ends = list(itertools.accumulate(len(w.tokens) for w in rows))
-        done = [w.start + len(w.tokens) >= len(w.req.tokens) for w in rows]
-        needed = [list(range(end - 1 - len(drafts.get(w.req.id, ([], []))[0]), end)) if d else []
-                  for w, end, d in zip(rows, ends, done)]
-        rows_needed = torch.tensor([i for ix in needed for i in ix], dtype=torch.long, device=self.device)
-        # sampling runs on the CPU, where each request's generator lives: one copy per step
-        logits = logits_of(self.model, hidden[rows_needed]).cpu()
+        failed: dict[int, Exception] = {}  # request id -> what its draft sampling raised
+        try:
+            spec = [w for w in rows if w.k > 0]
+            drafts = self._propose(spec, failed) if spec else {}
+            for w in rows:
+                w.tokens = w.tokens + drafts.get(w.req.id, ([], []))[0]
+            hidden = self._forward(self.model, self.kv, rows)
+            # the rows whose last token is the request's last (a finished prefill, a decode) need
+            # logits: of that token and of each draft token after it; one lm_head call for all
+            ends = list(itertools.accumulate(len(w.tokens) for w in rows))
+            done = [w.start + len(w.tokens) >= len(w.req.tokens) for w in rows]
+            needed = [list(range(end - 1 - len(drafts.get(w.req.id, ([], []))[0]), end)) if d else []
+                      for w, end, d in zip(rows, ends, done)]
+            rows_needed = torch.tensor([i for ix in needed for i in ix], dtype=torch.long, device=self.device)
+            # sampling runs on the CPU, where each request's generator lives: one copy per step
+            logits = logits_of(self.model, hidden[rows_needed]).cpu()
+        except Exception as e:  # the batch's forward pass: no telling whose; its requests fail, the engine goes on
+            return [self._fail(w.req, e) for w in rows]
         outputs, at = [], 0
         for w, d, ix in zip(rows, done, needed):
-            req, n = w.req, len(w.tokens)
-            if req.num_computed < len(req.prompt):
-                self.stats.prompt_tokens_computed += min(n, len(req.prompt) - req.num_computed)
-            if not d:  # a prefill chunk: nothing to sample yet
-                req.num_computed += n
-                outputs.append(RequestOutput(req.id, [], False, None, len(req.output)))
-            else:
-                row_logits = logits[at:at + len(ix)]
-                at += len(ix)
-                new = self._accept(req, row_logits, *drafts[req.id]) if req.id in drafts \
-                    else [sample(row_logits[0], req.params, req.tokens, req.generator)]
-                req.num_computed = len(req.tokens) + len(new) - 1
-                outputs.append(self._emit(req, new))
-            if req.finish_reason is None:
-                req.num_registered = self.blocks.register(req.tokens, req.table, req.num_computed, req.num_registered)
+            row_logits = logits[at:at + len(ix)]
+            at += len(ix)
+            try:  # one request's failure is its own
+                if w.req.id in failed:
+                    raise failed[w.req.id]
+                outputs.append(self._advance(w, d, row_logits, drafts.get(w.req.id)))
+            except Exception as e:
+                outputs.append(self._fail(w.req, e))
         return outputs
+
+    def _advance(self, w: _Row, done: bool, logits: torch.Tensor,
+                 drafts: tuple[list[int], list[torch.Tensor]] | None) -> RequestOutput:
+        """One request's part of a step after the forward pass: count its prefill chunk, or
+        sample (accept drafts) and emit its new tokens."""
+        req, n = w.req, len(w.tokens)
+        if req.num_computed < len(req.prompt):
+            self.stats.prompt_tokens_computed += min(n, len(req.prompt) - req.num_computed)
+        if not done:  # a prefill chunk: nothing to sample yet
+            req.num_computed += n
+            out = RequestOutput(req.id, [], False, None, len(req.output))
+        else:
+            new = self._accept(req, logits, *drafts) if drafts is not None \
+                else [sample(logits[0], req.params, req.tokens, req.generator)]
+            req.num_computed = len(req.tokens) + len(new) - 1
+            out = self._emit(req, new)
+        if req.finish_reason is None:
+            req.num_registered = self.blocks.register(req.tokens, req.table, req.num_computed, req.num_registered)
+        return out
+
+    def _fail(self, req: Request, error: Exception) -> RequestOutput:
+        """Finish a request whose step raised: free its blocks, report the error."""
+        log.error("request %d failed: %r", req.id, error, exc_info=error)
+        if req in self.running:
+            self.running.remove(req)
+        self.blocks.free_table(req.table)
+        self.requests.pop(req.id, None)
+        req.finish_reason = "error"
+        return RequestOutput(req.id, [], True, "error", len(req.output), error=f"{type(error).__name__}: {error}")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """The completion ids of each prompt, in order."""
@@ -484,16 +520,17 @@ class Engine:
 
     # --- sampling, speculation, finishing ------------------------------------------------------
 
-    def _propose(self, rows: list[_Row]) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
+    def _propose(self, rows: list[_Row], failed: dict[int, Exception]) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
         """Draft tokens and their draft distributions q for each decode row, drawn one position
         at a time with the draft model (its first pass also catches up its cache on tokens it
-        has not seen: the prompt, or the last accepted draft and the bonus token)."""
+        has not seen: the prompt, or the last accepted draft and the bonus token). A request
+        whose draft sampling raises stops proposing; its error goes to `failed`."""
         out: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
         active = [(w.req, w.k) for w in rows]
         for req, _ in active:
             out[req.id] = ([], [])
         for j in itertools.count():
-            active = [(req, k) for req, k in active if k > j]
+            active = [(req, k) for req, k in active if k > j and req.id not in failed]
             if not active:
                 break
             drows = []
@@ -505,10 +542,14 @@ class Engine:
             last = logits_of(self.draft, hidden[ends - 1]).cpu()
             for (req, _), w, logits in zip(active, drows, last):
                 tokens, qs = out[req.id]
-                q = probabilities(logits, req.params, req.tokens + tokens)
+                req.draft_computed = w.start + len(w.tokens)
+                try:
+                    q = probabilities(logits, req.params, req.tokens + tokens)
+                except Exception as e:
+                    failed[req.id] = e
+                    continue
                 tokens.append(int(q.argmax()) if req.params.greedy else int(torch.multinomial(q, 1, generator=req.generator)))
                 qs.append(q)
-                req.draft_computed = w.start + len(w.tokens)
         self.stats.draft_tokens += sum(len(t) for t, _ in out.values())
         return out
 

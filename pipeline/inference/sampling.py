@@ -7,6 +7,12 @@ Each filter sets the logits it removes to -inf, so the draw is one `torch.multin
 whole vocabulary: with every filter off it is exactly plain multinomial sampling.
 Temperature 0 is greedy (argmax after the repetition penalty), as in vLLM.
 
+The arithmetic is float32 and cannot produce NaN, whatever the logits or the (valid) settings:
+NaN logits count as -inf (not a token) and +inf as float32's largest value; the penalty clamps
+what it scales to float32's range; temperature divides logits shifted so the largest is 0; every
+filter keeps the most likely token. A row with no finite logit at all has no distribution and
+raises. `SamplingParams` checks its values as float32 holds them (1e-300 is 0 there).
+
 `SamplingParams` carries the settings under vLLM's field names; each request gets its own
 `torch.Generator`, seeded from `seed` (or by the engine when `seed` is None), so a request's
 tokens do not depend on what else is in the batch.
@@ -25,34 +31,58 @@ import torch
 import torch.nn.functional as F
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+FLOAT32_MAX = torch.finfo(torch.float32).max
+SEED_RANGE = (-2**63, 2**63 - 1)  # a torch.long, as vLLM checks it
+
+
+class InvalidParam(ValueError):
+    """A request setting out of range; `param` names it (the server's 400 says which)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def as_float32(value: float) -> float:
+    """The value the sampling arithmetic sees: overflow is inf, underflow 0."""
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float64
+        value = float("inf") if value > 0 else -float("inf")
+    return torch.tensor(value, dtype=torch.float32).item()
 
 
 @dataclass
 class SamplingParams:
     """One request's decoding settings, named as vLLM's `SamplingParams`."""
 
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0: greedy; at most 2, as OpenAI
     top_k: int = 0  # keep the k most likely tokens; 0 (or -1, vLLM's old spelling): all
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p (Holtzman et al., 2019)
     min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability (Nguyen et al., 2024)
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (Keskar et al., 2019)
     max_tokens: int = 16  # completion tokens at most
-    ignore_eos: bool = False  # keep going past the stop tokens (fixed output lengths for benchmarks)
+    ignore_eos: bool = False  # keep going past EOS (fixed output lengths for benchmarks); stop_token_ids still stop
     seed: int | None = None  # per-request generator seed; None: drawn from the engine's seeded generator
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens beside the engine's
 
     def __post_init__(self) -> None:
+        """Each value checked as float32 holds it, so a value that passes cannot overflow or
+        vanish in the arithmetic (top_p=1e-300 is 0 in float32: refused)."""
+        t, p, m, r = (as_float32(v) for v in (self.temperature, self.top_p, self.min_p, self.repetition_penalty))
         checks = [
-            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("temperature", 0 <= t <= 2, "must be in [0, 2]"),
             ("top_k", self.top_k >= -1, "must be >= 0 (0 or -1: off)"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("top_p", 0 < p <= 1, "must be in (0, 1] (as float32)"),
+            ("min_p", 0 <= m <= 1, "must be in [0, 1]"),
+            ("repetition_penalty", 0 < r < float("inf"), "must be > 0 and finite (as float32)"),
             ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("seed", self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             f"must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"),
         ]
         for name, ok, why in checks:
             if not ok:
-                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+                raise InvalidParam(name, f"{name}={getattr(self, name)!r}: {why}")
 
     @property
     def greedy(self) -> bool:
@@ -68,13 +98,15 @@ class SamplingParams:
 
 def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:
     """CTRL's penalty as HF and vLLM apply it: a seen token's logit is divided by `penalty` when
-    positive and multiplied by it when negative, so it always becomes less likely."""
+    positive and multiplied by it when negative, so it always becomes less likely. What overflows
+    is clamped to float32's range (a finite logit stays finite; -inf stays -inf)."""
     if penalty == 1.0 or not history:
         return logits
     ids = torch.tensor(sorted(set(history)), dtype=torch.long)
     seen = logits[..., ids]
+    penalized = torch.where(seen > 0, seen / penalty, seen * penalty).clamp(-FLOAT32_MAX, FLOAT32_MAX)
     logits = logits.clone()
-    logits[..., ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    logits[..., ids] = torch.where(seen.isfinite(), penalized, seen)
     return logits
 
 
@@ -97,6 +129,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     sorted_probs = sorted_logits.softmax(dim=-1)
     drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= p  # the mass before this token reaches p
+    drop_sorted[..., 0] = False  # p below float32's resolution would otherwise drop them all
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, -float("inf"))
 
@@ -110,11 +143,18 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, history: Sequence[int]) -> torch.Tensor:
-    """All of a request's transforms, in the order above (temperature 0: only the penalty)."""
-    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
+    """All of a request's transforms, in the order above (temperature 0: only the penalty), on
+    float32 logits made safe first: NaN is no token (-inf), +inf the largest float32. Raises
+    ValueError when a row has no finite logit: no distribution to draw from."""
+    logits = logits.float().nan_to_num(nan=-float("inf"), posinf=FLOAT32_MAX, neginf=-float("inf"))
+    if not logits.amax(dim=-1).isfinite().all():
+        raise ValueError("no token has a finite logit (the model's output is -inf or NaN everywhere)")
+    logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     if params.greedy:
         return logits
-    logits = apply_temperature(logits, params.temperature)
+    # shifted so the largest is 0: dividing by a small temperature can then only push the
+    # others towards -inf (probability 0), never overflow to +inf
+    logits = apply_temperature(logits - logits.amax(dim=-1, keepdim=True), params.temperature)
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
     return min_p_filter(logits, params.min_p)

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.tasks.answers import numeric_reward
 
 SPLITS = ("train", "test")
-REPO = Path(__file__).resolve().parent.parent.parent  # relative task paths are taken from here
 # task name -> (module, class)
 TASKS: dict[str, tuple[str, str]] = {
     "arithmetic": ("pipeline.tasks.arithmetic", "ArithmeticTask"),
@@ -62,9 +60,10 @@ def check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
 
 
-def task_path(path: str) -> str:
-    """A configured task file: absolute as given, relative to the repository (workflow) folder."""
-    return str(REPO / path)
+def held_out_items(task: Task, n: int) -> list[Example]:
+    """The held-out items the eval stage scores a task on: the first n of its test split (fewer
+    when the split is smaller). The serving canary scores the same ones."""
+    return task.examples("test")[:n]
 
 
 def get_task(name: str, config: dict[str, Any]) -> Task:

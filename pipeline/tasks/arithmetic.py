@@ -6,8 +6,8 @@
 - Answer format: the assistant restates the problem and gives the result ("23 + 58 = 81"). Short and
   fixed, so a 1-4M-parameter model learns the format in a few SFT steps; restating puts both
   operands right before the result, where a tiny model attends best; and the reward reads the last
-  number, the result. The default, 2-3 digit addition and subtraction, is learnable on a CPU yet
-  far from solved after SFT (carries, borrows), which leaves headroom for GRPO.
+  number, the result. The default, one- and two-digit addition, is learnable on a CPU (SFT on
+  `tiny` gets about half right) yet not solved (carries), which leaves headroom for GRPO.
 - Splits: a problem is test (held out) when a hash of its text ("23 + 58") falls under
   `test_fraction`, train otherwise. The hash ignores the seed, so no seed ever trains on a test
   problem. Each split draws `<split>_problems` distinct problems from a generator seeded with

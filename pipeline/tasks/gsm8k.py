@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pipeline.tasks import Example, Task, check_split, qa_example, task_path
+from pipeline.config import workflow_path
+from pipeline.tasks import Example, Task, check_split, qa_example
 from pipeline.tasks.answers import NUMBER, normalise
 from pipeline.tokenizer.sources import read_jsonl
 
@@ -38,4 +39,4 @@ class GSM8KTask(Task):
 
     def examples(self, split: str) -> list[Example]:
         check_split(split)
-        return [parse_record(record, where) for _, where, record in read_jsonl(task_path(self.config[split]))]
+        return [parse_record(record, where) for _, where, record in read_jsonl(workflow_path(self.config[split]))]

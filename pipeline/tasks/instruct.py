@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.tasks import Example, Task, check_split, qa_example, task_path
+from pipeline.config import workflow_path
+from pipeline.tasks import Example, Task, check_split, qa_example
 from pipeline.tokenizer.sources import read_jsonl, unit_hash
 
 
@@ -37,7 +38,7 @@ class InstructTask(Task):
         check_split(split)
         out = []
         for path in self.config["paths"]:
-            for _, where, record in read_jsonl(task_path(path)):
+            for _, where, record in read_jsonl(workflow_path(path)):
                 if not isinstance(record.get("id"), str):
                     raise ValueError(f"{where}: needs a string 'id'")
                 if (unit_hash(f"instruct#{record['id']}") < self.config["test_fraction"]) == (split == "test"):

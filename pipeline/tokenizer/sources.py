@@ -29,10 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import polars as pl
-
 from pipeline.cli import ConfigError
-from pipeline.data.docs import iter_docs
 from pipeline.tokenizer.bpe import ENDOFTEXT
 
 
@@ -90,6 +87,12 @@ def open_text(path: str) -> io.TextIOBase:
 
 def _read_parquet(path: str) -> Iterator[tuple[str, str]]:
     """(id, text) of a clean shard, checked against the dedup manifest, a row group at a time."""
+    # polars only here: the tasks import this module for read_jsonl and unit_hash, and a GPU
+    # machine running SFT or GRPO need not carry polars (docs/gpu.md)
+    import polars as pl
+
+    from pipeline.data.docs import iter_docs
+
     try:
         for doc in iter_docs(path, columns=["id", "text"]):
             yield doc["id"], doc["text"]

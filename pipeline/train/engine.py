@@ -28,7 +28,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pipeline.artifacts import atomic_path, atomic_write_text, config_hash, write_manifest
+from pipeline.cli import ConfigError
 from pipeline.train import checkpoint
 from pipeline.train.lifecycle import RunLock, StopSignals, watch_parent
 from pipeline.train.parallel import (Dist, all_reduce_sum, autocast, init_distributed, peak_memory_bytes,
@@ -266,6 +268,36 @@ def log_step(run: Run, result: StepResult, *, step_tokens: int, flops_per_token:
         log.info("step %d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f tok/s | mfu %s | eta %dm%02ds",
                  run.step, max_steps, result.loss, result.lr, result.grad_norm, tokens_per_s,
                  f"{100 * mfu:.1f}%" if mfu is not None else "n/a", eta // 60, eta % 60)
+
+
+@contextmanager
+def profile_steps(run: Run, steps: int, remaining: int) -> Iterator[Callable[[], None]]:
+    """`--profile N`: a torch.profiler trace (CPU, and CUDA kernels on a GPU) of N steps after two
+    warm-up steps (the first compiles and allocates, the second starts the profiler), written to
+    <out>/profile/trace_rank<rank>.json: Chrome trace JSON, which Perfetto (ui.perfetto.dev) opens.
+    Yields the function the loop calls after each step; N = 0 profiles nothing. `remaining`: the
+    steps this invocation will run (fewer than N + 2 is refused: the trace would be cut short)."""
+    if steps < 0:
+        raise ConfigError(f"--profile {steps}: the number of steps to profile cannot be negative")
+    if steps == 0:
+        yield lambda: None
+        return
+    if steps + 2 > remaining:
+        raise ConfigError(f"--profile {steps}: needs {steps} steps after 2 warm-up steps, but this invocation "
+                          f"runs {remaining} (raise {run.stage}.max_steps or --stop-at, or profile fewer)")
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    path = run.out / "profile" / f"trace_rank{run.d.rank}.json"
+
+    def write(prof: profile) -> None:
+        with atomic_path(path) as tmp:
+            prof.export_chrome_trace(str(tmp))
+        log.info("profile of steps %d-%d: %s (open it in ui.perfetto.dev)", run.step - steps + 1, run.step, path)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.d.device.type == "cuda" else [])
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=steps, repeat=1),
+                 on_trace_ready=write) as prof:
+        yield prof.step
 
 
 # --- evaluation, checkpoints, stopping ----------------------------------------------------------------

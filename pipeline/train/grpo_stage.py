@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.artifacts import atomic_path, check_file, sha256_file
+from pipeline.artifacts import atomic_path, check_inputs, sha256_file
 from pipeline.cli import ConfigError
 from pipeline.model.gpt import GPT, GPTConfig, load_final
 from pipeline.tasks import Example, get_task
@@ -164,8 +164,7 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
     mu, P, G, L = cfg["num_iterations"], cfg["prompts_per_step"], cfg["group_size"], cfg["max_completion_tokens"]
 
     # --- inputs: the model, its tokenizer, the task's prompts; checked before the first step -----------
-    for path in (model_path, tokenizer_path):
-        check_file(path)  # against the manifest of the stage that wrote it (sft, tokenizer)
+    check_inputs(model_path, tokenizer_path)  # against the manifests of the stages that wrote them
     policy, meta = load_final(model_path)
     model_config = GPTConfig(**meta["model_config"])
     tokenizer = BPETokenizer.load(tokenizer_path)

@@ -88,9 +88,11 @@ def autocast(device: torch.device, dtype: torch.dtype, parallel: str):
 
 
 def parallelize(model: nn.Module, *, mode: str, dist_info: Dist, compile: bool,
-                param_dtype: torch.dtype) -> nn.Module:
+                param_dtype: torch.dtype, activation_checkpointing: bool = False) -> nn.Module:
     """Wrap the model for `mode` in one fixed order (torchtitan's `parallelize_llama`):
 
+    0. activation checkpointing per block (`Block.forward`), inside the compiled region and inside
+       the FSDP unit (torchtitan's order): compile traces the recompute, FSDP's hooks stay outside;
     1. compile each block on its own (`Module.compile`, in place, so parameter names and
        checkpoints are unchanged); the blocks are alike, so one graph serves all of them and
        compile time does not grow with depth;
@@ -101,6 +103,8 @@ def parallelize(model: nn.Module, *, mode: str, dist_info: Dist, compile: bool,
        block's parameters are all-gathered just before it runs and freed after, so a rank holds
        1/world of the parameters, gradients and optimizer state at rest.
     """
+    for block in model.blocks:
+        block.activation_checkpointing = activation_checkpointing
     if compile:
         for block in model.blocks:
             block.compile()

@@ -25,8 +25,8 @@ from pipeline.cli import ConfigError
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.train.data import (TokenWindows, TrainLoader, read_tokens_manifest, split_shards, to_device,
                                  unigram_entropy, val_batches, val_rounds)
-from pipeline.train.engine import (Run, build_optimizer, eval_and_checkpoint, export, finish, log_step, restore,
-                                   resume, setup_run, train_step)
+from pipeline.train.engine import (Run, build_optimizer, eval_and_checkpoint, export, finish, log_step,
+                                   profile_steps, restore, resume, setup_run, train_step)
 from pipeline.train.parallel import all_reduce_sum, parallelize, peak_flops, state_bytes
 from pipeline.train.report import load_decoder
 from pipeline.train.watchdog import OK, RESTORE
@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 # Config keys that may change between a run and its resume: they do not change what the weights
 # become (`parallel`, `nproc` and `nodes` change only the summation order). Any other change starts fresh.
-RESUME_FREE_KEYS = ("sizes", "nproc", "nodes", "parallel", "device", "compile", "eval_every", "eval_tokens",
-                    "checkpoint_every", "keep", "log_every", "peak_flops", "wandb_project", "wandb_mode",
+RESUME_FREE_KEYS = ("sizes", "nproc", "nodes", "parallel", "device", "compile", "activation_checkpointing",
+                    "eval_every", "eval_tokens", "checkpoint_every", "keep", "log_every", "peak_flops", "wandb_project", "wandb_mode",
                     "samples", "sample_tokens", "top_p")
 PROMPT_TOKENS = 8  # a sample's prompt: the opening tokens of a document
 PROMPT_SCAN_TOKENS = 200_000  # how far into each shard to look for document openings
@@ -108,13 +108,14 @@ def sample(model_config: GPTConfig, state: dict[str, torch.Tensor], prompts: lis
 
 
 def train(cfg: dict[str, Any], *, data: Path, out: Path, size: str, stop_at: int | None = None,
-          tokenizer: str | None = None, inject_nan_at: Iterable[int] = ()) -> dict[str, Any]:
+          tokenizer: str | None = None, profile: int = 0, inject_nan_at: Iterable[int] = ()) -> dict[str, Any]:
     """Train `size` on the token shards in `data`, writing into `out`; return a summary.
 
     `cfg` is the validated `pretrain` config section. `stop_at` ends this invocation after that
     step's checkpoint, as a preempted job would (the schedule still runs to max_steps; rerun to go
-    on). `inject_nan_at` makes the loss NaN at those steps, once each: fault injection for testing
-    the watchdog."""
+    on). `profile` > 0 writes a torch.profiler trace of that many steps (`engine.profile_steps`).
+    `inject_nan_at` makes the loss NaN at those steps, once each: fault injection for testing the
+    watchdog."""
     data, out = Path(data), Path(out)
 
     # --- inputs: every file and flag checked before the first step -----------------------------------
@@ -157,12 +158,13 @@ def train(cfg: dict[str, Any], *, data: Path, out: Path, size: str, stop_at: int
                      "(%.2f epochs, %.1f tokens per parameter)", cfg["global_batch_tokens"], accum, B, T,
                      d.world_size, cfg["max_steps"], f"{total_tokens:,}",
                      total_tokens / max(1, train_windows.num_tokens()), total_tokens / n_params)
-            log.info("compute: %s, %s, parallel %s over %d process(es), compile %s; peak %.3g FLOP/s (%s)",
-                     d.device, str(run.dtype).removeprefix("torch."), cfg["parallel"], d.world_size,
-                     cfg["compile"], peak or float("nan"), peak_source)
+            log.info("compute: %s, %s, parallel %s over %d process(es), compile %s, activation checkpointing %s; "
+                     "peak %.3g FLOP/s (%s)", d.device, str(run.dtype).removeprefix("torch."), cfg["parallel"],
+                     d.world_size, cfg["compile"], cfg["activation_checkpointing"], peak or float("nan"), peak_source)
 
         # --- wrappers, then per-rank RNG (dropout masks differ per rank; the weights are already equal) -
-        model = parallelize(model, mode=cfg["parallel"], dist_info=d, compile=cfg["compile"], param_dtype=run.dtype)
+        model = parallelize(model, mode=cfg["parallel"], dist_info=d, compile=cfg["compile"], param_dtype=run.dtype,
+                            activation_checkpointing=cfg["activation_checkpointing"])
         torch.manual_seed(cfg["seed"] + d.rank)
         random.seed(cfg["seed"] + d.rank)
         np.random.seed(cfg["seed"] + d.rank)
@@ -176,24 +178,27 @@ def train(cfg: dict[str, Any], *, data: Path, out: Path, size: str, stop_at: int
         # --- the loop ------------------------------------------------------------------------------------
         nan_steps = set(inject_nan_at)
         rank_bytes: list[Any] | None = None
-        while run.step < cfg["max_steps"] and (stop_at is None or run.step < stop_at):
-            batches = [loader.next_batch(d.device) for _ in range(accum)]
-            loss_fn = nan_loss if run.step + 1 in nan_steps else token_loss
-            nan_steps.discard(run.step + 1)  # each injected once: a restored step runs clean
-            result = train_step(run, model, optimizer, batches, loss_fn, lr=run.schedule_lr())
-            if result.action == RESTORE:
-                restore(run, model, optimizer)
-                continue
-            if result.action == OK and rank_bytes is None:
-                rank_bytes = [state_bytes(model, optimizer)]
-                if d.world_size > 1:
-                    rank_bytes = [None] * d.world_size
-                    dist.all_gather_object(rank_bytes, state_bytes(model, optimizer))
-            log_step(run, result, step_tokens=cfg["global_batch_tokens"], flops_per_token=flops_per_token,
-                     peak=peak, tokens=loader.position * T)
-            if eval_and_checkpoint(run, model, optimizer, evaluate=lambda: evaluate(run, model, val_windows),
-                                   state=lambda: {"data": loader.state_dict()}, stop_at=stop_at):
-                break
+        last = min(cfg["max_steps"], stop_at if stop_at is not None else cfg["max_steps"])
+        with profile_steps(run, profile, remaining=last - run.step) as profiled_step:
+            while run.step < last:
+                batches = [loader.next_batch(d.device) for _ in range(accum)]
+                loss_fn = nan_loss if run.step + 1 in nan_steps else token_loss
+                nan_steps.discard(run.step + 1)  # each injected once: a restored step runs clean
+                result = train_step(run, model, optimizer, batches, loss_fn, lr=run.schedule_lr())
+                if result.action == RESTORE:
+                    restore(run, model, optimizer)
+                    continue
+                if result.action == OK and rank_bytes is None:
+                    rank_bytes = [state_bytes(model, optimizer)]
+                    if d.world_size > 1:
+                        rank_bytes = [None] * d.world_size
+                        dist.all_gather_object(rank_bytes, state_bytes(model, optimizer))
+                log_step(run, result, step_tokens=cfg["global_batch_tokens"], flops_per_token=flops_per_token,
+                         peak=peak, tokens=loader.position * T)
+                if eval_and_checkpoint(run, model, optimizer, evaluate=lambda: evaluate(run, model, val_windows),
+                                       state=lambda: {"data": loader.state_dict()}, stop_at=stop_at):
+                    break
+                profiled_step()
 
         if run.step < cfg["max_steps"]:  # stopped (--stop-at or a signal): rerun to resume
             finish(run)

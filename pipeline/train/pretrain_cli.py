@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, "pretrain", FLAGS)
     parser.add_argument("--tokenizer", help="decode samples with this tokenizer.json (the tokenizer stage's) "
                                             "or tiktoken encoding name; without it samples show token ids")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="write a torch.profiler trace of N steps (after 2 warm-up steps) to "
+                             "<out>/profile/trace_rank<rank>.json, readable in Perfetto (ui.perfetto.dev)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,4 +53,4 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.train.pretrain import train  # torch is imported only when a run starts, not for --help
     return exit_code(train(cfg, data=args.data, out=args.out, size=size, stop_at=args.stop_at,
-                           tokenizer=args.tokenizer))
+                           tokenizer=args.tokenizer, profile=args.profile))

@@ -122,7 +122,9 @@ def load_decoder(spec: str | None) -> Callable[[list[int]], str] | None:
     if spec is None:
         return None
     if Path(spec).exists():
+        from pipeline.artifacts import check_inputs
         from pipeline.tokenizer import BPETokenizer
+        check_inputs(spec, required=False)  # the tokenizer stage's, by its manifest; one made by hand as is
         try:
             return BPETokenizer.load(spec).decode
         except Exception as e:

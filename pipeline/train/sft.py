@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from pipeline.artifacts import check_file, sha256_file
+from pipeline.artifacts import check_inputs, sha256_file
 from pipeline.model.gpt import GPT, GPTConfig, load_final
 from pipeline.tasks import get_task
 from pipeline.tasks.evaluate import greedy_accuracy, greedy_complete
@@ -121,8 +121,7 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
     model_path, tokenizer_path, out = Path(model_path), Path(tokenizer_path), Path(out)
 
     # --- inputs: the model, its tokenizer, the conversations; checked before the first step ----------
-    for path in (model_path, tokenizer_path):
-        check_file(path)  # against the manifest of the stage that wrote it (pretrain, tokenizer)
+    check_inputs(model_path, tokenizer_path)  # against the manifests of the stages that wrote them
     base, meta = load_final(model_path)
     model_config = GPTConfig(**meta["model_config"])
     tokenizer = BPETokenizer.load(tokenizer_path)
