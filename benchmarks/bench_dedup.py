@@ -220,8 +220,8 @@ def scale_section(results: list[dict], startup: float, args: argparse.Namespace)
 
 def shards_section(results: list[dict], args: argparse.Namespace) -> str:
     lines = [f"`python -m benchmarks.bench_dedup --docs {args.docs[0]} --shards {' '.join(map(str, args.shards))}` "
-             f"on {machine()}; the same synthetic documents as `Dedup at scale`, split into more shards; each job "
-             "a process of its own, run one at a time.", "",
+             f"on {machine()}; synthetic documents drawn as in `Dedup at scale` (the same rates; each shard draws "
+             "its own), in more, smaller shards; each job a process of its own, run one at a time.", "",
              "| shards | documents per shard | band: s per job | band: CPU s | band: peak RSS (MB) | clusters: s "
              "| clusters: CPU s | clusters: peak RSS (MB) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
