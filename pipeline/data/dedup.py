@@ -1,5 +1,5 @@
 """dedup: exact, then MinHash-LSH near-duplicate removal (datasketch), in four steps whose memory
-does not grow with the crawl (the clusters job: ~22 bytes per paired document).
+does not grow with the crawl (the clusters job: ~26 bytes per paired document).
 
 1. `signatures` (one job per shard): normalize each document's text (lowercase, accents and
    punctuation stripped, digits folded to 0, whitespace collapsed), hash it for exact matching,
