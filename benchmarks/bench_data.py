@@ -38,7 +38,7 @@ def timed(fn, *args, **kwargs) -> float:
 
 def stage_rows(tmp: Path) -> list[tuple[str, int, float]]:
     """(stage, documents in, seconds) for every stage on the sample, in DAG order."""
-    p = {name: str(tmp / f"{name}.parquet") for name in ("ingest", "langid", "quality", "sig", "clusters", "clean")}
+    p = {name: str(tmp / f"{name}.parquet") for name in ("ingest", "langid", "quality", "clean")}
     rm = lambda name: str(tmp / f"removed_{name}.parquet")  # noqa: E731
     mf = lambda name: str(tmp / f"{name}.manifest.json")  # noqa: E731
     rows = [("ingest (records)", 318, timed(ingest, str(SAMPLE), output=p["ingest"], removed=rm("ingest"),
@@ -50,18 +50,18 @@ def stage_rows(tmp: Path) -> list[tuple[str, int, float]]:
     rows.append(("quality", n, timed(quality, p["langid"], output=p["quality"], removed=rm("quality"),
                                      manifest=mf("quality"), config={})))
     n = len(read_docs(p["quality"]))
-    rows.append(("dedup signatures", n, timed(run_signatures, p["quality"], output=p["sig"],
-                                              buckets=str(tmp / "buckets" / "sig.parquet"), manifest=mf("sig"),
-                                              config={})))
+    sig, buckets = str(tmp / "sig" / "quality.parquet"), str(tmp / "buckets" / "quality.parquet")  # the shard's name
+    rows.append(("dedup signatures", n, timed(run_signatures, p["quality"], output=sig, buckets=buckets,
+                                              manifest=str(tmp / "sig" / "quality.manifest.json"), config={})))
     bands = [*map(str, range(section_config("dedup", {})["bands"])), EXACT]
     pairs = [str(tmp / "pairs" / f"{band}.parquet") for band in bands]
     rows.append((f"dedup bands ({len(bands)} jobs)", n, sum(
-        timed(run_band, [str(tmp / "buckets" / "sig.parquet")], band, upstream=[mf("sig")], output=out,
+        timed(run_band, [buckets], band, upstream=[str(tmp / "sig" / "quality.manifest.json")], output=out,
               manifest=out.replace(".parquet", ".manifest.json"), config={}) for band, out in zip(bands, pairs))))
-    rows.append(("dedup clusters", n, timed(run_clusters, [p["sig"]], pairs, output=p["clusters"],
+    rows.append(("dedup clusters", n, timed(run_clusters, [sig], pairs, output=str(tmp / "clusters"),
                                             manifest=mf("clusters"), config={})))
-    rows.append(("dedup filter", n, timed(run_filter, p["quality"], p["clusters"], output=p["clean"],
-                                          removed=rm("dedup"), manifest=mf("clean"), config={})))
+    rows.append(("dedup filter", n, timed(run_filter, p["quality"], str(tmp / "clusters" / "quality.parquet"),
+                                          output=p["clean"], removed=rm("dedup"), manifest=mf("clean"), config={})))
     return rows
 
 

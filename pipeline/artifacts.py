@@ -17,6 +17,7 @@ changed byte fails the job naming the file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -110,6 +111,7 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
 
 
+@functools.cache  # two git calls; a job writing a manifest per shard (dedup clusters) asks once
 def code_version() -> str:
     """Package version plus the git commit when the code runs from a checkout (`+dirty` when the
     tracked files differ from it)."""

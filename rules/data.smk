@@ -3,7 +3,8 @@
 #   WET:  ingest ------------------\
 #   WARC: url_filter -> extract ----> langid -> quality -> dedup_signatures      (group `signatures`)
 # then one dedup_band job per LSH band (and one for exact text), one global dedup (clusters) job
-# (union-find over the bands' pairs), then per shard dedup_filter -> deduped/, decontaminate ->
+# (union-find over the bands' pairs, writing each shard's duplicates to dedup/clusters/<shard>.parquet),
+# then per shard dedup_filter -> deduped/, decontaminate ->
 # decontaminated/ (on the text as crawled), pii -> clean/ (the last text change; group `clean`), and
 # the report. On a cluster each group runs a shard's chain as one job (the SLURM profile's
 # group-components packs several shards into one), not one job per shard per stage.
@@ -226,8 +227,8 @@ rule dedup_signatures:
                                   " --buckets {output.buckets:q} --manifest {output.manifest:q}")
 
 
-# one job per LSH band, plus one for exact text: each merges its row group of every shard's
-# bucket index (sorted streams) into candidate pairs
+# one job per LSH band, plus one for exact text: each reads its row groups of every shard's bucket
+# index and sorts them, by key range when they outgrow dedup.memory_mb, into candidate pairs
 DEDUP_BANDS = [*map(str, range(config["dedup"]["bands"])), "exact"]
 
 
@@ -260,7 +261,8 @@ rule dedup:
         upstream=[*expand(rules.dedup_signatures.output.manifest, shard=SHARDS),
                   *expand(rules.dedup_band.output.manifest, band=DEDUP_BANDS)],
     output:
-        clusters=f"{DATA}/dedup/clusters.parquet",
+        clusters=expand(f"{DATA}/dedup/clusters/{{shard}}.parquet", shard=SHARDS),
+        shard_manifests=expand(f"{DATA}/dedup/clusters/{{shard}}.manifest.json", shard=SHARDS),
         manifest=f"{DATA}/dedup/manifest.json",
     log:
         f"{LOGS}/dedup/clusters.log",
@@ -270,16 +272,17 @@ rule dedup:
         mem_mb=4000,
     params:
         config=section("dedup"),
+        folder=f"{DATA}/dedup/clusters",
     shell:
-        stage("dedup clusters", "--input {input.signatures:q} --pairs {input.pairs:q} --output {output.clusters:q}"
+        stage("dedup clusters", "--input {input.signatures:q} --pairs {input.pairs:q} --output {params.folder:q}"
                                 " --manifest {output.manifest:q}")
 
 
 rule dedup_filter:
     input:
         docs=rules.quality.output.docs,
-        clusters=rules.dedup.output.clusters,
-        upstream=[rules.quality.output.manifest, rules.dedup.output.manifest],
+        clusters=f"{DATA}/dedup/clusters/{{shard}}.parquet",  # this shard's duplicates only
+        upstream=[rules.quality.output.manifest, f"{DATA}/dedup/clusters/{{shard}}.manifest.json"],
     output:
         docs=f"{DATA}/deduped/{{shard}}.parquet",
         removed=f"{DATA}/removed/dedup/{{shard}}.parquet",

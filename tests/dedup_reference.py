@@ -10,7 +10,27 @@ import numpy as np
 import polars as pl
 from datasketch import LeanMinHash, MinHashLSH
 
-from pipeline.data.dedup import SCHEME, UnionFind, examples
+from pipeline.data.dedup import SCHEME, example_frame
+
+
+class UnionFind:
+    """Disjoint sets of hashable keys; a set's root is always its smallest key."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, key):
+        root = key
+        while (up := self.parent.get(root, root)) != root:
+            root = up
+        while (up := self.parent.get(key, key)) != root:  # path compression
+            self.parent[key], key = root, up
+        return root
+
+    def union(self, a, b) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 def estimated_jaccard(a, b) -> float:
@@ -59,6 +79,6 @@ def reference_cluster(table: pl.DataFrame, config: dict[str, Any]) -> tuple[pl.D
         "lsh_pairs_checked": pairs_checked,
         "removed": dict(sorted(Counter(r["reason"] for r in removed).items())),
         "cluster_sizes": {str(size): n for size, n in sorted(sizes.items())},
-        "example_pairs": examples(removed_frame, config["example_pairs"]),
+        "example_pairs": example_frame(removed_frame, config["example_pairs"]).to_dicts(),
     }
     return removed_frame, stats
