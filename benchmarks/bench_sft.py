@@ -17,7 +17,7 @@ median tokens/s (padding included) and MFU.
     one GPU, the GPT-2 124M shape (random weights: throughput only) on GSM8K + instructions:
         python -m benchmarks.bench_sft --random-base gpt2-124m --seq-len 1024 \\
             --tokenizer results/sample/tokenizer/tokenizer.json --variant 'gsm8k={"sft": {"device": "cuda",
-            "mixture": {"arithmetic": 0, "gsm8k": 1, "instruct": 0.2}, "max_steps": 50, "accuracy_examples": 0}}'
+            "mixture": {"arithmetic": 0, "gsm8k": 1, "instruct": 0.2, "replay": 0}, "max_steps": 50, "accuracy_examples": 0}}'
 """
 
 from __future__ import annotations
