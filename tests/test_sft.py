@@ -1,6 +1,6 @@
 """The SFT stage on the training engine: accumulation invariance of a real SFT global batch of
 conversations and replayed text, a run's outputs and manifest, bit-identical resume after a stop,
-and its input checks.
+replayed text reaching the loss, and its input checks.
 
 The "pretrained" model is a freshly initialised `nano` GPT saved as pretrain saves final.pt, with a
 BPE trained on TinyStories with the chat specials and token shards of TinyStories written with it:
