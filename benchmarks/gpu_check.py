@@ -125,7 +125,7 @@ def resume_config(s: Settings) -> dict[str, Any]:
 
 
 def sft_config(s: Settings) -> dict[str, Any]:
-    return section_config("sft", {"mixture": {"arithmetic": 0, "gsm8k": 1, "instruct": 0}, "lr": 1e-4,
+    return section_config("sft", {"mixture": {"arithmetic": 0, "gsm8k": 1, "instruct": 0, "replay": 0}, "lr": 1e-4,
                                   "warmup_steps": 2, "accuracy_examples": 0, "samples": 0, "keep": 1,
                                   "wandb_mode": "disabled", **s.sft, "eval_every": s.sft["max_steps"],
                                   "checkpoint_every": s.sft["max_steps"]})

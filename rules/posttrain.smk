@@ -1,8 +1,9 @@
 # Post-training: SFT of every pretrained size (config pretrain.sizes; rule sft_size, one job per
 # size), each a torchrun launch of `python -m pipeline sft` with sft.nproc processes; `snakemake sft`
-# runs every size. Like pretraining, checkpoints and the metrics history under
-# {RUN}/sft/{size}/checkpoints/ are not declared outputs, so a rerun after a failed, preempted or
-# killed job resumes from them.
+# runs every size. SFT replays the pretraining text (sft.mixture.replay), so it reads the token
+# shards pretraining read, checked against the tokens manifest: both are its inputs. Like
+# pretraining, checkpoints and the metrics history under {RUN}/sft/{size}/checkpoints/ are not
+# declared outputs, so a rerun after a failed, preempted or killed job resumes from them.
 #
 # On SLURM: set sft.device: cuda and sft.nproc: <GPUs per node> so the job asks for the GPUs.
 
@@ -15,6 +16,9 @@ rule sft_size:
         upstream=rules.pretrain_size.output.manifest,  # what final.pt is checked against
         tokenizer=rules.tokenizer.output.tokenizer,
         tokenizer_manifest=rules.tokenizer.output.manifest,
+        tokens=rules.tokens.output[0],  # the tokens manifest: replay's shards are checked against it
+        shards=expand([rules.tokenize.output.train, rules.tokenize.output.train_index, rules.tokenize.output.val,
+                       rules.tokenize.output.val_index], source=SOURCES),
     output:
         model=f"{RUN}/sft/{{size}}/final.pt",
         metrics=f"{RUN}/sft/{{size}}/metrics.jsonl",
@@ -36,10 +40,11 @@ rule sft_size:
     params:
         config=section("sft"),
         tasks=section("tasks"),
+        tokens=TOKENS,
         out=lambda wc: f"{RUN}/sft/{wc.size}",
     shell:
-        stage("sft", "--model {input.model:q} --tokenizer {input.tokenizer:q} --out {params.out:q}",
-              sections=("config", "tasks"), launcher=torchrun(1, SFT["nproc"]))
+        stage("sft", "--model {input.model:q} --tokenizer {input.tokenizer:q} --tokens {params.tokens:q}"
+                     " --out {params.out:q}", sections=("config", "tasks"), launcher=torchrun(1, SFT["nproc"]))
 
 
 rule sft:

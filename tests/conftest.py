@@ -125,6 +125,24 @@ def save_chat_model(folder: Path, stories: list[str], seq_len: int, stage: str) 
     return folder / "final.pt", folder / "tokenizer.json"
 
 
+def save_chat_tokens(folder: Path, tokenizer_path: Path, train: list[str], val: list[str]) -> Path:
+    """tokens/ as the tokens stage leaves it for the tokenizer in `tokenizer_path`: train/ and val/
+    shards of the documents (each ending with the end-of-text id) and the manifest naming them."""
+    from pipeline.artifacts import sha256_file, write_manifest
+    from pipeline.token_shards import write_shard
+    from pipeline.tokenizer.bpe import BPETokenizer
+
+    tokenizer = BPETokenizer.load(tokenizer_path)
+    for split, docs in (("train", train), ("val", val)):
+        write_shard(folder / split / "text.bin", [tokenizer.encode(d) + [tokenizer.eos_id] for d in docs],
+                    tokenizer.n_vocab)
+    write_manifest(folder / "manifest.json", stage="tokens", config={}, inputs=[],
+                   outputs={p: None for p in sorted(folder.glob("*/text.*"))},
+                   metrics={"vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id,
+                            "tokenizer_sha256": sha256_file(tokenizer_path)})
+    return folder
+
+
 @pytest.fixture
 def one_torch_thread(monkeypatch):
     """W&B off; one torch thread (on 2 shared cores, two threads per process spin against each other)."""

@@ -33,7 +33,8 @@ with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
                             config_settings=ConfigSettings(configfiles=[Path(f) for f in configfiles]))
     dag = workflow.dag(DAGSettings(targets=targets))
     dag.execute_workflow(executor="dryrun")
-    print(json.dumps([{"rule": job.rule.name, "input": list(job.input), "params": dict(job.params.items()),
+    print(json.dumps([{"rule": job.rule.name, "input": list(job.input), "output": list(job.output),
+                       "params": dict(job.params.items()),
                        "log": list(job.log), "shell": job.shellcmd} for job in dag.workflow_api._workflow.dag.jobs]))
 """
 
@@ -90,6 +91,19 @@ def test_a_job_reading_a_model_or_tokenizer_depends_on_the_manifest_it_is_checke
                 readers.add(job["rule"])
                 assert str(path.with_name("manifest.json")) in job["input"], (job["rule"], path)
     assert {"eval_size", "export_hf_model", "inference_bench_size", "sft_size", "grpo_size"} <= readers
+
+
+def test_sft_depends_on_the_token_shards_it_replays_and_their_manifest(tmp_path):
+    """SFT replays the pretraining text: the tokens manifest and every shard are its inputs (a changed
+    shard reruns it), and its command names the folder."""
+    jobs = planned_jobs([write_config(tmp_path / "local.yaml", {"results": str(tmp_path)})])
+    tokenize = [Path(path) for job in jobs if job["rule"] == "tokenize" for path in job["output"]
+                if path.endswith((".bin", ".idx"))]
+    assert len(tokenize) == 4 * sum(job["rule"] == "tokenize" for job in jobs) > 0  # train and val, .bin and .idx
+    sft = next(job for job in jobs if job["rule"] == "sft_size")
+    tokens = tokenize[0].parent.parent
+    assert {str(tokens / "manifest.json"), *map(str, tokenize)} <= set(sft["input"])
+    assert f"--tokens {tokens}" in sft["shell"]
 
 
 @pytest.mark.parametrize("target, rule", [("pretrain", "pretrain_size"), ("sft", "sft_size"), ("grpo", "grpo_size"),

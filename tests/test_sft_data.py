@@ -1,15 +1,18 @@
-"""SFT data and the greedy task evaluator: targets only on assistant tokens (prompt tokens get zero
-gradient), the seeded mixture, global batches independent of the process layout, long
-conversations dropped and counted, and batched greedy answers equal to one prompt at a time.
+"""SFT data and the greedy task evaluator: targets only on a conversation's assistant tokens
+(prompt tokens get zero gradient) and on every token of a replayed window, the seeded mixture of
+tasks and replay, global batches independent of the process layout, long conversations dropped and
+counted, and batched greedy answers equal to one prompt at a time.
 
-Real parts throughout: a BPE trained on TinyStories with the chat specials, the tasks package,
-the chat template and the `nano` GPT."""
+Real parts throughout: a BPE trained on TinyStories with the chat specials, token shards written
+with it, the tasks package, the chat template and the `nano` GPT."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from conftest import save_chat_tokens
 from pipeline.cli import ConfigError
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tasks import get_task, qa_example
@@ -18,7 +21,8 @@ from pipeline.tokenizer import BPETokenizer
 from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS
 from pipeline.tokenizer.chat import render_conversation, render_prompt
 from pipeline.train.sft import token_loss
-from pipeline.train.sft_data import Mixture, SFTLoader, collate, load_split, micro_batches, val_batches
+from pipeline.train.sft_data import (REPLAY, Mixture, ReplayRows, SFTLoader, collate, load_split, micro_batches,
+                                     val_batches)
 
 TASKS = {"arithmetic": {"train_problems": 300, "test_problems": 40}}
 SEQ_LEN = 96
@@ -41,6 +45,20 @@ def tokenizer(stories) -> BPETokenizer:
 @pytest.fixture(scope="module")
 def train_split(tokenizer):
     return load_split(tokenizer, TASKS, ["arithmetic", "instruct"], "train", SEQ_LEN)
+
+
+@pytest.fixture(scope="module")
+def tokens(tokenizer, stories, tmp_path_factory):
+    """tokens/ written with `tokenizer`: 40 stories in train/, 10 others in val/."""
+    folder = tmp_path_factory.mktemp("tokens")
+    tokenizer.save(folder / "tokenizer.json")
+    return save_chat_tokens(folder, folder / "tokenizer.json", stories[:40], stories[40:50])
+
+
+def windows(tokenizer, tokens, split, length) -> set[tuple[int, ...]]:
+    """Every window of length + 1 ids of the split, straight from its shard."""
+    ids = np.fromfile(tokens / split / "text.bin", dtype=np.uint16).tolist()
+    return {tuple(ids[i:i + length + 1]) for i in range(0, len(ids) - length, length)}
 
 
 def nano(tokenizer, seq_len=SEQ_LEN) -> GPT:
@@ -66,12 +84,18 @@ def test_targets_are_the_next_assistant_tokens_and_padding_is_ignored(tokenizer)
     assert tokenizer.decode(trained) == f"The dog ran home.{ASSISTANT_END}It slept.{ASSISTANT_END}"
 
 
-def test_prompt_tokens_get_zero_gradient(tokenizer):
-    """The logits at every position whose next token is a prompt token (or padding) get exactly
-    zero gradient from the SFT loss; every assistant position gets some."""
+def test_prompt_tokens_get_zero_gradient_and_replayed_text_the_full_loss(tokenizer, tokens):
+    """In a micro batch of conversations and replayed windows, the logits at every position whose
+    next token is a prompt token (or padding) get exactly zero gradient from the SFT loss; every
+    assistant position gets some, and so does every position of a replayed window: its targets
+    are all its next tokens."""
     rows = [render_conversation(tokenizer, qa_example(f"What is {a} + 7?", f"{a} + 7 = {a + 7}", "").messages)
             for a in (3, 41, 596)]
+    replay = ReplayRows(tokens, "train", tokenizer.n_vocab, 20)
+    rows += [replay[0], replay[5]]
     x, y = collate(rows, pad_id=0)
+    for row, (ids, _) in enumerate(rows[3:], start=3):
+        assert y[row, :20].tolist() == ids[1:] and (y[row, 20:] == -1).all()  # every target, then padding
     model = nano(tokenizer)
     logits = {}
 
@@ -107,6 +131,23 @@ def test_mixture_is_seeded_and_follows_the_weights(train_split):
         [stream[a.epoch_size + 3], stream[4], stream[2 * a.epoch_size + 1]]
     with pytest.raises(ConfigError, match="sft.mixture"):
         Mixture(tasks, {"arithmetic": 0, "instruct": 0}, seed=5)
+
+
+def test_replay_is_seeded_follows_its_weight_and_reads_the_train_split_only(tokenizer, tokens, train_split):
+    tasks, _ = train_split
+    replay = ReplayRows(tokens, "train", tokenizer.n_vocab, 16)
+    assert len(replay) == len(windows(tokenizer, tokens, "train", 16)) > 100
+    parts = {"arithmetic": tasks["arithmetic"], REPLAY: replay}
+    a = Mixture(parts, {"arithmetic": 3, REPLAY: 1}, seed=5)
+    stream = [a[g] for g in range(2 * a.epoch_size + 7)]
+    assert stream == [Mixture(parts, {"arithmetic": 3, REPLAY: 1}, seed=5)[g] for g in range(len(stream))]
+    assert stream[:50] != [Mixture(parts, {"arithmetic": 3, REPLAY: 1}, seed=6)[g] for g in range(50)]
+    assert a.shares() == pytest.approx({"arithmetic": 0.75, REPLAY: 0.25}, abs=1e-3)
+    assert [name for name, _ in stream[:a.epoch_size]].count(REPLAY) == a.counts[1]
+    replayed = [tuple(ids) for name, (ids, mask) in stream if name == REPLAY]
+    assert all(mask == [1] * 17 for name, (_, mask) in stream if name == REPLAY)
+    train, val = windows(tokenizer, tokens, "train", 16), windows(tokenizer, tokens, "val", 16)
+    assert set(replayed) <= train and not set(replayed) & val and len(set(replayed)) > 50
 
 
 def test_long_conversations_are_dropped_and_counted(tokenizer, train_split):

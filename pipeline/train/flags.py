@@ -73,9 +73,10 @@ def add_post_training_arguments(parser: argparse.ArgumentParser, section: str,
 
 
 def run_post_training(section: str, args: argparse.Namespace, stage_flags: dict[str, tuple[str, type, str]],
-                      train: Callable[..., dict[str, Any]]) -> int:
-    """Validate the stage's and the tasks section, run `train`, and return the exit code."""
+                      train: Callable[..., dict[str, Any]], **inputs: Any) -> int:
+    """Validate the stage's and the tasks section, run `train` (given the stage's own `inputs`
+    too), and return the exit code."""
     cfg = section_from_args(section, args, stage_flags)
     tasks_config = section_config("tasks", args.tasks_config)
     return exit_code(train(cfg, model_path=args.model, tokenizer_path=args.tokenizer, out=args.out,
-                           tasks_config=tasks_config, stop_at=args.stop_at))
+                           tasks_config=tasks_config, stop_at=args.stop_at, **inputs))

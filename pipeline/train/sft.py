@@ -2,14 +2,15 @@
 template, on the training engine.
 
 Sections in order: inputs (the pretrained model, its tokenizer's chat ids checked against its
-embedding, the task conversations rendered; all before anything trains) -> run setup (engine) ->
-model, wrappers and optimizer -> resume -> the loop -> outputs. The command line is
-`pipeline/train/sft_cli.py`.
+embedding, the task conversations rendered, the replayed pretraining shards checked against the
+tokens manifest; all before anything trains) -> run setup (engine) -> model, wrappers and
+optimizer -> resume -> the loop -> outputs. The command line is `pipeline/train/sft_cli.py`.
 
-The loss is the pretraining token loss on the assistant's tokens only (every other target is -1),
-summed per micro batch and divided by the trained tokens of the whole global batch (the engine's
-`train_step`). At the end the held-out arithmetic problems are answered greedily by the base and
-the fine-tuned model, and both accuracies go into the manifest and samples.md.
+The loss is the pretraining token loss on the assistant's tokens of a conversation (every other
+target is -1) and on every token of a replayed window of pretraining text, summed per micro batch
+and divided by the trained tokens of the whole global batch (the engine's `train_step`). At the end
+the held-out arithmetic problems are answered greedily by the base and the fine-tuned model, and
+both accuracies go into the manifest and samples.md.
 
 Under torchrun every rank runs all of it; only rank 0 logs, writes files and talks to W&B.
 Rerunning the same command resumes from the newest good checkpoint in `<out>/checkpoints/`.
@@ -25,17 +26,19 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pipeline.artifacts import check_inputs, sha256_file
+from pipeline.cli import ConfigError
 from pipeline.model.gpt import GPT, GPTConfig, load_final
 from pipeline.tasks import get_task
 from pipeline.tasks.evaluate import greedy_accuracy, greedy_complete
 from pipeline.tokenizer import BPETokenizer
 from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS
 from pipeline.tokenizer.chat import render_prompt
+from pipeline.train.data import read_tokens_manifest
 from pipeline.train.engine import (Run, build_optimizer, eval_and_checkpoint, export, finish, log_step, restore,
                                    resume, setup_run, train_step)
 from pipeline.train.parallel import all_reduce_sum, parallelize, peak_flops
 from pipeline.train.pretrain import token_loss
-from pipeline.train.sft_data import Mixture, SFTLoader, load_split, val_batches
+from pipeline.train.sft_data import REPLAY, Mixture, ReplayRows, SFTLoader, load_split, val_batches
 from pipeline.train.watchdog import RESTORE
 
 log = logging.getLogger(__name__)
@@ -49,10 +52,12 @@ ACCURACY_TASK = "arithmetic"  # the held-out task answered greedily at the end (
 SAMPLE_TASKS = ("arithmetic", "instruct")  # held-out prompts shown in samples.md
 
 
-def run_identity(cfg: dict[str, Any], tasks_config: dict[str, Any], base: Path, tokenizer: Path) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the base model, the tokenizer, the tasks and
-    the trajectory-setting config."""
+def run_identity(cfg: dict[str, Any], tasks_config: dict[str, Any], base: Path, tokenizer: Path,
+                 tokens: Path | None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the base model, the tokenizer, the tasks, the
+    replayed tokens (when replay is in the mixture) and the trajectory-setting config."""
     return {"stage": "sft", "base_sha256": sha256_file(base), "tokenizer_sha256": sha256_file(tokenizer),
+            "tokens_manifest_sha256": sha256_file(tokens / "manifest.json") if tokens else None,
             "tasks": tasks_config, "sft": {k: v for k, v in sorted(cfg.items()) if k not in RESUME_FREE_KEYS}}
 
 
@@ -68,18 +73,45 @@ def check_tokenizer(tokenizer: BPETokenizer, meta: dict[str, Any], model_path: P
                          f"of {meta['vocab_size']} ids (tokenizer.special_tokens must list them before pretraining)")
 
 
+def replay_rows(tokens: Path | None, tokenizer: BPETokenizer, tokenizer_path: Path, cfg: dict[str, Any],
+                seq_len: int) -> tuple[ReplayRows, ReplayRows]:
+    """Replay's rows of the train split (what it trains on) and of the val split (its held-out
+    loss reads the first eval_examples, as pretraining's val loss does). The tokens must be this
+    tokenizer's; each shard is checked against the tokens manifest."""
+    if tokens is None:
+        raise ConfigError(f"config key 'sft.mixture.{REPLAY}' = {cfg['mixture'][REPLAY]} replays pretraining text, "
+                          f"but no tokens folder was given (--tokens results/<run>/tokens)")
+    if cfg["replay_tokens"] > seq_len:
+        raise ConfigError(f"config key 'sft.replay_tokens' = {cfg['replay_tokens']} exceeds the model's context "
+                          f"of {seq_len} tokens")
+    meta = read_tokens_manifest(tokens)
+    if meta.get("tokenizer_sha256") != sha256_file(tokenizer_path):
+        raise ValueError(f"{tokens / 'manifest.json'}: the shards were written by the tokenizer with sha256 "
+                         f"{meta.get('tokenizer_sha256')}, not by {tokenizer_path}")
+    if (meta["vocab_size"], meta["eos_id"]) != (tokenizer.n_vocab, tokenizer.eos_id):  # a manifest at odds with itself
+        raise ValueError(f"{tokens / 'manifest.json'}: vocab {meta['vocab_size']} and eos id {meta['eos_id']}, "
+                         f"but {tokenizer_path} has {tokenizer.n_vocab} and {tokenizer.eos_id}")
+    return (ReplayRows(tokens, "train", meta["vocab_size"], cfg["replay_tokens"]),
+            ReplayRows(tokens, "val", meta["vocab_size"], cfg["replay_tokens"]))
+
+
 @torch.no_grad()
-def evaluate(run: Run, model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean loss per assistant token of the held-out conversations, over all ranks."""
+def evaluate(run: Run, model: torch.nn.Module,
+             batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, float]:
+    """Mean loss per trained token of each part's held-out rows (`tasks`: the conversations, on
+    their assistant tokens; `replay`: val windows, on every token) and of all of them together
+    (`all`), over all ranks."""
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=run.d.device)
-    for x, y in batches:
-        with run.amp:
-            loss, count = token_loss(model, (x, y))
-        sums += torch.stack([loss.double(), count.double()])
+    sums = torch.zeros(len(batches), 2, dtype=torch.float64, device=run.d.device)
+    for k, part in enumerate(batches.values()):
+        for x, y in part:
+            with run.amp:
+                loss, count = token_loss(model, (x, y))
+            sums[k] += torch.stack([loss.double(), count.double()])
     model.train()
-    loss, count = all_reduce_sum(sums, run.d).tolist()
-    return loss / count
+    sums = all_reduce_sum(sums, run.d)
+    total = sums.sum(dim=0)
+    return {**{name: (s[0] / s[1]).item() for name, s in zip(batches, sums)}, "all": (total[0] / total[1]).item()}
 
 
 def plain_model(model_config: GPTConfig, state: dict[str, torch.Tensor], device: torch.device) -> GPT:
@@ -114,11 +146,13 @@ def sample_prompts(tokenizer: BPETokenizer, tasks_config: dict[str, Any], cfg: d
 
 
 def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: Path, tasks_config: dict[str, Any],
-          stop_at: int | None = None) -> dict[str, Any]:
-    """Fine-tune the pretrained model in `model_path` on the task mixture, writing into `out`;
-    return a summary. `cfg` is the validated `sft` section, `tasks_config` the `tasks` one.
-    `stop_at` ends this invocation after that step's checkpoint, as a preempted job would."""
+          tokens: Path | None = None, stop_at: int | None = None) -> dict[str, Any]:
+    """Fine-tune the pretrained model in `model_path` on the mixture, writing into `out`; return a
+    summary. `cfg` is the validated `sft` section, `tasks_config` the `tasks` one, `tokens` the
+    tokenize stage's folder (read when the mixture replays pretraining text). `stop_at` ends this
+    invocation after that step's checkpoint, as a preempted job would."""
     model_path, tokenizer_path, out = Path(model_path), Path(tokenizer_path), Path(out)
+    tokens = Path(tokens) if tokens is not None else None
 
     # --- inputs: the model, its tokenizer, the conversations; checked before the first step ----------
     check_inputs(model_path, tokenizer_path)  # against the manifests of the stages that wrote them
@@ -127,24 +161,40 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
     tokenizer = BPETokenizer.load(tokenizer_path)
     check_tokenizer(tokenizer, meta, model_path, tokenizer_path)
     T = model_config.seq_len
-    names = [name for name, weight in cfg["mixture"].items() if weight > 0]
+    names = [name for name, weight in cfg["mixture"].items() if weight > 0 and name != REPLAY]
     train_rows, dropped = load_split(tokenizer, tasks_config, names, "train", T)
     val_rows, val_dropped = load_split(tokenizer, tasks_config, names, "test", T)
     val_rows = {name: rows[:cfg["eval_examples"]] for name, rows in val_rows.items()}
+    # held out in two parts: the tasks' conversations and, with replay, the val split's first windows
+    held_out = {"tasks": [row for rows in val_rows.values() for row in rows]} if names else {}
+    replayed = cfg["mixture"][REPLAY] > 0
+    if replayed:
+        train_rows[REPLAY], replay_val = replay_rows(tokens, tokenizer, tokenizer_path, cfg, T)
+        held_out[REPLAY] = [replay_val[i] for i in range(min(len(replay_val), cfg["eval_examples"]))]
+    elif tokens is not None:
+        log.info("sft.mixture.%s is 0: %s is not read", REPLAY, tokens)
     mixture = Mixture(train_rows, cfg["mixture"], cfg["seed"])
     accuracy_task = get_task(ACCURACY_TASK, tasks_config)
     accuracy_examples = accuracy_task.examples("test")[:cfg["accuracy_examples"]]
 
-    with setup_run("sft", cfg, out=out, identity=run_identity(cfg, tasks_config, model_path, tokenizer_path),
+    identity = run_identity(cfg, tasks_config, model_path, tokenizer_path, tokens if replayed else None)
+    with setup_run("sft", cfg, out=out, identity=identity,
                    wandb_config={"base": str(model_path), **cfg}) as run:
         d = run.d
 
         # --- data: the loader and the held-out batches ----------------------------------------------------
         pad_id = tokenizer.eos_id  # never a target (padding targets are -1) and never read by a real token
         loader = SFTLoader(mixture, cfg["global_batch"], cfg["micro_batch"], d.rank, d.world_size, pad_id)
-        held_out = [row for rows in val_rows.values() for row in rows]
-        eval_batches = [(x.to(d.device), y.to(d.device))
-                        for x, y in val_batches(held_out, cfg["micro_batch"], d.rank, d.world_size, pad_id)]
+        eval_batches = {part: [(x.to(d.device), y.to(d.device))
+                               for x, y in val_batches(rows, cfg["micro_batch"], d.rank, d.world_size, pad_id)]
+                        for part, rows in held_out.items()}
+
+        def held_out_loss() -> float:
+            """The engine's val loss (every held-out row); each part's goes into the metrics too."""
+            losses = evaluate(run, model, eval_batches)
+            if d.is_main:
+                run.metrics.write({"step": run.step, **{f"val_loss_{part}": losses[part] for part in held_out}})
+            return losses["all"]
         flops_per_token = base.flops_per_token()
         peak, peak_source = peak_flops(d.device, cfg["peak_flops"], "sft")
         if d.is_main:
@@ -153,10 +203,14 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
             for name in names:
                 log.info("task %s: %d train conversations (%d longer than %d tokens dropped), %d held out",
                          name, len(train_rows[name]), dropped[name], T + 1, len(val_rows[name]))
-            log.info("mixture shares %s; epoch of %d conversations; %d steps x %d conversations = %.2f epochs",
+            if replayed:
+                log.info("replay: %d windows of %d tokens from the %s train tokens in %s, %d held out (val)",
+                         len(train_rows[REPLAY]), cfg["replay_tokens"] + 1,
+                         f"{train_rows[REPLAY].windows.num_tokens():,}", tokens, len(held_out[REPLAY]))
+            log.info("mixture shares %s; epoch of %d rows; %d steps x %d rows = %.2f epochs",
                      {k: round(v, 3) for k, v in mixture.shares().items()}, mixture.epoch_size, cfg["max_steps"],
                      cfg["global_batch"], cfg["max_steps"] * cfg["global_batch"] / mixture.epoch_size)
-            log.info("batch: %d conversations = %d micro batches x %d x %d processes; compute %s, %s, parallel %s",
+            log.info("batch: %d rows = %d micro batches x %d x %d processes; compute %s, %s, parallel %s",
                      cfg["global_batch"], cfg["global_batch"] // (cfg["micro_batch"] * d.world_size),
                      cfg["micro_batch"], d.world_size, d.device, str(run.dtype).removeprefix("torch."), cfg["parallel"])
 
@@ -185,7 +239,7 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
                                                           device=d.device), d).item())
             log_step(run, result, step_tokens=step_tokens, flops_per_token=flops_per_token, peak=peak,
                      trained_tokens=trained_tokens, conversations=loader.position)
-            if eval_and_checkpoint(run, model, optimizer, evaluate=lambda: evaluate(run, model, eval_batches),
+            if eval_and_checkpoint(run, model, optimizer, evaluate=held_out_loss,
                                    state=lambda: {"data": loader.state_dict(), "trained_tokens": trained_tokens},
                                    stop_at=stop_at):
                 break
@@ -207,8 +261,10 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
                         f"{ACCURACY_TASK}_accuracy": sft_score["accuracy"], f"{ACCURACY_TASK}_scored": sft_score["n"]}
             log.info("held-out %s accuracy (greedy, exact answer, %d problems): base %.1f%% -> SFT %.1f%%",
                      ACCURACY_TASK, sft_score["n"], 100 * base_score["accuracy"], 100 * sft_score["accuracy"])
-        vals = [r["val_loss"] for r in run.metrics.records if r.get("val_loss") is not None]
-        final_val = vals[-1] if vals else float("nan")
+        final_val, final_by_part = float("nan"), {}
+        for record in run.metrics.records:  # the last evaluation's
+            final_val = record.get("val_loss", final_val)
+            final_by_part.update({part: record[key] for part in held_out if (key := f"val_loss_{part}") in record})
         header = (f"`{out.name}` after {run.step} SFT steps: held-out prompts, answered greedily and top-p "
                   f"{cfg['top_p']} at temperature 1, up to <|assistant_end|>.")
         if accuracy:
@@ -219,14 +275,19 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
             run, model, final={"model_config": model_config.to_dict(), "vocab_size": meta["vocab_size"],
                                "eos_id": meta["eos_id"]},
             config={"sft": cfg, "tasks": tasks_config},
-            inputs=[model_path, model_path.with_name("manifest.json"), tokenizer_path],
+            inputs=[model_path, model_path.with_name("manifest.json"), tokenizer_path,
+                    *([tokens / "manifest.json", *train_rows[REPLAY].files(), *replay_val.files()]
+                      if replayed else [])],
             counts={"conversations": loader.position, "trained_tokens": trained_tokens,
-                    "train_conversations": {k: len(v) for k, v in train_rows.items()}, "dropped_too_long": dropped,
-                    "held_out_conversations": {k: len(v) for k, v in val_rows.items()},
-                    "held_out_dropped_too_long": val_dropped},
-            metrics={"final_val_loss": final_val, "mixture_shares": mixture.shares(), "flops_per_token": flops_per_token,
+                    "train_conversations": {k: len(train_rows[k]) for k in names}, "dropped_too_long": dropped,
+                    "held_out_conversations": {k: len(val_rows[k]) for k in names},
+                    "held_out_dropped_too_long": val_dropped,
+                    **({REPLAY: {"train_windows": len(train_rows[REPLAY]), "held_out_windows": len(held_out[REPLAY])}}
+                       if replayed else {})},
+            metrics={"final_val_loss": final_val, "final_val_loss_by_part": final_by_part,
+                     "mixture_shares": mixture.shares(), "flops_per_token": flops_per_token,
                      "peak_flops": peak, "peak_flops_source": peak_source, **accuracy},
-            plot_title=f"SFT {out.name}: held-out assistant-token loss {final_val:.3f}", plot_baseline=None,
+            plot_title=f"SFT {out.name}: held-out loss per trained token {final_val:.3f}", plot_baseline=None,
             make_samples=lambda weights: sample(plain_model(model_config, weights, d.device), tokenizer,
                                                 sample_prompts(tokenizer, tasks_config, cfg, T), cfg),
             decode=tokenizer.decode, samples_header=header)

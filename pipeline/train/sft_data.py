@@ -1,29 +1,35 @@
-"""SFT data: a seeded mixture of task conversations in padded micro batches that train only on
-the assistant's tokens.
+"""SFT data: a seeded mixture of task conversations, which train only on the assistant's tokens,
+and replayed pretraining text, which trains on every token, in padded micro batches.
 
 - Rendering: each train example of a task with a positive mixture weight goes through the chat
   template (`render_conversation` -> ids, mask). A conversation longer than the model's context
   (more than seq_len + 1 tokens: inputs are ids[:-1], targets ids[1:]) is dropped and counted per
   task; cutting it would train on an answer without its end.
-- Mixture: `weights` are the shares of conversations each task contributes. An epoch of the
-  stream holds E items, E the number of rendered conversations of all weighted tasks; task t
-  gets round(w_t / sum(w) * E) of them (at least one), taken in turn from a seeded permutation of
-  its conversations that is redrawn each time the task runs out (a small task repeats, a large
-  one is subsampled). The epoch's items are then shuffled with a seed of (seed, epoch).
-- Batches: a step trains on `global_batch` consecutive conversations of the stream, whatever the
+- Replay: windows of `replay_tokens` + 1 tokens of the tokenize stage's train shards (the text
+  the base was pretrained on, never its val split), cut as pretraining cuts them (across document
+  boundaries, the EOS id between documents). A window is a row whose mask is all ones, so every
+  target is trained, with the full next-token loss as in pretraining. Rows are made on demand
+  from the memory-mapped shards: a corpus of billions of tokens costs no memory here.
+- Mixture: `weights` are the shares of rows each part (a task, or replay) contributes. An epoch
+  of the stream holds E items, E the number of rows of all weighted parts; part t gets
+  round(w_t / sum(w) * E) of them (at least one), taken in turn from a seeded permutation of its
+  rows that is redrawn each time the part runs out (a small part repeats, a large one is
+  subsampled). The epoch's items are then shuffled with a seed of (seed, epoch).
+- Batches: a step trains on `global_batch` consecutive rows of the stream, whatever the
   number of processes or accumulation steps. The loader's only state is `position`, the
-  conversations consumed. A global batch is sorted by length, then cut into micro batches of B
+  rows consumed. A global batch is sorted by length, then cut into micro batches of B
   rows (rank r of W takes micro batches r, r + W, ...), so rows of like length share a micro
   batch and little compute goes to padding. Rows are right-padded to the longest row of their
   micro batch; padding targets are -1, and so are the targets of every position whose token is
-  not an assistant token (mask 0), so the loss covers exactly the assistant's tokens. Padding
-  sits after a row's real tokens, and attention is causal, so no real token ever sees it: each
-  row is one conversation, nothing leaks between documents.
+  not an assistant token (mask 0), so a conversation's loss covers exactly the assistant's
+  tokens. Padding sits after a row's real tokens, and attention is causal, so no real token ever
+  sees it: each row is one conversation or one window, nothing leaks between rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,9 +38,12 @@ import torch
 from pipeline.cli import ConfigError
 from pipeline.tasks import Example, get_task
 from pipeline.tokenizer.bpe import BPETokenizer
+from pipeline.token_shards import index_path
 from pipeline.tokenizer.chat import render_conversation
+from pipeline.train.data import TokenWindows, split_shards
 
-Rendered = tuple[list[int], list[int]]  # (ids, mask) of one conversation
+Rendered = tuple[list[int], list[int]]  # (ids, mask) of one row: a conversation or a replay window
+REPLAY = "replay"  # the mixture's part that is pretraining text, not a task
 
 
 def render_examples(tokenizer: BPETokenizer, examples: Sequence[Example], seq_len: int) -> tuple[list[Rendered], int]:
@@ -57,6 +66,26 @@ def load_split(tokenizer: BPETokenizer, tasks_config: dict[str, Any], names: Seq
     return rendered, dropped
 
 
+class ReplayRows:
+    """Every window of `tokens` + 1 ids of a split's token shards, as rows that train on every
+    target (mask all ones): the sequence a Mixture draws replay from, by index."""
+
+    def __init__(self, tokens_dir: str | Path, split: str, vocab_size: int, tokens: int):
+        self.paths = split_shards(tokens_dir, split)  # each checked against the tokens manifest
+        self.windows = TokenWindows(self.paths, vocab_size, tokens)
+
+    def files(self) -> list[Path]:
+        """The shards read: each .bin and its .idx."""
+        return [f for path in self.paths for f in (path, index_path(path))]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> Rendered:
+        ids = self.windows[i].tolist()
+        return ids, [1] * len(ids)
+
+
 def collate(rows: Sequence[Rendered], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows -> inputs and targets (B, T), T the longest row minus one: inputs ids[:-1] padded with
     pad_id, targets ids[1:] where mask[1:] is 1 and -1 elsewhere (prompt tokens and padding)."""
@@ -71,13 +100,13 @@ def collate(rows: Sequence[Rendered], pad_id: int) -> tuple[torch.Tensor, torch.
 
 
 class Mixture:
-    """The endless, seeded stream of mixture conversations (see the module docstring): item g of
-    the stream is `self[g]`, computed from g alone."""
+    """The endless, seeded stream of mixture rows (see the module docstring): item g of the stream
+    is `self[g]`, computed from g alone. `tasks` maps each part to its rows (a list, or ReplayRows)."""
 
-    def __init__(self, tasks: dict[str, list[Rendered]], weights: dict[str, float], seed: int):
+    def __init__(self, tasks: dict[str, Sequence[Rendered]], weights: dict[str, float], seed: int):
         self.names = [name for name in tasks if weights.get(name, 0) > 0]
         if not self.names:
-            raise ConfigError("config key 'sft.mixture': no task has a positive weight")
+            raise ConfigError("config key 'sft.mixture': no part has a positive weight")
         self.tasks, self.seed = [tasks[name] for name in self.names], seed
         total = sum(weights[name] for name in self.names)
         self.epoch_size = sum(len(rows) for rows in self.tasks)
@@ -106,7 +135,7 @@ class Mixture:
         return self.names[t], self.tasks[t][j]
 
     def shares(self) -> dict[str, float]:
-        """The share of each task's conversations in an epoch (the weights, after rounding)."""
+        """The share of each part's rows in an epoch (the weights, after rounding)."""
         return {name: count / self.epoch_size for name, count in zip(self.names, self.counts)}
 
 
@@ -120,7 +149,7 @@ def micro_batches(rows: Sequence[Rendered], micro_batch: int, rank: int, world_s
 
 
 class SFTLoader:
-    """Global batches of `global_batch` stream conversations, as this rank's padded micro batches."""
+    """Global batches of `global_batch` stream rows, as this rank's padded micro batches."""
 
     def __init__(self, mixture: Mixture, global_batch: int, micro_batch: int, rank: int, world_size: int,
                  pad_id: int):
@@ -148,12 +177,12 @@ class SFTLoader:
 
 def val_batches(rows: Sequence[Rendered], micro_batch: int, rank: int, world_size: int,
                 pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's micro batches of the held-out conversations, the same number on every rank
+    """This rank's micro batches of the held-out rows, the same number on every rank
     (the set is cut to a whole number of rounds of world_size x micro_batch rows: an FSDP forward
     is collective, so every rank must run as many)."""
     per_round = micro_batch * world_size
     usable = len(rows) // per_round * per_round
     if usable == 0:
-        raise ConfigError(f"config key 'sft.eval_examples': {len(rows)} held-out conversations, fewer than one "
+        raise ConfigError(f"config key 'sft.eval_examples': {len(rows)} held-out rows, fewer than one "
                           f"round of micro_batch x processes = {per_round}")
     return micro_batches(rows[:usable], micro_batch, rank, world_size, pad_id)
