@@ -29,7 +29,7 @@ from pipeline.train.sft_data import Mixture, SFTLoader, load_split
 TASKS_CONFIG = section_config("tasks", {"arithmetic": {"train_problems": 300, "test_problems": 40}})
 TEST_CONFIG = dict(mixture={"arithmetic": 3, "gsm8k": 0, "instruct": 1}, global_batch=8, micro_batch=4, max_steps=6,
                    lr=0.01, warmup_steps=2, eval_every=3, eval_examples=8, checkpoint_every=2, keep=2, samples=1,
-                   sample_tokens=8, accuracy_examples=10, max_new_tokens=10, peak_flops=1e12, wandb_mode="disabled")
+                   sample_tokens=8, accuracy_examples=10, peak_flops=1e12, wandb_mode="disabled")
 SEQ_LEN = 96
 
 
@@ -89,7 +89,8 @@ def test_a_run_writes_its_outputs_and_resumes_bit_identically(base, tmp_path):
     assert counts["conversations"] == 6 * 8 and counts["trained_tokens"] > 0
     assert counts["dropped_too_long"]["instruct"] > 0 and counts["dropped_too_long"]["arithmetic"] == 0
     assert set(counts["train_conversations"]) == {"arithmetic", "instruct"}  # gsm8k has weight 0
-    assert metrics["arithmetic_scored"] == 10 and 0 <= metrics["arithmetic_accuracy"] <= 1
+    assert metrics["arithmetic_accuracy"]["n"] == 10 and 0 <= metrics["arithmetic_accuracy"]["value"] <= 1
+    assert metrics["arithmetic_accuracy_input"]["n"] == 10 and metrics["arithmetic_held_out"]["items"] == 10
     assert metrics["mixture_shares"] == pytest.approx({"arithmetic": 0.75, "instruct": 0.25}, abs=1e-3)
     model, meta = load_final(out / "final.pt")  # weights_only=True
     assert meta["step"] == 6 and meta["vocab_size"] == 400
