@@ -128,15 +128,22 @@ def completion_texts(tokenizer: BPETokenizer, rollouts: Rollouts, stop: int) -> 
 
 
 def plot_rewards(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """One panel per logged rollout statistic against GRPO step."""
+    """One panel per logged rollout statistic against GRPO step; a statistic that is 0 at every
+    step (KL with beta 0, the clip fraction with one update per batch) is named, not drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = {r["grpo_step"]: r for r in records if "reward_mean" in r}  # a restored step: its last run
     xs = sorted(steps)
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5), sharex=True)
-    for ax, (key, label) in zip(axes.flat, PLOTTED):
+    drawn = [(key, label) for key, label in PLOTTED if any(steps[s][key] for s in xs)]
+    zero = [label for key, label in PLOTTED if (key, label) not in drawn]
+    cols = min(4, max(1, len(drawn)))
+    rows = max(1, -(-len(drawn) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows + 0.4), sharex=True, squeeze=False)
+    for ax in axes.flat[len(drawn):]:
+        ax.axis("off")
+    for ax, (key, label) in zip(axes.flat, drawn):
         ys = np.array([steps[s][key] for s in xs], dtype=float)
         ax.plot(xs, ys, lw=1.2)
         if key == "reward_mean":
@@ -146,7 +153,7 @@ def plot_rewards(records: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("GRPO step (rollout batch)")
-    fig.suptitle(title)
+    fig.suptitle(title + (f"\n0 at every step, not drawn: {', '.join(zero)}" if zero else ""), fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -314,7 +321,10 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
                      "zero_adv_groups_total": sum(r["zero_adv_groups"] for r in steps),
                      "flops_per_token": flops_per_token, "peak_flops": peak, "peak_flops_source": peak_source,
                      **accuracy},
-            plot_title=title + " (loss: the clipped surrogate)", plot_baseline=None, make_samples=make_samples,
+            plot_title=title, plot_baseline=None,
+            plot_labels={"loss_label": f"clipped surrogate loss ({cfg['loss_type']}): -objective, not a cross-entropy",
+                         "val_label": f"held-out error: 1 - greedy accuracy, first {eval_n} fixed items"},
+            make_samples=make_samples,
             decode=tokenizer.decode, samples_header=header, extra_outputs=("rewards.png",))
         if d.is_main:
             log.info("done: %d GRPO steps; outputs in %s", run.step // mu, out)
