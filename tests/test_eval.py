@@ -265,7 +265,8 @@ def test_task_accuracy_by_hand(tokenizer):
     assert len(seven) == 1
     model = always(tiny_gpt(tokenizer.n_vocab, seq_len=64), seven[0])
     task = Listed([qa_example("What is 3 + 4?", "", "7777"), qa_example("What is 1 + 1?", "", "2")], max_new_tokens=4)
-    result, units = task_accuracy(model, tokenizer, task, max_examples=None, samples=3, k=2, temperature=1.0, seed=0)
+    result, units = task_accuracy(model, tokenizer, task, max_examples=None, sample_items=None, samples=3, k=2,
+                                  temperature=1.0, seed=0)
     # every completion is "7777": right for the first example, wrong for the second
     assert result["pass@1"] == proportion(1, 2) and result["pass@k"]["value"] == 0.5 and result["n"] == 2
     assert units == {"correct": [1, 0], "pass@k": [1.0, 0.0]}
@@ -275,16 +276,18 @@ def test_task_accuracy_by_hand(tokenizer):
 def test_generation_stops_at_assistant_end(tokenizer):
     model = always(tiny_gpt(tokenizer.n_vocab, seq_len=64), tokenizer.special_tokens[ASSISTANT_END])
     task = Listed([qa_example("What is 3 + 4?", "", "7")], max_new_tokens=8)
-    result, _ = task_accuracy(model, tokenizer, task, max_examples=1, samples=2, k=1, temperature=1.0, seed=0)
+    result, _ = task_accuracy(model, tokenizer, task, max_examples=1, sample_items=None, samples=2, k=1,
+                              temperature=1.0, seed=0)
     assert result["examples"][0]["greedy"] == "" and result["pass@1"]["value"] == 0.0
 
 
 def test_task_accuracy_on_real_tasks_is_seeded(tokenizer):
     model = tiny_gpt(tokenizer.n_vocab, seq_len=128, seed=5)
     for name in ("arithmetic", "gsm8k"):
-        runs = [task_accuracy(model, tokenizer, get_task(name, {}), max_examples=2, samples=3, k=2,
+        runs = [task_accuracy(model, tokenizer, get_task(name, {}), max_examples=2, sample_items=1, samples=3, k=2,
                               temperature=1.0, seed=1) for _ in range(2)]
-        assert runs[0] == runs[1] and runs[0][0]["n"] == 2
+        assert runs[0] == runs[1] and runs[0][0]["n"] == runs[0][0]["pass@1"]["n"] == 2
+        assert runs[0][0]["pass@k"]["n"] == 1 and len(runs[0][1]["pass@k"]) == 1  # sampled: the first item only
         assert 0.0 <= runs[0][0]["pass@k"]["value"] <= 1.0
 
 

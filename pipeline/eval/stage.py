@@ -69,7 +69,8 @@ def evaluate_model(model: torch.nn.Module, tokenizer: BPETokenizer, cfg: dict[st
     for name in t["names"]:
         result["tasks"][name], units["tasks"][name] = task_accuracy(
             model, tokenizer, get_task(name, tasks_config or {}), max_examples=t["max_examples"],
-            samples=t["samples"], k=t["k"], temperature=t["temperature"], seed=cfg["seed"])
+            sample_items=t["sample_items"], samples=t["samples"], k=t["k"], temperature=t["temperature"],
+            seed=cfg["seed"])
     return result, units
 
 
@@ -170,8 +171,9 @@ def table_md(results: dict[str, dict], comparisons: list[dict], items: dict[str,
         lines += [f"| {row_name(name)} | " + " | ".join(fmt(get(r)) for _, get in cols) + " |"
                   for name, r in results.items()]
     for task in (t for t, m in measured.items() if not m):
-        lines.append(f"\n{task}: {NOT_MEASURED} (pass@1 and pass@{first['tasks'][task]['k']} are 0 for every "
-                     f"model on {first['tasks'][task]['n']} items).")
+        t = first["tasks"][task]
+        lines.append(f"\n{task}: {NOT_MEASURED} (0 for every model: pass@1 on {t['pass@1']['n']} items, "
+                     f"pass@{t['k']} on {t['pass@k']['n']}).")
 
     lines += ["", "## Paired comparisons\n",
               "diff = b - a with its 95% interval; p: exact McNemar for pass@1 and MMLU acc, paired bootstrap "

@@ -34,15 +34,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def task_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task: Task, *, max_examples: int | None,
-                  samples: int, k: int, temperature: float, seed: int) -> tuple[dict[str, Any], dict[str, list]]:
-    """Greedy pass@1 (`held_out_accuracy`, what SFT and GRPO report) and sampled pass@k (n =
-    samples) on the task's fixed held-out items (the first max_examples; all when None). Returns
-    the result (pass@1 with its Wilson interval, pass@k with its bootstrap interval over items)
-    and the per-item scores the paired comparisons read: {"correct": 0/1, "pass@k": per item}."""
+                  sample_items: int | None, samples: int, k: int, temperature: float,
+                  seed: int) -> tuple[dict[str, Any], dict[str, list]]:
+    """Greedy pass@1 (`held_out_accuracy`, what SFT and GRPO report) on the task's fixed held-out
+    items (the first max_examples; all when None) and sampled pass@k (n = samples) on the first
+    sample_items of them (all when None). Returns the result (pass@1 with its Wilson interval,
+    pass@k with its bootstrap interval over items) and the per-item scores the paired comparisons
+    read: {"correct": 0/1, "pass@k": per sampled item}."""
     if not 1 <= k <= samples:
         raise ValueError(f"eval.tasks: k {k} must be between 1 and samples {samples}")
     greedy = held_out_accuracy(model, tokenizer, task, max_examples)
-    items = held_out_items(task, max_examples)
+    items = held_out_items(task, max_examples)[:sample_items]
     prompts = [render_prompt(tokenizer, e.prompt) for e in items]
     draws = complete(model, [p for p in prompts for _ in range(samples)],
                      max_new_tokens=task.config["held_out"]["max_new_tokens"],
@@ -53,6 +55,6 @@ def task_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task: Task, *
         correct = sum(task.reward(tokenizer.decode(d), example.answer) > 0 for d in draws[i * samples:(i + 1) * samples])
         sampled.append(pass_at_k(samples, correct, k))
     shown = [{"answer": a["answer"], "greedy": a["completion"]} for a in greedy["answers"][:3]]
-    result = {"pass@1": greedy["accuracy"], "pass@k": bootstrap_ratio(sampled), "n": len(items), "samples": samples,
-              "k": k, "examples": shown}
+    result = {"pass@1": greedy["accuracy"], "pass@k": bootstrap_ratio(sampled), "n": greedy["accuracy"]["n"],
+              "samples": samples, "k": k, "examples": shown}
     return result, {"correct": greedy["correct"], "pass@k": sampled}
