@@ -21,15 +21,15 @@ from pipeline.config import section_config
 from pipeline.eval.stage import run_eval
 from pipeline.model.gpt import load_final
 from pipeline.tasks import get_task, held_out_items, held_out_record
-from pipeline.tasks.evaluate import held_out_accuracy
+from pipeline.tasks.evaluate import greedy_accuracy, held_out_accuracy
 from pipeline.tokenizer import BPETokenizer
 from pipeline.train import grpo_stage, sft
 from test_eval import always, write_tokens
 
 SEQ_LEN = 64
 TASKS_CONFIG = section_config("tasks", {"arithmetic": {
-    "digits": [1, 1], "operators": ["*"], "train_problems": 30, "test_problems": 36, "test_fraction": 0.5,
-    "held_out": {"items": 30, "seed": 3, "max_new_tokens": 3}}})
+    "digits": [1, 1], "operators": ["*"], "train_problems": 30, "test_problems": 40, "test_fraction": 0.5,
+    "held_out": {"items": 15, "seed": 3, "max_new_tokens": 3}}})
 
 
 @pytest.fixture(autouse=True)
@@ -41,14 +41,14 @@ def test_held_out_items_are_a_fixed_seeded_draw_of_the_test_split():
     task = get_task("arithmetic", TASKS_CONFIG)
     items = held_out_items(task)
     test = task.examples("test")
-    assert len(items) == 30 and len({e.prompt[-1]["content"] for e in items}) == 30
-    assert all(e in test for e in items) and items != test[:30]  # a shuffle, not the split's head
+    assert len(items) == 15 and len({e.prompt[-1]["content"] for e in items}) == 15
+    assert all(e in test for e in items) and items != test[:15]  # a shuffle, not the split's head
     assert held_out_items(task) == items and held_out_items(task, 10) == items[:10]
     other = get_task("arithmetic", {**TASKS_CONFIG, "arithmetic": {**TASKS_CONFIG["arithmetic"],
-                                                                     "held_out": {"items": 30, "seed": 4}}})
+                                                                     "held_out": {"items": 15, "seed": 4}}})
     assert held_out_items(other) != items
     record = held_out_record(task)
-    assert record["items"] == 30 and record["seed"] == 3 and record["max_new_tokens"] == 3
+    assert record["items"] == 15 and record["seed"] == 3 and record["max_new_tokens"] == 3
     assert record["sha256"] != held_out_record(other)["sha256"] != held_out_record(task, 10)["sha256"]
     with pytest.raises(ValueError, match="tasks.arithmetic.held_out.items"):
         held_out_items(get_task("arithmetic", {"arithmetic": {"test_problems": 20, "held_out": {"items": 25}}}))
@@ -94,6 +94,9 @@ def test_sft_grpo_and_eval_report_the_same_accuracy_for_the_same_model(tmp_path,
     task = get_task("arithmetic", TASKS_CONFIG)
     expected = held_out_accuracy(load_final(base)[0], tokenizer, task)["accuracy"]
     assert 0 < expected["value"] < 1  # right on the products that are 0 only
+    # other items give another number: a stage scoring its own draw would disagree
+    head = greedy_accuracy(load_final(base)[0], tokenizer, task, task.examples("test")[:15], max_new_tokens=3)
+    assert head["accuracy"] != expected["value"]
 
     sft_cfg = section_config("sft", dict(mixture={"arithmetic": 1}, global_batch=4, micro_batch=4, max_steps=2,
                                          lr=1e-6, warmup_steps=1, eval_every=2, eval_examples=4, checkpoint_every=2,
@@ -121,7 +124,7 @@ def test_sft_grpo_and_eval_report_the_same_accuracy_for_the_same_model(tmp_path,
     assert sft_m["arithmetic_accuracy_input"] == pass1["pretrain"] == expected
     assert sft_m["arithmetic_accuracy"] == grpo_m["arithmetic_accuracy_input"] == pass1["sft"]
     assert grpo_m["arithmetic_accuracy"] == pass1["grpo"]
-    assert pass1["sft"]["n"] == 30 and pass1["sft"]["method"] == "wilson"
+    assert pass1["sft"]["n"] == 15 and pass1["sft"]["method"] == "wilson"
     # on the same items, recorded alike by all three
     record = held_out_record(task)
     eval_manifest = json.loads((tmp_path / "eval" / "manifest.json").read_text())
