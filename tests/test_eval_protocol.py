@@ -9,6 +9,7 @@ SFT and GRPO run a few steps at a tiny learning rate, which leaves the answers a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from pipeline.cli import ConfigError
 from pipeline.config import section_config
 from pipeline.eval.stage import run_eval
 from pipeline.model.gpt import load_final
+from pipeline.report_card import Reader, eval_table
 from pipeline.tasks import get_task, held_out_items, held_out_record
 from pipeline.tasks.evaluate import greedy_accuracy, held_out_accuracy
 from pipeline.tokenizer import BPETokenizer
@@ -154,6 +156,15 @@ def test_sft_grpo_and_eval_report_the_same_accuracy_for_the_same_model(tmp_path,
     assert saved["tasks"]["arithmetic"]["measured"] is True
     table = (tmp_path / "eval" / "eval.md").read_text()
     assert "Paired comparisons" in table and f"{pass1['sft']['value']:.3f} [" in table
+
+    # the report card's eval table prints these numbers with their intervals, and the forgetting
+    page = re.sub(r"<[^>]+>", " ", eval_table(Reader(tmp_path), tmp_path / "eval" / "manifest.json"))
+    page = re.sub(r"\s+", " ", page)
+    shown = lambda m, f=".3f": f"{m['value']:{f}} [{m['ci95'][0]:{f}}, {m['ci95'][1]:{f}}]"  # noqa: E731
+    assert f"arithmetic pass@1 (greedy, n=15) {' '.join(shown(pass1[n]) for n in models)}" in page, page
+    assert f"val loss (nats/token) {' '.join(shown(saved['models'][n]['val_loss']) for n in models)}" in page
+    lo, hi = forgetting["ci95"]
+    assert f"{forgetting['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] p {forgetting['p_value']:.2g}" in page
 
 
 def test_a_task_at_zero_for_every_model_is_not_measured(tmp_path, stories):
