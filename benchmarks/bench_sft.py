@@ -109,10 +109,10 @@ def main() -> int:
             lm = (f"{kept['val_loss']:.3f} ({kept['val_loss'] / base['val_loss']:.2f}) | {kept['bpb']:.3f}"
                   if kept else "- | -")
             m, c = summary["metrics"], summary["counts"]
-            acc = lambda key: f"{100 * m[key]:.1f}%" if key in m else "-"  # noqa: E731
+            acc = lambda key: f"{100 * m[key]['value']:.1f}%" if key in m else "-"  # noqa: E731
             mix = ", ".join(f"{k} {v:g}" for k, v in cfg["mixture"].items() if v)
             mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "-"
-            rows.append(f"| {name} | {c['steps']} | {cfg['lr']:g} | {mix} | {acc('arithmetic_accuracy_base')} | "
+            rows.append(f"| {name} | {c['steps']} | {cfg['lr']:g} | {mix} | {acc('arithmetic_accuracy_input')} | "
                         f"{acc('arithmetic_accuracy')} | {lm} | {m['final_val_loss']:.3f} | {c['trained_tokens']:,} | "
                         f"{wall:.0f} | {cpu:.0f} | {m['tokens_per_s']:,.0f} | {mfu} |")
             print("\n".join(rows), flush=True)

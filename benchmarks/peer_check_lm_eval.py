@@ -109,8 +109,8 @@ def main() -> None:
         command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={hf_dir},dtype=float32",
                    "--tasks", GROUP, "--include_path", str(args.work / "tasks"), "--num_fewshot", str(shots),
                    "--batch_size", "16", "--device", "cpu", "--output_path", str(args.work / f"lm_eval_{shots}shot")]
-        line = (f"{shots}-shot: ours acc {ours['acc']:.4f} ({ours['n']} questions); transformers logits acc "
-                f"{theirs['acc']:.4f} (largest log-likelihood difference {gap:.2e})")
+        line = (f"{shots}-shot: ours acc {ours['acc']['value']:.4f} ({ours['n']} questions); transformers logits acc "
+                f"{theirs['acc']['value']:.4f} (largest log-likelihood difference {gap:.2e})")
         if importlib.util.find_spec("lm_eval"):  # this interpreter's lm-eval, not one on PATH
             subprocess.run(command, check=True)
             found = sorted((args.work / f"lm_eval_{shots}shot").rglob("results_*.json"))[-1]

@@ -79,10 +79,12 @@ rule eval_size:
         tasks=section("tasks"),
         models=lambda wc: " ".join(f"--model {shlex.quote(f'{s}={final_model(s, wc.size)}')}" for s in MODEL_STAGES),
         tokens=f"{RUN}/tokens",
+        text_sources=" ".join(shlex.quote(name) for name in TEXT),  # scored apart from the web shards
         out=lambda wc: f"{RUN}/eval/{wc.size}",
     shell:
         stage("eval", "{params.models} --tokens {params.tokens:q} --tokenizer {input.tokenizer:q} --out {params.out:q}"
-                      " --size {wildcards.size} --threads {threads}", sections=("config", "tasks"))
+                      " --size {wildcards.size} --text-sources {params.text_sources} --threads {threads}",
+              sections=("config", "tasks"))
 
 
 rule eval:

@@ -1,5 +1,5 @@
-"""The canary (pipeline/eval/canary.py): Wilson's interval, the baseline it reads from eval.json,
-its verdicts against a served model (uvicorn on loopback, a nano GPT), the prober's metrics, and
+"""The canary (pipeline/eval/canary.py): the baseline it reads from eval.json (the pass@1 metric
+and the record of the items the eval scored), its verdicts against a served model (uvicorn on loopback, a nano GPT), the prober's metrics, and
 a one-line error, never a traceback, for an endpoint that is down, a model it does not serve and
 a malformed baseline. The live run against Prometheus is in test_monitoring.py."""
 
@@ -15,87 +15,88 @@ from pathlib import Path
 import pytest
 import torch
 from prometheus_client import generate_latest
-from scipy.stats import binomtest
 
 from conftest import ROOT
 from pipeline.__main__ import main
-from pipeline.eval.canary import CanaryError, ProbeMetrics, eval_max_tokens, read_baseline
-from pipeline.eval.stats import wilson_interval
+from pipeline.eval.canary import CanaryError, ProbeMetrics, canary_items, read_baseline
+from pipeline.eval.stats import proportion, wilson_interval
 from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.tasks import get_task, held_out_items
+from pipeline.tasks import get_task, held_out_items, held_out_record
 from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS, BPETokenizer
 from test_inference_server import serve
 
 ITEMS = 10
 
 
-def test_wilson_interval_by_hand_and_as_scipy():
-    # 0 of n: [0, z^2 / (n + z^2)]
-    assert wilson_interval(0, 10) == (0.0, pytest.approx(1.959963984540054**2 / (10 + 1.959963984540054**2)))
-    for correct, n in [(0, 1), (1, 1), (5, 10), (10, 10), (15, 30), (57, 100), (3, 1000)]:
-        ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
-        assert wilson_interval(correct, n) == (pytest.approx(ci.low, abs=1e-12), pytest.approx(ci.high, abs=1e-12))
-    with pytest.raises(ValueError, match="correct=11 n=10"):
-        wilson_interval(11, 10)
-
-
-def eval_json(path: Path, rows: dict[str, dict]) -> Path:
-    """An eval.json as the eval stage writes it: size, and per model its tasks' scores."""
-    path.write_text(json.dumps({"size": "nano", "models": {
-        name: {"val_loss": 3.0, "bpb": 1.5, "mmlu": {}, "tasks": {"arithmetic": {"k": 1, "samples": 1, **scores}}}
-        for name, scores in rows.items()}}))
+def eval_json(path: Path, rows: dict[str, tuple[int, int]], items: dict | None = None) -> Path:
+    """An eval.json as the eval stage writes it: size, the record of the arithmetic items it scored
+    (default config's, `n` of them), and per model (correct, n) as its pass@1 metric."""
+    n = max([n for _, n in rows.values()], default=ITEMS)
+    record = held_out_record(get_task("arithmetic", {}), n) if items is None else items
+    path.write_text(json.dumps({"size": "nano", "held_out_items": {"arithmetic": record}, "models": {
+        name: {"val_loss": 3.0, "bpb": 1.5, "mmlu": {},
+               "tasks": {"arithmetic": {"pass@1": proportion(c, n), "n": n, "k": 1, "samples": 1}}}
+        for name, (c, n) in rows.items()}}))
     return path
 
 
-def test_the_baseline_is_the_wilson_lower_bound_or_the_row_s_own_interval(tmp_path):
-    path = eval_json(tmp_path / "eval.json", {"pretrain": {"pass@1": 0.0, "pass@k": 0.0, "n": 30},
-                                             "sft": {"pass@1": 0.5, "pass@k": 0.6, "n": 30}})
+def test_the_baseline_is_the_lower_end_of_the_pass_at_1_interval(tmp_path):
+    path = eval_json(tmp_path / "eval.json", {"pretrain": (0, 30), "sft": (15, 30)})
     sft = read_baseline(path, "sft", "arithmetic")
     assert (sft.accuracy, sft.n, sft.lower) == (0.5, 30, wilson_interval(15, 30)[0])
-    assert sft.lower == pytest.approx(0.3315, abs=1e-4) and "Wilson interval of 15/30" in sft.interval
+    assert sft.lower == pytest.approx(0.3315, abs=1e-4)
+    assert sft.items == held_out_record(get_task("arithmetic", {}), 30)
     assert read_baseline(path, "pretrain", "arithmetic").lower == 0.0
-    path = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 30, "pass@1_ci95": [0.41, 0.6]}})
-    sft = read_baseline(path, "sft", "arithmetic")
-    assert sft.lower == 0.41 and sft.interval == "models.sft.tasks.arithmetic.pass@1_ci95"
+
+
+def metric_row(metric) -> dict:
+    return {"sft": {"tasks": {"arithmetic": {"pass@1": metric}}}}
 
 
 @pytest.mark.parametrize("content, row, match", [
     (None, "sft", "no such file"),
     ("{not json", "sft", "not a readable JSON file"),
-    ('{"size": "nano"}', "sft", "no 'models' rows"),
-    ({"pretrain": {"pass@1": 0.1, "n": 10}}, "sft", "no model row 'sft' .*its rows: pretrain"),
-    ({"sft": {"pass@1": 0.5, "n": 0}}, "sft", "needs pass@1 in \\[0, 1\\] and n >= 1"),
-    ({"sft": {"pass@1": "half", "n": 10}}, "sft", "needs pass@1"),
-    ({"sft": {"pass@1": 0.55, "n": 10}}, "sft", "not a whole number of right answers"),
-    ({"sft": {"pass@1": 0.5, "n": 10, "pass@1_ci95": [0.6, 0.7]}}, "sft", "pass@1_ci95 must be \\[low, high\\]"),
+    ({"size": "nano"}, "sft", "no 'models' rows"),
+    ({"models": {"pretrain": {}}}, "sft", "no model row 'sft' .*its rows: pretrain"),
+    ({"models": metric_row(0.5)}, "sft", "pass@1 must be a metric .*it is 0.5"),
+    ({"models": metric_row({"value": 0.5, "ci95": [0.4, 0.6], "n": 0})}, "sft", "pass@1 must be a metric"),
+    ({"models": metric_row({"value": "half", "ci95": [0.4, 0.6], "n": 10})}, "sft", "pass@1 must be a metric"),
+    ({"models": metric_row({"value": 0.5, "ci95": [0.6, 0.7], "n": 10})}, "sft", "ci95: \\[low, high\\] around"),
+    ({"models": metric_row({"value": 0.5, "n": 10})}, "sft", "pass@1 must be a metric"),
+    ({"models": metric_row(proportion(5, 10))}, "sft", "no held_out_items.arithmetic"),
+    ({"models": metric_row(proportion(5, 10)), "held_out_items": {"arithmetic": {"items": 10}}}, "sft",
+     "no held_out_items.arithmetic"),
 ])
 def test_a_malformed_baseline_is_named(tmp_path, content, row, match):
     path = tmp_path / "eval.json"
-    if isinstance(content, dict):
-        eval_json(path, content)
-    elif content is not None:
-        path.write_text(content)
+    if content is not None:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(CanaryError, match=f"--baseline {path}: .*{match}"):
         read_baseline(path, row, "arithmetic")
 
 
 def test_a_task_the_eval_did_not_score_is_named(tmp_path):
-    path = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 10}})
+    path = eval_json(tmp_path / "eval.json", {"sft": (5, 10)})
     with pytest.raises(CanaryError, match="no models.sft.tasks.gsm8k; the eval scored sft on arithmetic"):
         read_baseline(path, "sft", "gsm8k")
 
 
-def test_answers_get_the_eval_s_max_new_tokens(tmp_path, caplog):
-    """From the eval manifest beside eval.json; without one, eval's default, said in a warning."""
-    from pipeline.artifacts import write_manifest
-    from pipeline.config import section_config
-
-    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 10}})
-    assert eval_max_tokens(baseline) == section_config("eval", {})["tasks"]["max_new_tokens"] == 32
-    assert "holds no eval config: answers get at most 32 tokens" in caplog.text
-    write_manifest(tmp_path / "manifest.json", stage="eval", inputs=[], outputs={baseline: None},
-                   config={"size": "nano", **section_config("eval", {"tasks": {"max_new_tokens": 7}})})
-    assert eval_max_tokens(baseline) == 7
+def test_the_items_are_the_eval_s_or_refused(tmp_path):
+    """The first n of the fixed items, checked against eval.json's record: another seed, or a list
+    shorter than the eval's, is refused."""
+    task = get_task("arithmetic", {})
+    baseline = read_baseline(eval_json(tmp_path / "eval.json", {"sft": (20, 40)}), "sft", "arithmetic")
+    assert canary_items(task, baseline, 10) == held_out_items(task, 10) == held_out_items(task)[:10]
+    with pytest.raises(CanaryError, match="--items 41: the eval scored 40 arithmetic held-out items"):
+        canary_items(task, baseline, 41)
+    reseeded = get_task("arithmetic", {"arithmetic": {"held_out": {"seed": 1}}})
+    assert held_out_items(reseeded, 10) != held_out_items(task, 10)
+    with pytest.raises(CanaryError, match="--tasks-config: its arithmetic held-out items are not the ones the eval "
+                                          "scored"):
+        canary_items(reseeded, baseline, 10)
+    short = get_task("arithmetic", {"arithmetic": {"held_out": {"items": 20}}})
+    with pytest.raises(CanaryError, match="--tasks-config: task arithmetic: 40 held-out items asked, the list has 20"):
+        canary_items(short, baseline, 10)
 
 
 def test_the_prober_exports_only_the_latest_model_s_series():
@@ -131,9 +132,13 @@ def canary(url: str, baseline: Path, out: Path, *extra: str) -> int:
 
 
 def test_the_canary_scores_the_eval_items_and_passes_at_the_bar(served, tmp_path):
-    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.0, "n": 20}})
-    assert canary(served.url, baseline, tmp_path / "canary.json") == 0
+    """Answers up to the items' token budget as eval.json records it (no --max-tokens here)."""
+    record = {**held_out_record(get_task("arithmetic", {}), 20), "max_new_tokens": 6}
+    baseline = eval_json(tmp_path / "eval.json", {"sft": (0, 20)}, items=record)
+    assert main(["canary", "--endpoint", f"{served.url}/v1", "--baseline", str(baseline), "--items", str(ITEMS),
+                 "--out", str(tmp_path / "canary.json")]) == 0
     result = json.loads((tmp_path / "canary.json").read_text())
+    assert result["max_tokens"] == 6
     task = get_task("arithmetic", {})
     items = held_out_items(task, ITEMS)
     assert [a["question"] for a in result["answers"]] == [e.prompt[-1]["content"] for e in items]
@@ -147,7 +152,7 @@ def test_the_canary_scores_the_eval_items_and_passes_at_the_bar(served, tmp_path
 
 
 def test_the_canary_fails_below_the_baseline_s_lower_bound(served, tmp_path, capsys):
-    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 100}})
+    baseline = eval_json(tmp_path / "eval.json", {"sft": (50, 100)})
     assert canary(served.url, baseline, tmp_path / "canary.json") == 1
     result = json.loads((tmp_path / "canary.json").read_text())
     assert not result["passed"] and result["accuracy"] < result["baseline"]["lower"] == wilson_interval(50, 100)[0]
@@ -157,13 +162,13 @@ def test_the_canary_fails_below_the_baseline_s_lower_bound(served, tmp_path, cap
 @pytest.mark.parametrize("flags, match", [
     (["--model", "tiny"], "serves 'nano': it does not serve --model 'tiny'"),
     (["--baseline-model", "grpo"], "no model row 'grpo' \\(--baseline-model\\); its rows: sft"),
-    (["--items", "600"], "--items 600: task arithmetic has 500 held-out items"),
+    (["--items", "600"], "--items 600: the eval scored 100 arithmetic held-out items"),
     (["--tasks-config", '{"arithmetic": {"digits": 12}}'], "--tasks-config: .*tasks.arithmetic.digits"),
     (["--task", "chess"], "unknown task 'chess'"),
     (["--every", "0"], "--every must be positive"),
 ])
 def test_bad_input_is_one_clear_line(served, tmp_path, capsys, flags, match):
-    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 100}})
+    baseline = eval_json(tmp_path / "eval.json", {"sft": (50, 100)})
     assert canary(served.url, baseline, tmp_path / "canary.json", *flags) == 2
     err = capsys.readouterr().err
     assert err.count("ERROR") == 1 and "Traceback" not in err and re.search(match, err, flags=re.S), err
@@ -171,7 +176,7 @@ def test_bad_input_is_one_clear_line(served, tmp_path, capsys, flags, match):
 
 
 def test_an_endpoint_without_v1_gets_a_hint(served, tmp_path, capsys):
-    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 100}})
+    baseline = eval_json(tmp_path / "eval.json", {"sft": (50, 100)})
     assert main(["canary", "--endpoint", served.url, "--baseline", str(baseline), "--out",
                  str(tmp_path / "canary.json")]) == 2
     err = capsys.readouterr().err
@@ -182,7 +187,7 @@ def test_an_endpoint_that_is_down_is_one_line_without_a_traceback(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nobody listens on it once closed
-    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 100}})
+    baseline = eval_json(tmp_path / "eval.json", {"sft": (50, 100)})
     done = subprocess.run([sys.executable, "-m", "pipeline", "canary", "--endpoint", f"http://127.0.0.1:{port}/v1",
                            "--baseline", str(baseline), "--out", str(tmp_path / "canary.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -8,16 +8,18 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import RESOURCES, seal
 from pipeline.artifacts import verify, write_manifest
-from pipeline.eval.loss import bits_per_byte, token_logprobs, val_loss_bpb
+from pipeline.eval.loss import bits_per_byte, token_logprobs, val_document_scores, val_loss_bpb
 from pipeline.eval.mmlu import format_question, prompt, questions, summarize
 from pipeline.eval.mmlu_data import read_split
 from pipeline.eval.multiple_choice import Question, encode_pair, evaluate, loglikelihoods, pick, score
 from pipeline.eval.stage import run_eval
+from pipeline.eval.stats import fmt, proportion
 from pipeline.eval.tasks import pass_at_k, task_accuracy
 from pipeline.config import section_config
 from pipeline.token_shards import write_shard
@@ -42,12 +44,15 @@ def zero_gpt(vocab_size: int, seq_len: int = 32):
     return model
 
 
-def write_tokens(folder: Path, tokenizer: BPETokenizer, docs: list[str]) -> Path:
-    """A tokens folder as the tokenize stage writes it: val/ shard + manifest.json metrics."""
-    ids = [tokenizer.encode(d) + [tokenizer.eos_id] for d in docs]
-    write_shard(folder / "val" / "s.bin", ids, tokenizer.n_vocab)
+def write_tokens(folder: Path, tokenizer: BPETokenizer, docs: list[str], more: dict[str, list[str]] | None = None) -> Path:
+    """A tokens folder as the tokenize stage writes it: val/ shards (s.bin holding `docs`, and one
+    per name of `more`) + manifest.json metrics."""
+    shards = {"s": docs, **(more or {})}
+    for name, texts in shards.items():
+        write_shard(folder / "val" / f"{name}.bin", [tokenizer.encode(d) + [tokenizer.eos_id] for d in texts],
+                    tokenizer.n_vocab)
     write_manifest(folder / "manifest.json", stage="tokenize", config={}, inputs=[],
-                   outputs={folder / "val" / f"s.{ext}": None for ext in ("bin", "idx")},
+                   outputs={folder / "val" / f"{name}.{ext}": None for name in shards for ext in ("bin", "idx")},
                    metrics={"vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id})
     return folder
 
@@ -67,10 +72,44 @@ def test_val_bpb_of_a_uniform_model_by_hand(tmp_path, tokenizer, stories):
     targets = [stream[1 + i * 32 + j] for i in range(n_windows) for j in range(32)]
     text_targets = [t for t in targets if t != tokenizer.eos_id]
     n_bytes = len(tokenizer.decode_bytes(text_targets))
-    assert result["val_tokens"] == len(targets) and result["val_bytes"] == n_bytes
-    assert result["val_loss"] == pytest.approx(math.log(tokenizer.n_vocab))  # every id 1/V
+    assert result["tokens"] == len(targets) and result["bytes"] == n_bytes and result["documents"] == 3
+    assert result["val_loss"]["value"] == pytest.approx(math.log(tokenizer.n_vocab))  # every id 1/V
+    # every document has the same loss per token, so resampling documents cannot move it
+    assert result["val_loss"]["ci95"] == pytest.approx([math.log(tokenizer.n_vocab)] * 2)
     # the <|endoftext|> targets count in neither the nats nor the bytes of bpb
-    assert result["bpb"] == pytest.approx(len(text_targets) * math.log(tokenizer.n_vocab) / (math.log(2) * n_bytes))
+    bpb = len(text_targets) * math.log(tokenizer.n_vocab) / (math.log(2) * n_bytes)
+    assert result["bpb"]["value"] == pytest.approx(bpb)
+    assert result["by_source"]["web"]["val_loss"] == result["val_loss"]
+
+
+def test_val_loss_per_document_and_per_source(tmp_path, tokenizer, stories):
+    """Targets are summed into the documents they belong to, windows crossing document ends
+    included, and each text corpus is scored apart from the web shards."""
+    tokens = write_tokens(tmp_path / "tokens", tokenizer, stories[:2], {"tinystories": stories[2:5]})
+    model = tiny_gpt(tokenizer.n_vocab, seq_len=32, seed=4)
+    scores = val_document_scores(model, tokens, tokenizer, max_tokens=10_000, text_sources=["tinystories"])
+    assert set(scores) == {"web", "tinystories"} and len(scores["tinystories"].nats) == 3
+    for name, docs in (("web", stories[:2]), ("tinystories", stories[2:5])):
+        stream = [t for d in docs for t in tokenizer.encode(d) + [tokenizer.eos_id]]
+        ends = np.cumsum([len(tokenizer.encode(d)) + 1 for d in docs])
+        n_windows = (len(stream) - 1) // 32
+        want = np.zeros((2, len(docs)))
+        for i in range(n_windows):
+            window = torch.tensor([stream[i * 32:i * 32 + 33]])
+            with torch.no_grad():
+                nats = -token_logprobs(model(window[:, :-1]), window[:, 1:], tokenizer.n_vocab)[0]
+            for j in range(32):
+                doc = int(np.searchsorted(ends, i * 32 + 1 + j, side="right"))
+                want[:, doc] += [nats[j].item(), 1]
+        assert scores[name].nats == pytest.approx(want[0], rel=1e-5) and list(scores[name].tokens) == list(want[1])
+    result = val_loss_bpb(model, tokens, tokenizer, max_tokens=10_000, text_sources=["tinystories"])
+    total = sum(s.nats.sum() for s in scores.values()) / sum(s.tokens.sum() for s in scores.values())
+    assert result["val_loss"]["value"] == pytest.approx(total) and result["documents"] == 5
+    assert result["by_source"]["web"]["documents"] == 2
+    # unnamed as a text corpus, every shard is web text
+    assert set(val_loss_bpb(model, tokens, tokenizer, max_tokens=10_000)["by_source"]) == {"web"}
+    # max_tokens is per source: the first windows of each
+    assert val_loss_bpb(model, tokens, tokenizer, max_tokens=64, text_sources=["tinystories"])["tokens"] == 2 * 64
 
 
 def test_token_logprobs_ignore_padding_rows_and_minus_one():
@@ -120,6 +159,22 @@ def test_batched_scores_equal_one_forward_per_pair(tokenizer, stories):
         assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_one_token_choices_after_one_context_share_a_forward(tokenizer):
+    """One-token choices after one prompt (as MMLU's " A".." D"): one forward per question, and
+    the sums each choice gets alone."""
+    model = tiny_gpt(tokenizer.n_vocab, seq_len=32, seed=6)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    qs = [Question(f"Question {i}: is it true?\nAnswer:", [" the", " and", " a", " to"], answer=i, group="x")
+          for i in range(2)]
+    assert all(len(encode_pair(tokenizer, q.context, c)[1]) == 1 for q in qs for c in q.choices)
+    results = evaluate(model, tokenizer, qs, batch_size=1)
+    assert len(calls) == 2
+    for q, r in zip(qs, results):
+        alone = [score(model, [encode_pair(tokenizer, q.context, c)], batch_size=1)[0] for c in q.choices]
+        assert r["sums"] == pytest.approx(alone, abs=1e-5)
+
+
 def test_evaluate_counts_right_answers(tokenizer):
     model = zero_gpt(tokenizer.n_vocab)
     qs = [Question("Q:", [" a", " once upon a time there was a little girl"], answer=0, group="x"),
@@ -127,7 +182,8 @@ def test_evaluate_counts_right_answers(tokenizer):
     results = evaluate(model, tokenizer, qs)
     assert [r["acc"] for r in results] == [1.0, 0.0] and [r["acc_norm"] for r in results] == [0.0, 1.0]
     summary = summarize(results)
-    assert summary["acc"] == 0.5 and summary["subjects"]["x"]["acc"] == 1.0 and summary["chance"] == 0.25
+    assert summary["acc"] == proportion(1, 2) and summary["acc_norm"] == proportion(1, 2)
+    assert summary["subjects"]["x"]["acc"] == proportion(1, 1) and summary["chance"] == 0.25
 
 
 # --- MMLU ------------------------------------------------------------------------------------------
@@ -191,12 +247,13 @@ def always(model, token: int):
 
 
 class Listed(Task):
-    """A task of given examples, scored by the real numeric reward of the task package."""
+    """A task of given examples, all of them its held-out items in order (seed-free), scored by the
+    real numeric reward of the task package."""
 
     name = "listed"
 
-    def __init__(self, examples: list[Example]):
-        super().__init__({})
+    def __init__(self, examples: list[Example], max_new_tokens: int):
+        super().__init__({"held_out": {"items": len(examples), "seed": 0, "max_new_tokens": max_new_tokens}})
         self._examples = examples
 
     def examples(self, split: str) -> list[Example]:
@@ -207,29 +264,31 @@ def test_task_accuracy_by_hand(tokenizer):
     seven = tokenizer.encode("7")
     assert len(seven) == 1
     model = always(tiny_gpt(tokenizer.n_vocab, seq_len=64), seven[0])
-    task = Listed([qa_example("What is 3 + 4?", "", "7777"), qa_example("What is 1 + 1?", "", "2")])
-    result = task_accuracy(model, tokenizer, task, max_examples=5, samples=3, k=2, temperature=1.0,
-                           max_new_tokens=4, seed=0)
+    task = Listed([qa_example("What is 3 + 4?", "", "7777"), qa_example("What is 1 + 1?", "", "2")], max_new_tokens=4)
+    result, units = task_accuracy(model, tokenizer, task, max_examples=None, sample_items=None, samples=3, k=2,
+                                  temperature=1.0, seed=0)
     # every completion is "7777": right for the first example, wrong for the second
-    assert result["pass@1"] == 0.5 and result["pass@k"] == 0.5 and result["n"] == 2
+    assert result["pass@1"] == proportion(1, 2) and result["pass@k"]["value"] == 0.5 and result["n"] == 2
+    assert units == {"correct": [1, 0], "pass@k": [1.0, 0.0]}
     assert result["examples"][0] == {"answer": "7777", "greedy": "7777"}
 
 
 def test_generation_stops_at_assistant_end(tokenizer):
     model = always(tiny_gpt(tokenizer.n_vocab, seq_len=64), tokenizer.special_tokens[ASSISTANT_END])
-    task = Listed([qa_example("What is 3 + 4?", "", "7")])
-    result = task_accuracy(model, tokenizer, task, max_examples=1, samples=2, k=1, temperature=1.0,
-                           max_new_tokens=8, seed=0)
-    assert result["examples"][0]["greedy"] == "" and result["pass@1"] == 0.0
+    task = Listed([qa_example("What is 3 + 4?", "", "7")], max_new_tokens=8)
+    result, _ = task_accuracy(model, tokenizer, task, max_examples=1, sample_items=None, samples=2, k=1,
+                              temperature=1.0, seed=0)
+    assert result["examples"][0]["greedy"] == "" and result["pass@1"]["value"] == 0.0
 
 
 def test_task_accuracy_on_real_tasks_is_seeded(tokenizer):
     model = tiny_gpt(tokenizer.n_vocab, seq_len=128, seed=5)
     for name in ("arithmetic", "gsm8k"):
-        runs = [task_accuracy(model, tokenizer, get_task(name, {}), max_examples=2, samples=3, k=2,
-                              temperature=1.0, max_new_tokens=6, seed=1) for _ in range(2)]
-        assert runs[0] == runs[1] and runs[0]["n"] == 2
-        assert 0.0 <= runs[0]["pass@k"] <= 1.0
+        runs = [task_accuracy(model, tokenizer, get_task(name, {}), max_examples=2, sample_items=1, samples=3, k=2,
+                              temperature=1.0, seed=1) for _ in range(2)]
+        assert runs[0] == runs[1] and runs[0][0]["n"] == runs[0][0]["pass@1"]["n"] == 2
+        assert runs[0][0]["pass@k"]["n"] == 1 and len(runs[0][1]["pass@k"]) == 1  # sampled: the first item only
+        assert 0.0 <= runs[0][0]["pass@k"]["value"] <= 1.0
 
 
 # --- the stage -------------------------------------------------------------------------------------
@@ -241,8 +300,7 @@ def test_run_eval_writes_the_table(tmp_path, tokenizer, stories):
     models = {name: save_final(tiny_gpt(tokenizer.n_vocab, seq_len=64, seed=s), tmp_path / f"{name}.pt")
               for s, name in enumerate(["sft", "pretrain"])}
     cfg = section_config("eval", {"val_tokens": 512, "mmlu": {"path": str(MMLU), "max_questions": 8},
-                                  "tasks": {"names": ["arithmetic"], "max_examples": 2, "samples": 2, "k": 2,
-                                            "max_new_tokens": 4}})
+                                  "tasks": {"names": ["arithmetic"], "max_examples": 2, "samples": 2, "k": 2}})
     out = tmp_path / "eval"
     seal(*models.values(), tok_path)
     results = run_eval(models, tokens=tokens, tokenizer_path=tok_path, out=out, size="nano", cfg=cfg,
@@ -251,10 +309,11 @@ def test_run_eval_writes_the_table(tmp_path, tokenizer, stories):
     assert results["pretrain"]["val_loss"] != results["sft"]["val_loss"]
     table = (out / "eval.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| base") or line.startswith("| SFT")]
-    assert len(rows) == 2 and f"{results['sft']['bpb']:.3f}" in rows[1]
-    assert "MMLU 5-shot acc_norm" in table and "arithmetic pass@2" in table
+    assert len(rows) == 4 and fmt(results["sft"]["bpb"]) in rows[1]  # the language-model table, then MMLU
+    assert "MMLU 5-shot acc" in table and "| base → SFT |" in table
     saved = json.loads((out / "eval.json").read_text())
     assert saved["models"]["sft"]["mmlu"]["0-shot"]["n"] == 8
+    assert saved["models"]["sft"]["tasks"]["arithmetic"]["n"] == 2  # max_examples: the first 2 fixed items
     per_model = json.loads((out / "sft" / "manifest.json").read_text())
     assert per_model["metrics"]["bpb"] == results["sft"]["bpb"]
     assert (out / "eval.png").stat().st_size > 0

@@ -60,6 +60,7 @@ class VowelTask:
 
     def __init__(self, config: dict) -> None:
         self.arithmetic = get_task("arithmetic", config)
+        self.config = self.arithmetic.config  # its held-out items too
 
     def examples(self, split: str):
         return self.arithmetic.examples(split)
@@ -97,8 +98,8 @@ def test_outputs_manifest_and_logged_statistics(sft_model, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert "rewards.png" in [entry["path"] for entry in manifest["outputs"]]
     assert manifest["counts"]["grpo_steps"] == 4 and manifest["counts"]["rollouts"] == 4 * 4 * 4
-    assert 0.0 <= manifest["metrics"]["arithmetic_accuracy_input"] <= 1.0
-    assert manifest["metrics"]["arithmetic_scored"] == 6
+    assert 0.0 <= manifest["metrics"]["arithmetic_accuracy_input"]["value"] <= 1.0
+    assert manifest["metrics"]["arithmetic_accuracy"]["n"] == 6
     records = step_records(out)
     assert [r["grpo_step"] for r in records] == [1, 2, 3, 4]
     for r in records:

@@ -48,8 +48,9 @@ CONSOLE_LIBRARIES = Path("/usr/share/doc/prometheus/examples/console_libraries")
 SPEEDUP = 60  # rule durations are divided by this in the live test
 SEQ_LEN = 64
 ITEMS = 30    # the one-digit sums held out at test_fraction 0.3: all of them
-TASKS_CONFIG = {"arithmetic": {"digits": [1, 1], "test_fraction": 0.3, "train_problems": 70, "test_problems": ITEMS}}
 MAX_TOKENS = 10
+TASKS_CONFIG = {"arithmetic": {"digits": [1, 1], "test_fraction": 0.3, "train_problems": 70, "test_problems": ITEMS,
+                               "held_out": {"max_new_tokens": MAX_TOKENS}}}
 MODEL_NAME = "arith"  # the served name of both models: a bad deploy keeps the name
 
 MISSING = [tool for tool in ("promtool", "prometheus") if shutil.which(tool) is None]
@@ -233,12 +234,11 @@ def models(stories, tmp_path_factory) -> dict[str, Path]:
         sft = section_config("sft", dict(
             mixture={"arithmetic": 1, "gsm8k": 0, "instruct": 0}, global_batch=64, micro_batch=16, max_steps=500,
             lr=0.02, warmup_steps=20, eval_every=500, eval_examples=16, checkpoint_every=500, keep=1, samples=0,
-            accuracy_examples=ITEMS, max_new_tokens=MAX_TOKENS, peak_flops=1e12, wandb_mode="disabled"))
+            peak_flops=1e12, wandb_mode="disabled"))
         train(sft, model_path=base, tokenizer_path=tokenizer, out=root / "sft", tasks_config=TASKS_CONFIG)
         tokens = write_tokens(root / "tokens", BPETokenizer.load(tokenizer), stories[:4])
         eval_cfg = section_config("eval", {"val_tokens": 256, "mmlu": {"shots": [0], "max_questions": 4},
-                                           "tasks": {"names": ["arithmetic"], "max_examples": ITEMS, "samples": 1,
-                                                     "k": 1, "max_new_tokens": MAX_TOKENS}})
+                                           "tasks": {"names": ["arithmetic"], "samples": 1, "k": 1}})
         run_eval({"pretrain": base, "sft": root / "sft" / "final.pt"}, tokens=tokens, tokenizer_path=tokenizer,
                  out=root / "eval" / "nano", size="nano", cfg=eval_cfg, tasks_config=TASKS_CONFIG)
     finally:
@@ -263,8 +263,8 @@ def burst(url: str, n: int) -> list[int]:
 
 def test_prometheus_alerts_on_a_worse_model_a_full_queue_and_a_silent_canary(models, tmp_path):
     evaluated = json.loads(models["eval"].read_text())["models"]
-    sft_accuracy = evaluated["sft"]["tasks"]["arithmetic"]["pass@1"]
-    assert sft_accuracy >= 0.3 and evaluated["pretrain"]["tasks"]["arithmetic"]["pass@1"] == 0.0, evaluated
+    sft_accuracy = evaluated["sft"]["tasks"]["arithmetic"]["pass@1"]["value"]
+    assert sft_accuracy >= 0.3 and evaluated["pretrain"]["tasks"]["arithmetic"]["pass@1"]["value"] == 0.0, evaluated
     serve_port, canary_port = free_port(), free_port()
     prometheus = Prometheus(tmp_path, serve_port, canary_port)
     serve_url = f"http://127.0.0.1:{serve_port}"

@@ -132,7 +132,7 @@ POST_TRAINING = {
              "eval_examples": 4, "accuracy_examples": 4, "samples": 0},
     "tasks": {"arithmetic": {"train_problems": 200, "test_problems": 20}},
     "eval": {"val_tokens": 2048, "mmlu": {"max_questions": 8},
-             "tasks": {"max_examples": 2, "samples": 2, "k": 2, "max_new_tokens": 8}},
+             "tasks": {"max_examples": 2, "samples": 2, "k": 2}},
 }
 
 

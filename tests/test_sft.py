@@ -31,7 +31,7 @@ TASKS_CONFIG = section_config("tasks", {"arithmetic": {"train_problems": 300, "t
 TEST_CONFIG = dict(mixture={"arithmetic": 2, "gsm8k": 0, "instruct": 1, "replay": 1}, replay_tokens=32,
                    global_batch=8, micro_batch=4, max_steps=6,
                    lr=0.01, warmup_steps=2, eval_every=3, eval_examples=8, checkpoint_every=2, keep=2, samples=1,
-                   sample_tokens=8, accuracy_examples=10, max_new_tokens=10, peak_flops=1e12, wandb_mode="disabled")
+                   sample_tokens=8, accuracy_examples=10, peak_flops=1e12, wandb_mode="disabled")
 SEQ_LEN = 96
 
 
@@ -100,9 +100,10 @@ def test_a_run_writes_its_outputs_and_resumes_bit_identically(base, tokens, tmp_
     assert counts["conversations"] == 6 * 8 and counts["trained_tokens"] > 0
     assert counts["dropped_too_long"]["instruct"] > 0 and counts["dropped_too_long"]["arithmetic"] == 0
     assert set(counts["train_conversations"]) == {"arithmetic", "instruct"}  # gsm8k has weight 0
+    assert metrics["arithmetic_accuracy"]["n"] == 10 and 0 <= metrics["arithmetic_accuracy"]["value"] <= 1
+    assert metrics["arithmetic_accuracy_input"]["n"] == 10 and metrics["arithmetic_held_out"]["items"] == 10
     assert counts[REPLAY]["train_windows"] == len(ReplayRows(tokens, "train", 400, 32))
     assert counts[REPLAY]["held_out_windows"] == 8  # eval_examples, from the val split
-    assert metrics["arithmetic_scored"] == 10 and 0 <= metrics["arithmetic_accuracy"] <= 1
     assert metrics["mixture_shares"] == pytest.approx({"arithmetic": 0.5, "instruct": 0.25, REPLAY: 0.25}, abs=1e-3)
     assert set(metrics["final_val_loss_by_part"]) == {"tasks", REPLAY}
     # the replayed shards are inputs, named with their sha256 like the model and the tokenizer

@@ -4,12 +4,13 @@ against the eval stage's own score of the model that should be there.
     python -m pipeline canary --endpoint http://127.0.0.1:8000/v1 \\
         --baseline results/sample/eval/tiny/eval.json [--baseline-model sft] [--items 100]
 
-Each item (`held_out_items`: the ones the eval stage scores, 100 by default) is asked as a chat
-completion at temperature 0, greedy as eval's pass@1, with eval's max_new_tokens as max_tokens (from
-the manifest.json beside eval.json), and the reply is scored by the task's reward. The run passes
-when its accuracy is at least the lower end of the baseline's 95% interval. The baseline is
-`models.<--baseline-model>.tasks.<--task>` of eval.json: its `pass@1_ci95` [low, high] when the row
-has one, else the Wilson interval of its pass@1 x n correct answers out of n.
+Each item (the first --items of the task's fixed held-out items, `held_out_items`, which the eval
+stage scored) is asked as a chat completion at temperature 0, greedy as eval's pass@1, with the
+items' token budget as max_tokens, and the reply is scored by the task's reward. The run passes
+when its accuracy is at least the lower end of the baseline's 95% interval: the metric
+`models.<--baseline-model>.tasks.<--task>.pass@1` of eval.json ({"value", "ci95", "n"}). The items
+are checked against eval.json's `held_out_items.<task>` (their sha256): a --tasks-config that
+defines other items is refused, not scored.
 
 Writes --out (JSON: accuracy, its interval, the baseline, every answer). Exit status: 0 passed,
 1 below the baseline, 2 not scored (the endpoint down or refusing, a model it does not serve, a
@@ -40,9 +41,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from pipeline.artifacts import atomic_write_json
 from pipeline.cli import ConfigError, json_arg
-from pipeline.config import section_config
 from pipeline.eval.stats import wilson_interval
-from pipeline.tasks import Example, Task, get_task, held_out_items
+from pipeline.tasks import Example, Task, get_task, held_out_items, held_out_record
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Baseline:
     accuracy: float
     n: int
     lower: float    # the lower end of its 95% interval: the canary's bar
-    interval: str   # where `lower` comes from
+    items: dict     # eval.json's record of the held-out items it scored: items, seed, max_new_tokens, sha256
 
 
 def _number(x: Any) -> bool:
@@ -86,35 +86,36 @@ def read_baseline(path: str | Path, row: str, task: str) -> Baseline:
     if not isinstance(scores, dict):
         scored = ", ".join(tasks) if isinstance(tasks, dict) and tasks else "no tasks"
         raise CanaryError(f"--baseline {path}: no {key}; the eval scored {row} on {scored} (eval.tasks.names)")
-    accuracy, n = scores.get("pass@1"), scores.get("n")
-    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1 and _number(accuracy) and 0 <= accuracy <= 1):
-        raise CanaryError(f"--baseline {path}: {key} needs pass@1 in [0, 1] and n >= 1; it has pass@1={accuracy!r}, "
-                          f"n={n!r}")
-    ci = scores.get("pass@1_ci95")
-    if ci is not None:
-        if not (isinstance(ci, list) and len(ci) == 2 and all(map(_number, ci)) and 0 <= ci[0] <= accuracy <= ci[1] <= 1):
-            raise CanaryError(f"--baseline {path}: {key}.pass@1_ci95 must be [low, high] around pass@1 = {accuracy}; "
-                              f"it is {ci!r}")
-        return Baseline(str(path), row, task, accuracy, n, float(ci[0]), f"{key}.pass@1_ci95")
-    correct = round(accuracy * n)
-    if abs(correct - accuracy * n) > 1e-6:
-        raise CanaryError(f"--baseline {path}: {key}.pass@1 = {accuracy} of n = {n} is not a whole number of right "
-                          f"answers")
-    return Baseline(str(path), row, task, accuracy, n, wilson_interval(correct, n)[0],
-                    f"Wilson interval of {correct}/{n} ({key})")
+    metric = scores.get("pass@1")
+    accuracy, ci, n = (metric.get("value"), metric.get("ci95"), metric.get("n")) if isinstance(metric, dict) else (None,) * 3
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1 and _number(accuracy) and isinstance(ci, list)
+            and len(ci) == 2 and all(map(_number, ci)) and 0 <= ci[0] <= accuracy <= ci[1] <= 1):
+        raise CanaryError(f"--baseline {path}: {key}.pass@1 must be a metric {{value, ci95: [low, high] around the "
+                          f"value, n >= 1}} in [0, 1], as the eval stage writes it; it is {metric!r}")
+    records = data.get("held_out_items")
+    record = records.get(task) if isinstance(records, dict) else None
+    if not (isinstance(record, dict) and {"items", "seed", "max_new_tokens", "sha256"} <= record.keys()):
+        raise CanaryError(f"--baseline {path}: no held_out_items.{task} (the record of the items the eval scored: "
+                          f"items, seed, max_new_tokens, sha256)")
+    return Baseline(str(path), row, task, accuracy, n, float(ci[0]), record)
 
 
-def eval_max_tokens(baseline: str | Path) -> int:
-    """The longest answer the eval scored (eval.tasks.max_new_tokens, in the manifest.json beside
-    eval.json); the eval section's default when there is no such manifest."""
-    manifest = Path(baseline).with_name("manifest.json")
+def canary_items(task: Task, baseline: Baseline, n: int) -> list[Example]:
+    """The first n of the held-out items the eval scored: the task's fixed items (--tasks-config
+    defines them), refused unless they are the ones eval.json records."""
+    record = baseline.items
+    if n > record["items"]:
+        raise CanaryError(f"--items {n}: the eval scored {record['items']} {task.name} held-out items (--baseline "
+                          f"{baseline.path})")
     try:
-        return int(json.loads(manifest.read_text(encoding="utf-8"))["config"]["tasks"]["max_new_tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
-        default = section_config("eval", {})["tasks"]["max_new_tokens"]
-        log.warning("%s holds no eval config: answers get at most %d tokens, eval's default (--max-tokens)",
-                    manifest, default)
-        return default
+        ours = held_out_record(task, record["items"])
+    except ValueError as e:  # the configured list is shorter than the eval's
+        raise CanaryError(f"--tasks-config: {e}") from None
+    if ours["sha256"] != record["sha256"]:
+        raise CanaryError(f"--tasks-config: its {task.name} held-out items are not the ones the eval scored (sha256 "
+                          f"{ours['sha256'][:12]} vs {record['sha256'][:12]} in --baseline {baseline.path}); pass the "
+                          f"tasks section the run used")
+    return held_out_items(task, n)
 
 
 class Endpoint:
@@ -257,7 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the tasks config section the run used, as JSON or @file (default: the schema's "
                              "defaults, which config.yaml keeps); it defines the held-out items")
     parser.add_argument("--max-tokens", type=int,
-                        help="answer length (default: the eval's max_new_tokens, from the baseline's manifest.json)")
+                        help="answer length (default: the items' token budget the eval used, from the baseline)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     parser.add_argument("--out", type=Path, default=Path("canary.json"), help="the JSON result (the latest round's)")
@@ -277,14 +278,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             task = get_task(args.task, args.tasks_config)
-            items = held_out_items(task, args.items)
         except ValueError as e:  # an unknown task, a ConfigError naming the key
             raise CanaryError(f"{'--tasks-config: ' if isinstance(e, ConfigError) else '--task: '}{e}") from None
         baseline = read_baseline(args.baseline, args.baseline_model, args.task)
-        if len(items) < args.items:
-            raise CanaryError(f"--items {args.items}: task {args.task} has {len(items)} held-out items "
-                              f"(tasks.{args.task} in --tasks-config)")
-        max_tokens = args.max_tokens or eval_max_tokens(args.baseline)
+        items = canary_items(task, baseline, args.items)
+        max_tokens = args.max_tokens or baseline.items["max_new_tokens"]
         endpoint = Endpoint(args.endpoint, args.timeout)
 
         def run_once(model: str) -> dict[str, Any]:

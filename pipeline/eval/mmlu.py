@@ -18,6 +18,7 @@ import torch
 
 from pipeline.eval.mmlu_data import read_split
 from pipeline.eval.multiple_choice import Question, evaluate
+from pipeline.eval.stats import proportion
 from pipeline.tokenizer.bpe import BPETokenizer
 
 LETTERS = ("A", "B", "C", "D")
@@ -51,20 +52,23 @@ def questions(path: str | Path, shots: int, max_questions: int | None) -> list[Q
 
 
 def summarize(results: list[dict]) -> dict:
-    """Overall (over questions) and per-subject acc and acc_norm, with the chance level."""
+    """Overall (over questions) and per-subject acc and acc_norm, each with its Wilson 95%
+    interval, and the chance level."""
     by_subject: dict[str, list[dict]] = defaultdict(list)
     for r in results:
         by_subject[r["group"]].append(r)
 
-    def mean(rs: list[dict], key: str) -> float:
-        return sum(r[key] for r in rs) / len(rs)
+    def accuracy(rs: list[dict], key: str) -> dict:
+        return proportion(round(sum(r[key] for r in rs)), len(rs))
 
-    return {"acc": mean(results, "acc"), "acc_norm": mean(results, "acc_norm"), "n": len(results), "chance": CHANCE,
-            "subjects": {s: {"acc": mean(rs, "acc"), "acc_norm": mean(rs, "acc_norm"), "n": len(rs)}
+    return {"acc": accuracy(results, "acc"), "acc_norm": accuracy(results, "acc_norm"), "n": len(results),
+            "chance": CHANCE,
+            "subjects": {s: {"acc": accuracy(rs, "acc"), "acc_norm": accuracy(rs, "acc_norm"), "n": len(rs)}
                          for s, rs in sorted(by_subject.items())}}
 
 
 def evaluate_mmlu(model: torch.nn.Module, tokenizer: BPETokenizer, path: str | Path, *, shots: int,
-                  max_questions: int | None, batch_size: int = 16) -> dict:
+                  max_questions: int | None, batch_size: int = 16) -> tuple[dict, list[dict]]:
+    """The summary (`summarize`) and each question's result (acc, acc_norm: 1.0 or 0.0), in order."""
     results = evaluate(model, tokenizer, questions(path, shots, max_questions), batch_size, desc=f"mmlu {shots}-shot")
-    return summarize(results)
+    return summarize(results), results

@@ -44,24 +44,29 @@ def encode_pair(tokenizer: BPETokenizer, context: str, choice: str) -> tuple[lis
 def score(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16,
           desc: str = "loglikelihood") -> list[float]:
     """Summed log p(choice ids | context ids) of every pair, batched (right-padded), with a
-    progress bar. Longest first, so the padding per batch is small (the harness sorts too)."""
+    progress bar. Pairs whose model inputs are the same (one-token choices after one context, as
+    MMLU's " A".." D") share one forward, as the harness's request grouping does. Longest first,
+    so the padding per batch is small (the harness sorts too)."""
     seq_len, vocab_size = model.config.seq_len, model.config.vocab_size
     rows = [(context_ids + choice_ids)[-(seq_len + 1):] for context_ids, choice_ids in pairs]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    readers: dict[tuple[int, ...], list[int]] = {}  # model input -> the pairs that read its output
+    for i, ids in enumerate(rows):
+        readers.setdefault(tuple(ids[:-1]), []).append(i)
+    inputs = sorted(readers, key=len, reverse=True)
     out = [0.0] * len(rows)
-    for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=None):
-        chunk = order[first:first + batch_size]
-        width = len(rows[chunk[0]]) - 1
-        x = torch.zeros(len(chunk), width, dtype=torch.long)
-        y = torch.full((len(chunk), width), -1, dtype=torch.long)
-        for r, i in enumerate(chunk):
-            ids, n = rows[i], min(len(pairs[i][1]), len(rows[i]) - 1)
-            x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
-            if n:  # position t predicts ids[t + 1]: the choice's n tokens end the row
-                y[r, len(ids) - 1 - n:len(ids) - 1] = torch.tensor(ids[-n:])
-        logp = token_logprobs(model(x), y, vocab_size)
-        for r, i in enumerate(chunk):
-            out[i] = logp[r].double().sum().item()
+    for first in tqdm(range(0, len(inputs), batch_size), desc=desc, unit="batch", disable=None):
+        chunk = inputs[first:first + batch_size]
+        x = torch.zeros(len(chunk), len(chunk[0]), dtype=torch.long)
+        for r, ids in enumerate(chunk):
+            x[r, :len(ids)] = torch.tensor(ids)
+        logits = model(x)
+        for r, ids in enumerate(chunk):
+            for i in readers[ids]:
+                n = min(len(pairs[i][1]), len(rows[i]) - 1)
+                if n:  # position t predicts rows[i][t + 1]: the choice's n tokens end the row
+                    targets = torch.tensor([rows[i][-n:]])
+                    out[i] = token_logprobs(logits[r:r + 1, len(ids) - n:len(ids)], targets,
+                                            vocab_size).double().sum().item()
     return out
 
 

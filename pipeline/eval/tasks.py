@@ -1,4 +1,4 @@
-"""Task accuracy: greedy pass@1 and sampled pass@k on a task's held-out split.
+"""Task accuracy: greedy pass@1 and sampled pass@k on a task's fixed held-out items.
 
 Each example's prompt is rendered with the chat template (`render_prompt`, ending in
 <|assistant_start|>), the model completes it until <|assistant_end|> (or max_new_tokens), and the
@@ -12,12 +12,13 @@ and asking "any right?" would be the same in expectation but noisier.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from pipeline.tasks import held_out_items
-from pipeline.tasks.evaluate import greedy_accuracy
+from pipeline.eval.stats import bootstrap_ratio
+from pipeline.tasks import Task, held_out_items
+from pipeline.tasks.evaluate import complete, held_out_accuracy
 from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
 from pipeline.tokenizer.chat import render_prompt
 
@@ -32,35 +33,28 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-@torch.no_grad()
-def complete(model: torch.nn.Module, prompt: list[int], n: int, *, temperature: float, max_new_tokens: int,
-             stop_id: int, generator: torch.Generator | None = None) -> list[list[int]]:
-    """n sampled completions of one prompt (one batch, on the model's KV cache), each cut before the first stop_id."""
-    idx = torch.tensor([prompt] * n, dtype=torch.long)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, generator=generator,
-                         stop_tokens=[stop_id])[:, len(prompt):]
-    completions = []
-    for row in out.tolist():
-        completions.append(row[:row.index(stop_id)] if stop_id in row else row)
-    return completions
-
-
-def task_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task, *, max_examples: int, samples: int,
-                  k: int, temperature: float, max_new_tokens: int, seed: int) -> dict:
-    """Greedy pass@1 (`greedy_accuracy`, the one greedy scorer SFT and GRPO use too) and sampled
-    pass@k (n = samples) over the task's held-out items (`held_out_items`: max_examples of them)."""
+def task_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task: Task, *, max_examples: int | None,
+                  sample_items: int | None, samples: int, k: int, temperature: float,
+                  seed: int) -> tuple[dict[str, Any], dict[str, list]]:
+    """Greedy pass@1 (`held_out_accuracy`, what SFT and GRPO report) on the task's fixed held-out
+    items (the first max_examples; all when None) and sampled pass@k (n = samples) on the first
+    sample_items of them (all when None). Returns the result (pass@1 with its Wilson interval,
+    pass@k with its bootstrap interval over items) and the per-item scores the paired comparisons
+    read: {"correct": 0/1, "pass@k": per sampled item}."""
     if not 1 <= k <= samples:
         raise ValueError(f"eval.tasks: k {k} must be between 1 and samples {samples}")
-    stop_id = tokenizer.special_tokens[ASSISTANT_END]
-    generator = torch.Generator().manual_seed(seed)
-    examples = held_out_items(task, max_examples)
-    greedy = greedy_accuracy(model, tokenizer, task, examples, max_new_tokens=max_new_tokens)
+    greedy = held_out_accuracy(model, tokenizer, task, max_examples)
+    items = held_out_items(task, max_examples)[:sample_items]
+    prompts = [render_prompt(tokenizer, e.prompt) for e in items]
+    draws = complete(model, [p for p in prompts for _ in range(samples)],
+                     max_new_tokens=task.config["held_out"]["max_new_tokens"],
+                     stop_id=tokenizer.special_tokens[ASSISTANT_END], temperature=temperature,
+                     generator=torch.Generator().manual_seed(seed), desc=f"task {task.name} pass@{k}")
     sampled = []
-    for example in tqdm(examples, desc=f"task {task.name} pass@{k}", unit="example", disable=None):
-        draws = complete(model, render_prompt(tokenizer, example.prompt), samples, temperature=temperature,
-                         max_new_tokens=max_new_tokens, stop_id=stop_id, generator=generator)
-        correct = sum(task.reward(tokenizer.decode(d), example.answer) > 0 for d in draws)
+    for i, example in enumerate(items):
+        correct = sum(task.reward(tokenizer.decode(d), example.answer) > 0 for d in draws[i * samples:(i + 1) * samples])
         sampled.append(pass_at_k(samples, correct, k))
     shown = [{"answer": a["answer"], "greedy": a["completion"]} for a in greedy["answers"][:3]]
-    return {"pass@1": greedy["accuracy"], "pass@k": sum(sampled) / len(examples), "n": len(examples),
-            "samples": samples, "k": k, "examples": shown}
+    result = {"pass@1": greedy["accuracy"], "pass@k": bootstrap_ratio(sampled), "n": greedy["accuracy"]["n"],
+              "samples": samples, "k": k, "examples": shown}
+    return result, {"correct": greedy["correct"], "pass@k": sampled}

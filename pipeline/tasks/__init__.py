@@ -11,7 +11,10 @@ and each task's `reward(completion, answer)`. Shared by SFT, GRPO, eval and deco
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,10 +63,35 @@ def check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
 
 
-def held_out_items(task: Task, n: int) -> list[Example]:
-    """The held-out items the eval stage scores a task on: the first n of its test split (fewer
-    when the split is smaller). The serving canary scores the same ones."""
-    return task.examples("test")[:n]
+def held_out_items(task: Task, n: int | None = None) -> list[Example]:
+    """The fixed held-out items of `task`: a seeded shuffle of its test split, the first
+    `tasks.<name>.held_out.items` of it (all of it when null). Every stage that scores the task (SFT's and GRPO's held-out
+    accuracy, eval, the serving canary) takes them from here, so all report the same number for
+    the same model; n takes the first n of the list (a quicker check, still a random sample)."""
+    spec = task.config.get("held_out")
+    if spec is None:
+        raise ValueError(f"task {task.name} has no verifier, so no held-out items to score")
+    test = task.examples("test")
+    items = len(test) if spec["items"] is None else spec["items"]
+    if len(test) < items:
+        raise ValueError(f"config key 'tasks.{task.name}.held_out.items': {items} items asked, but the "
+                         f"test split has {len(test)}")
+    if n is not None and not 1 <= n <= items:
+        raise ValueError(f"task {task.name}: {n} held-out items asked, the list has {items} "
+                         f"(tasks.{task.name}.held_out.items)")
+    order = list(range(len(test)))
+    random.Random(f"{spec['seed']}#{task.name}#held_out").shuffle(order)  # str seeds hash with sha512: stable
+    return [test[i] for i in order[:items if n is None else n]]
+
+
+def held_out_record(task: Task, n: int | None = None) -> dict[str, Any]:
+    """What identifies the held-out items in a manifest: count, seed, token budget and the sha256
+    of the items (question and reference answer, in order)."""
+    items = held_out_items(task, n)
+    digest = hashlib.sha256(json.dumps([[e.prompt, e.answer] for e in items], sort_keys=True).encode()).hexdigest()
+    spec = task.config["held_out"]
+    return {"task": task.name, "items": len(items), "seed": spec["seed"], "max_new_tokens": spec["max_new_tokens"],
+            "sha256": digest}
 
 
 def get_task(name: str, config: dict[str, Any]) -> Task:

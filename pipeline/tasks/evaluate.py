@@ -1,6 +1,8 @@
 """Greedy task accuracy: held-out prompts answered greedily, each answer scored by the task's reward.
 
-Shared by SFT (the held-out accuracy in its manifest), GRPO and eval. A prompt is rendered with the
+Shared by SFT (the held-out accuracy in its manifest), GRPO and eval: `held_out_accuracy` scores a
+task's fixed held-out items (`pipeline.tasks.held_out_items`) with the task's one token budget, so
+the three report the same number for the same model. A prompt is rendered with the
 chat template (`render_prompt`, ending with <|assistant_start|>) and completed greedily on the KV
 cache until <|assistant_end|> or max_new_tokens; the completion is the text before the stop token,
 and it is right when `task.reward(completion, answer)` is positive.
@@ -19,28 +21,39 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.tasks import Example, Task
+from pipeline.eval.stats import compare_correct, fmt, proportion
+from pipeline.tasks import Example, Task, held_out_items
 from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
 from pipeline.tokenizer.chat import render_prompt
 
 
 @torch.no_grad()
-def greedy_complete(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_id: int,
-                    batch_size: int = 64, desc: str | None = None) -> list[list[int]]:
-    """The greedy completion of each prompt (token ids, cut before stop_id), in the prompts' order.
-    Prompts of one length are completed together, batch_size at a time."""
+def complete(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_id: int,
+             temperature: float = 0.0, generator: torch.Generator | None = None, batch_size: int = 64,
+             desc: str | None = None) -> list[list[int]]:
+    """The completion of each prompt (token ids, cut before stop_id), in the prompts' order: greedy
+    at temperature 0, else sampled with `generator`. Prompts of one length are completed together,
+    batch_size at a time."""
     device = next(model.parameters()).device
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, prompt in enumerate(prompts):
         by_length[len(prompt)].append(i)
     chunks = [rows[s:s + batch_size] for _, rows in sorted(by_length.items()) for s in range(0, len(rows), batch_size)]
     out: list[list[int]] = [[] for _ in prompts]
-    for chunk in tqdm(chunks, desc=desc or "greedy completions", unit="batch", disable=None):
+    for chunk in tqdm(chunks, desc=desc or "completions", unit="batch", disable=None):
         idx = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)
-        new = model.generate(idx, max_new_tokens, stop_tokens=[stop_id])[:, idx.size(1):].tolist()
+        new = model.generate(idx, max_new_tokens, temperature=temperature, generator=generator,
+                             stop_tokens=[stop_id])[:, idx.size(1):].tolist()
         for i, row in zip(chunk, new):
             out[i] = row[:row.index(stop_id)] if stop_id in row else row
     return out
+
+
+def greedy_complete(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_id: int,
+                    batch_size: int = 64, desc: str | None = None) -> list[list[int]]:
+    """The greedy completion of each prompt (`complete` at temperature 0)."""
+    return complete(model, prompts, max_new_tokens=max_new_tokens, stop_id=stop_id, batch_size=batch_size,
+                    desc=desc or "greedy completions")
 
 
 def greedy_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task: Task, examples: Sequence[Example], *,
@@ -63,3 +76,35 @@ def greedy_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task: Task,
                         "correct": task.reward(text, example.answer) > 0})
     correct = sum(a["correct"] for a in answers)
     return {"accuracy": correct / len(answers), "correct": correct, "n": len(answers), "answers": answers}
+
+
+def held_out_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task: Task, n: int | None = None, *,
+                      batch_size: int = 64) -> dict[str, Any]:
+    """Greedy accuracy on the task's fixed held-out items (the first n of them; all by default),
+    answers up to `tasks.<name>.held_out.max_new_tokens`: {"accuracy": the proportion with its
+    Wilson interval, "correct": 0/1 per item in the list's order (for paired comparisons),
+    "answers": as `greedy_accuracy`}."""
+    scored = greedy_accuracy(model, tokenizer, task, held_out_items(task, n),
+                             max_new_tokens=task.config["held_out"]["max_new_tokens"], batch_size=batch_size)
+    return {"accuracy": proportion(scored["correct"], scored["n"]),
+            "correct": [int(a["correct"]) for a in scored["answers"]], "answers": scored["answers"]}
+
+
+def held_out_metrics(task: str, stage: str, before: dict[str, Any], after: dict[str, Any],
+                     record: dict[str, Any]) -> dict[str, Any]:
+    """A training stage's held-out accuracy for its manifest, from `held_out_accuracy` of the model
+    it started from (`before`) and the one it made (`after`): `<task>_accuracy_input`,
+    `<task>_accuracy`, their paired comparison `<task>_comparison` (exact McNemar) and the items
+    (`<task>_held_out`, `held_out_record`)."""
+    return {f"{task}_accuracy_input": before["accuracy"], f"{task}_accuracy": after["accuracy"],
+            f"{task}_comparison": compare_correct("input", before["correct"], stage, after["correct"]),
+            f"{task}_held_out": record}
+
+
+def held_out_sentence(task: str, before: str, after: str, metrics: dict[str, Any]) -> str:
+    """One sentence of `held_out_metrics` for samples.md."""
+    c = metrics[f"{task}_comparison"]
+    return (f"Held-out {task} accuracy (greedy, exact answer, {c['n']} fixed items, 95% intervals): {before} "
+            f"{fmt(metrics[f'{task}_accuracy_input'], 1, 100)}%, {after} {fmt(metrics[f'{task}_accuracy'], 1, 100)}%; "
+            f"difference {100 * c['diff']:+.1f} points [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}], "
+            f"exact McNemar p = {c['p_value']:.2g}.")

@@ -381,13 +381,14 @@ def write_samples_safely(path: Path, make_samples: Callable[[], list[dict[str, A
 
 def export(run: Run, model: torch.nn.Module, *, final: dict[str, Any], config: dict[str, Any], inputs: list[Path],
            counts: dict[str, Any], metrics: dict[str, Any], plot_title: str,
-           plot_baseline: tuple[float, str] | None,
+           plot_baseline: tuple[float, str] | None, plot_labels: dict[str, str] | None = None,
            make_samples: Callable[[dict[str, torch.Tensor]], list[dict[str, Any]]],
            decode: Callable[[list[int]], str] | None, samples_header: str,
            extra_outputs: Sequence[str] = ()) -> dict[str, Any]:
     """The stage's outputs in `out`: final.pt (the full, unsharded weights on CPU plus `final`,
     e.g. model_config, vocab_size, eos_id; loads with torch.load(weights_only=True)),
-    metrics.jsonl (the whole history), loss.png, samples.md and manifest.json, which also names
+    metrics.jsonl (the whole history), loss.png (axes named by `plot_labels`, `plot_losses`'s
+    loss_label and val_label; cross-entropy by default), samples.md and manifest.json, which also names
     `extra_outputs` (files the stage wrote into `out` before, e.g. its own plots). Every rank calls
     this (gathering FSDP shards is collective); rank 0 writes. Returns the manifest metrics."""
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -397,7 +398,7 @@ def export(run: Run, model: torch.nn.Module, *, final: dict[str, Any], config: d
     with atomic_path(out / "final.pt") as tmp:
         torch.save({**final, "model": full_state, "step": run.step}, tmp)
     run.metrics.export(out / "metrics.jsonl")
-    plot_losses(run.metrics.records, out / "loss.png", plot_title, plot_baseline)
+    plot_losses(run.metrics.records, out / "loss.png", plot_title, plot_baseline, **(plot_labels or {}))
     write_samples_safely(out / "samples.md", lambda: make_samples(full_state), decode, samples_header)
     summary = {**metrics, **step_summary(run), "best_val_loss": run.best_val}
     counts = {"steps": run.step, "skipped_steps": run.watchdog.skipped, "restores": run.watchdog.restores,

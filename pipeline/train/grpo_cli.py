@@ -31,7 +31,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--prompts-per-step": ("prompts_per_step", int, "prompts per rollout batch"),
     "--group-size": ("group_size", int, "completions sampled per prompt"),
     "--beta": ("beta", float, "weight of the k3 KL to the frozen input model (0: no reference)"),
-    "--accuracy-examples": ("accuracy_examples", int, "held-out problems answered at the end"),
+    "--accuracy-examples": ("accuracy_examples", int, "the first N fixed held-out items answered at the end (0 skips)"),
 }
 
 

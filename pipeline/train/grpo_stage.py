@@ -33,8 +33,9 @@ import torch
 from pipeline.artifacts import atomic_path, check_inputs, sha256_file
 from pipeline.cli import ConfigError
 from pipeline.model.gpt import GPT, GPTConfig, load_final
-from pipeline.tasks import Example, get_task
-from pipeline.tasks.evaluate import greedy_accuracy
+from pipeline.eval.stats import fmt
+from pipeline.tasks import Example, get_task, held_out_items, held_out_record
+from pipeline.tasks.evaluate import held_out_accuracy, held_out_metrics, held_out_sentence
 from pipeline.tokenizer import BPETokenizer
 from pipeline.tokenizer.bpe import ASSISTANT_END
 from pipeline.tokenizer.chat import render_prompt
@@ -127,15 +128,22 @@ def completion_texts(tokenizer: BPETokenizer, rollouts: Rollouts, stop: int) -> 
 
 
 def plot_rewards(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """One panel per logged rollout statistic against GRPO step."""
+    """One panel per logged rollout statistic against GRPO step; a statistic that is 0 at every
+    step (KL with beta 0, the clip fraction with one update per batch) is named, not drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = {r["grpo_step"]: r for r in records if "reward_mean" in r}  # a restored step: its last run
     xs = sorted(steps)
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5), sharex=True)
-    for ax, (key, label) in zip(axes.flat, PLOTTED):
+    drawn = [(key, label) for key, label in PLOTTED if any(steps[s][key] for s in xs)]
+    zero = [label for key, label in PLOTTED if (key, label) not in drawn]
+    cols = min(4, max(1, len(drawn)))
+    rows = max(1, -(-len(drawn) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows + 0.4), sharex=True, squeeze=False)
+    for ax in axes.flat[len(drawn):]:
+        ax.axis("off")
+    for ax, (key, label) in zip(axes.flat, drawn):
         ys = np.array([steps[s][key] for s in xs], dtype=float)
         ax.plot(xs, ys, lw=1.2)
         if key == "reward_mean":
@@ -145,7 +153,7 @@ def plot_rewards(records: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("GRPO step (rollout batch)")
-    fig.suptitle(title)
+    fig.suptitle(title + (f"\n0 at every step, not drawn: {', '.join(zero)}" if zero else ""), fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -174,12 +182,12 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
                          f"has vocab {meta['vocab_size']}: not its tokenizer")
     task = get_task(cfg["task"], tasks_config)
     train_prompts, dropped = fitting_prompts(tokenizer, task.examples("train"), model_config.seq_len, L)
-    held_out, held_out_dropped = fitting_prompts(tokenizer, task.examples("test"), model_config.seq_len, L)
     if len(train_prompts) < P:
         raise ValueError(f"task {task.name}: {len(train_prompts)} train prompts fit the context with "
                          f"max_completion_tokens {L} ({dropped} dropped); grpo.prompts_per_step is {P}")
-    eval_examples = [e for _, e in held_out[:cfg["eval_examples"]]]
-    accuracy_examples = [e for _, e in held_out[:cfg["accuracy_examples"]]]
+    held_out = held_out_items(task)  # the fixed items eval scores too; samples.md shows the first ones
+    eval_n = min(cfg["eval_examples"], len(held_out))
+    accuracy_record = held_out_record(task, cfg["accuracy_examples"]) if cfg["accuracy_examples"] != 0 else None
 
     with setup_run("grpo", engine_config(cfg), out=out,
                    identity=run_identity(cfg, tasks_config, model_path, tokenizer_path),
@@ -209,7 +217,7 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
         resume(run, model, optimizer)
 
         def evaluate() -> float:  # the engine keeps the best checkpoint by this "loss": the error rate
-            accuracy = greedy_accuracy(policy, tokenizer, task, eval_examples, max_new_tokens=L)["accuracy"]
+            accuracy = held_out_accuracy(policy, tokenizer, task, eval_n)["accuracy"]["value"]
             run.metrics.write({"step": run.step, "grpo_step": run.step // mu, "held_out_accuracy": accuracy})
             return 1.0 - accuracy
 
@@ -261,7 +269,7 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
                          rollout_stats["reward_mean"], rollout_stats["accuracy"], rollout_stats["kl"],
                          rollout_stats["clip_frac"], rollout_stats["completion_tokens"],
                          rollout_stats["zero_adv_groups"], P, rollout_stats["rollout_tokens_per_s"])
-            if eval_and_checkpoint(run, model, optimizer, evaluate=evaluate if eval_examples else None,
+            if eval_and_checkpoint(run, model, optimizer, evaluate=evaluate if eval_n else None,
                                    state=lambda: {"grpo_step": run.step // mu},
                                    stop_at=stop_at * mu if stop_at is not None else None):
                 break
@@ -272,25 +280,25 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
 
         # --- outputs: held-out accuracy of the input and the trained model, then the files ---------------------
         accuracy: dict[str, Any] = {}
-        if accuracy_examples:
-            before = greedy_accuracy(load_final(model_path, d.device)[0], tokenizer, task, accuracy_examples,
-                                     max_new_tokens=L)["accuracy"]
-            after = greedy_accuracy(policy, tokenizer, task, accuracy_examples, max_new_tokens=L)["accuracy"]
-            accuracy = {f"{task.name}_accuracy_input": before, f"{task.name}_accuracy": after,
-                        f"{task.name}_scored": len(accuracy_examples)}
-            log.info("held-out %s accuracy (greedy, exact answer, %d problems): input %.1f%% -> GRPO %.1f%%",
-                     task.name, len(accuracy_examples), 100 * before, 100 * after)
+        if accuracy_record is not None:
+            n = accuracy_record["items"]
+            before = held_out_accuracy(load_final(model_path, d.device)[0], tokenizer, task, n)
+            after = held_out_accuracy(policy, tokenizer, task, n)
+            accuracy = held_out_metrics(task.name, "grpo", before, after, accuracy_record)
+            log.info("held-out %s accuracy (greedy, exact answer, %d problems): input %s -> GRPO %s (p = %.3g)",
+                     task.name, n, fmt(before["accuracy"]), fmt(after["accuracy"]),
+                     accuracy[f"{task.name}_comparison"]["p_value"])
         steps = [r for r in run.metrics.records if "grpo_step" in r and "reward_mean" in r]
         title = f"GRPO {out.name} on {task.name}: {cfg['loss_type']}, {P} x {G} per step"
         plot_rewards(run.metrics.records, out / "rewards.png", title)
         header = (f"`{out.name}` after {run.step // mu} GRPO steps: held-out {task.name} prompts, answered greedily "
                   f"and sampled at temperature {cfg['temperature']} (top-p {cfg['top_p']}), up to {ASSISTANT_END}.")
         if accuracy:
-            header += (f" Held-out accuracy (greedy, {len(accuracy_examples)} problems): input "
-                       f"{accuracy[f'{task.name}_accuracy_input']:.1%}, GRPO {accuracy[f'{task.name}_accuracy']:.1%}.")
+            header += " " + held_out_sentence(task.name, "input", "GRPO", accuracy)
 
         def make_samples(weights: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-            prompts = [p for p, _ in held_out[:cfg["samples"]]]
+            fitting, _ = fitting_prompts(tokenizer, held_out, model_config.seq_len, cfg["sample_tokens"])
+            prompts = [p for p, _ in fitting[:cfg["samples"]]]
             if not prompts:
                 return []
             sample_cfg = {**cfg, "max_completion_tokens": cfg["sample_tokens"]}
@@ -306,15 +314,17 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
             config={"grpo": cfg, "tasks": tasks_config},
             inputs=[model_path, model_path.with_name("manifest.json"), tokenizer_path],
             counts={"grpo_steps": run.step // mu, "rollouts": run.step // mu * P * G,
-                    "train_prompts": len(train_prompts), "train_prompts_dropped_too_long": dropped,
-                    "held_out_prompts_dropped_too_long": held_out_dropped},
+                    "train_prompts": len(train_prompts), "train_prompts_dropped_too_long": dropped},
             metrics={"final_reward_mean": steps[-1]["reward_mean"] if steps else None,
                      "final_train_accuracy": steps[-1]["accuracy"] if steps else None,
                      "rollout_tokens_per_s": float(np.median([r["rollout_tokens_per_s"] for r in steps])) if steps else None,
                      "zero_adv_groups_total": sum(r["zero_adv_groups"] for r in steps),
                      "flops_per_token": flops_per_token, "peak_flops": peak, "peak_flops_source": peak_source,
                      **accuracy},
-            plot_title=title + " (loss: the clipped surrogate)", plot_baseline=None, make_samples=make_samples,
+            plot_title=title, plot_baseline=None,
+            plot_labels={"loss_label": f"clipped surrogate loss ({cfg['loss_type']}): -objective, not a cross-entropy",
+                         "val_label": f"held-out error: 1 - greedy accuracy, first {eval_n} fixed items"},
+            make_samples=make_samples,
             decode=tokenizer.decode, samples_header=header, extra_outputs=("rewards.png",))
         if d.is_main:
             log.info("done: %d GRPO steps; outputs in %s", run.step // mu, out)

@@ -80,9 +80,11 @@ def init_wandb(project: str, mode: str, out: Path, run_id: str, config: dict[str
 # --- the loss plot -----------------------------------------------------------------------------------
 
 def plot_losses(records: list[dict[str, Any]], path: Path, title: str,
-                baseline: tuple[float, str] | None = None) -> None:
+                baseline: tuple[float, str] | None = None, *, loss_label: str = "cross-entropy (nats/token)",
+                val_label: str | None = None) -> None:
     """Train loss (raw and smoothed) and val loss against step, with a (value, label) baseline
-    line such as the unigram entropy."""
+    line such as the unigram entropy. `loss_label` names the y axis; a `val_label` says the val
+    series is another quantity (GRPO's held-out error rate) and draws it on its own right axis."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -100,13 +102,18 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str,
             ema = 0.9 * ema + 0.1 * value
             smooth.append(ema)
         ax.plot(steps, smooth, color="tab:blue", label="train (EMA 0.9)")
+    val_ax = ax.twinx() if val_label else ax
     if val:
-        ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", color="tab:orange", label="val")
+        val_ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", color="tab:orange", label=val_label or "val")
+    if val_label:
+        val_ax.set_ylabel(val_label, color="tab:orange")
     if baseline is not None:
         ax.axhline(baseline[0], color="gray", linestyle="--", label=f"{baseline[1]} {baseline[0]:.2f}")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
+    ax.set(xlabel="step", ylabel=loss_label, title=title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles = ax.get_legend_handles_labels()
+    more = val_ax.get_legend_handles_labels() if val_ax is not ax else ([], [])
+    ax.legend(handles[0] + more[0], handles[1] + more[1])
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

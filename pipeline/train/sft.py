@@ -9,8 +9,9 @@ optimizer -> resume -> the loop -> outputs. The command line is `pipeline/train/
 The loss is the pretraining token loss on the assistant's tokens of a conversation (every other
 target is -1) and on every token of a replayed window of pretraining text, summed per micro batch
 and divided by the trained tokens of the whole global batch (the engine's `train_step`). At the end
-the held-out arithmetic problems are answered greedily by the base and the fine-tuned model, and
-both accuracies go into the manifest and samples.md.
+the base and the fine-tuned model answer the fixed held-out arithmetic items greedily
+(`held_out_accuracy`, the items and scorer eval uses), and both accuracies, with their intervals
+and the paired comparison, go into the manifest and samples.md.
 
 Under torchrun every rank runs all of it; only rank 0 logs, writes files and talks to W&B.
 Rerunning the same command resumes from the newest good checkpoint in `<out>/checkpoints/`.
@@ -27,9 +28,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from pipeline.artifacts import check_inputs, sha256_file
 from pipeline.cli import ConfigError
+from pipeline.eval.stats import fmt
 from pipeline.model.gpt import GPT, GPTConfig, load_final
-from pipeline.tasks import get_task
-from pipeline.tasks.evaluate import greedy_accuracy, greedy_complete
+from pipeline.tasks import get_task, held_out_record
+from pipeline.tasks.evaluate import greedy_complete, held_out_accuracy, held_out_metrics, held_out_sentence
 from pipeline.tokenizer import BPETokenizer
 from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS
 from pipeline.tokenizer.chat import render_prompt
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 # become (`parallel` and `nproc` change only the summation order). Any other change starts fresh.
 RESUME_FREE_KEYS = ("nproc", "parallel", "device", "compile", "eval_every", "eval_examples", "checkpoint_every",
                     "keep", "log_every", "peak_flops", "wandb_project", "wandb_mode", "samples", "sample_tokens",
-                    "top_p", "accuracy_examples", "max_new_tokens")
+                    "top_p", "accuracy_examples")
 ACCURACY_TASK = "arithmetic"  # the held-out task answered greedily at the end (it has a verifier)
 SAMPLE_TASKS = ("arithmetic", "instruct")  # held-out prompts shown in samples.md
 
@@ -175,7 +177,7 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
         log.info("sft.mixture.%s is 0: %s is not read", REPLAY, tokens)
     mixture = Mixture(train_rows, cfg["mixture"], cfg["seed"])
     accuracy_task = get_task(ACCURACY_TASK, tasks_config)
-    accuracy_examples = accuracy_task.examples("test")[:cfg["accuracy_examples"]]
+    accuracy_record = held_out_record(accuracy_task, cfg["accuracy_examples"]) if cfg["accuracy_examples"] != 0 else None
 
     identity = run_identity(cfg, tasks_config, model_path, tokenizer_path, tokens if replayed else None)
     with setup_run("sft", cfg, out=out, identity=identity,
@@ -251,16 +253,14 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
         # --- outputs: held-out accuracy of base and SFT, then final.pt, metrics, plot, samples, manifest -------
         full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         accuracy: dict[str, Any] = {}
-        if d.is_main and accuracy_examples:
-            score = dict(max_new_tokens=cfg["max_new_tokens"])
-            base_score = greedy_accuracy(load_final(model_path, d.device)[0], tokenizer, accuracy_task,
-                                         accuracy_examples, **score)
-            sft_score = greedy_accuracy(plain_model(model_config, full_state, d.device), tokenizer, accuracy_task,
-                                        accuracy_examples, **score)
-            accuracy = {f"{ACCURACY_TASK}_accuracy_base": base_score["accuracy"],
-                        f"{ACCURACY_TASK}_accuracy": sft_score["accuracy"], f"{ACCURACY_TASK}_scored": sft_score["n"]}
-            log.info("held-out %s accuracy (greedy, exact answer, %d problems): base %.1f%% -> SFT %.1f%%",
-                     ACCURACY_TASK, sft_score["n"], 100 * base_score["accuracy"], 100 * sft_score["accuracy"])
+        if d.is_main and accuracy_record is not None:
+            n = accuracy_record["items"]
+            base_score = held_out_accuracy(load_final(model_path, d.device)[0], tokenizer, accuracy_task, n)
+            sft_score = held_out_accuracy(plain_model(model_config, full_state, d.device), tokenizer, accuracy_task, n)
+            accuracy = held_out_metrics(ACCURACY_TASK, "sft", base_score, sft_score, accuracy_record)
+            log.info("held-out %s accuracy (greedy, exact answer, %d problems): base %s -> SFT %s (p = %.3g)",
+                     ACCURACY_TASK, n, fmt(base_score["accuracy"]), fmt(sft_score["accuracy"]),
+                     accuracy[f"{ACCURACY_TASK}_comparison"]["p_value"])
         final_val, final_by_part = float("nan"), {}
         for record in run.metrics.records:  # the last evaluation's
             final_val = record.get("val_loss", final_val)
@@ -268,9 +268,7 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
         header = (f"`{out.name}` after {run.step} SFT steps: held-out prompts, answered greedily and top-p "
                   f"{cfg['top_p']} at temperature 1, up to <|assistant_end|>.")
         if accuracy:
-            header += (f" Held-out {ACCURACY_TASK} accuracy (greedy, exact answer, {accuracy[f'{ACCURACY_TASK}_scored']}"
-                       f" problems): base {accuracy[f'{ACCURACY_TASK}_accuracy_base']:.1%}, "
-                       f"SFT {accuracy[f'{ACCURACY_TASK}_accuracy']:.1%}.")
+            header += " " + held_out_sentence(ACCURACY_TASK, "base", "SFT", accuracy)
         summary = export(
             run, model, final={"model_config": model_config.to_dict(), "vocab_size": meta["vocab_size"],
                                "eos_id": meta["eos_id"]},

@@ -36,7 +36,7 @@ from pipeline.train.flags import add_post_training_arguments, run_post_training
 FLAGS: dict[str, tuple[str, type, str]] = {
     "--global-batch": ("global_batch", int, "conversations per optimizer step over all processes"),
     "--micro-batch": ("micro_batch", int, "conversations per process per micro step"),
-    "--accuracy-examples": ("accuracy_examples", int, "held-out arithmetic problems answered at the end"),
+    "--accuracy-examples": ("accuracy_examples", int, "the first N fixed held-out arithmetic items answered at the end (0 skips)"),
 }
 
 
