@@ -223,7 +223,7 @@ def test_a_degenerate_sweep_is_not_identified_and_prints_no_exponent(monkeypatch
     assert any("search bound" in r for r in result["reasons"]), result["reasons"]
     assert result["exponents"] is None and result["allocation"] is None
     md = markdown(result, fit_settings())
-    assert "**Approach 3: not identified.**" in md
+    assert "**Approach 3: not identified**: " in md
     assert "∝ C^" not in md and "Implied compute-optimal exponents" not in md and "| alpha |" not in md
     assert not result["approach2"]["identified"] and "Approach 2's power law: not identified" in md
     pred = result["prediction"]

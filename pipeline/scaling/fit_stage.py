@@ -198,7 +198,7 @@ def markdown(result: dict[str, Any], scaling: dict[str, Any]) -> str:
            if fit["method"] == "descend" else "one L-BFGS-B run from each")
     verdict = ("**Approach 3 is identified**: no parameter at a search bound, every interval bounded, and the "
                "findings pinned down (rule below)." if result["identified"] else
-               "**Approach 3: not identified.** " + "; ".join(result["reasons"]) +
+               "**Approach 3: not identified**: " + "; ".join(result["reasons"]) +
                ". It prints no exponents or allocations: these runs do not determine them.")
     lines = ["# Scaling-law fit", "", verdict, "",
              f"{len(points)} pretrain runs; N counts {result['params_counted'].replace('_', '-')} parameters; "
@@ -253,7 +253,7 @@ def markdown(result: dict[str, Any], scaling: dict[str, Any]) -> str:
             lines += ["", "Approach 2's power law: not identified (" + "; ".join(iso["reasons"]) + ")."]
     lines += ["", *_prediction_lines(result["prediction"])]
     lines += ["## How to read this", "",
-              f"When a fit is identified: the best fit has no parameter within {BOUND_MARGIN:g} of its search box's "
+              f"When a fit is identified: the best fit has no parameter within {BOUND_MARGIN:.1%} of its search box's "
               f"width of a bound; no {level} bootstrap interval of E, A, B, alpha or beta reaches a bound; the N* "
               f"exponent's interval is at most {MAX_EXPONENT_WIDTH:g} wide; N*'s interval at every budget trained "
               f"spans at most a factor {MAX_NSTAR_RATIO:g}; and no more than {(1 - boot['level']) / 2:.1%} of the "
