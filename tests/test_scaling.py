@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from pipeline.artifacts import verify, write_manifest
 from pipeline.cli import ConfigError
 from pipeline.config import section_config, validate_config
 from pipeline.model.gpt import GPTConfig, size_shape
+from pipeline.report_card import report_card
 from pipeline.scaling import fit as fitmod
 from pipeline.scaling import plots
 from pipeline.scaling.fit import bootstrap, fit_loss, identification, isoflop_fit, isoflop_minimum
@@ -398,6 +400,14 @@ def test_scaling_fit_stage_end_to_end(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "fit" / "manifest.json").read_text())["metrics"]["identified"] is True
     checked, problems = verify(tmp_path / "fit")
     assert checked == 6 and not problems
+    # the report card shows this fit.json: the verdict, and the prediction beside its measurement
+    report_card(out=tmp_path / "report", scaling=tmp_path / "fit" / "manifest.json")
+    text = " ".join(re.sub(r"<[^>]+>", " ", (tmp_path / "report" / "index.html").read_text()).split())
+    loss = saved["prediction"]["best_loss"]
+    assert "The fit is identified" in text and f"predicts C = {largest:.3g}" in text
+    assert (f"best final loss {loss['predicted']['value']:.4g} [{loss['predicted']['ci95'][0]:.4g}, "
+            f"{loss['predicted']['ci95'][1]:.4g}] ({loss['predicted_size']}) {loss['measured']:.4g} "
+            f"({loss['measured_size']}) yes") in text
     # a run trained with another schedule than the plan's is refused, naming its manifest
     first = plan_sweep(scaling, pretrain, 4096)[0]
     manifest = tmp_path / "runs" / first["budget"] / first["size"] / "manifest.json"
