@@ -284,10 +284,9 @@ def identification(fit: dict[str, Any], boot: dict[str, Any], budgets: Sequence[
     for name in fit["at_bound"]:
         x = fit["theta"][THETA.index(name)]
         reasons.append(f"{_PARAM_OF[name]} at its search bound ({_param_value(name, x):.3g})")
-    for i, name in enumerate(THETA):
+    for name in THETA:
         lo, hi = boot["theta"][name]
-        ends = [x for x in (lo, hi) if _at_bound(name, x)]
-        if ends:
+        if _at_bound(name, lo) or _at_bound(name, hi):
             shown = [f"{_param_value(name, x):.3g}" for x in (lo, hi)]
             reasons.append(f"{_PARAM_OF[name]}'s {level} interval [{shown[0]}, {shown[1]}] reaches its search bound")
     lo, hi = boot["exponents"]["N_opt"]

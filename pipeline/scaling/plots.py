@@ -11,6 +11,7 @@ import numpy as np
 from pipeline.data.report import plt, save_figure
 from pipeline.scaling.fit import PUBLISHED, compute_optimal, predict
 
+
 def _colors(budgets: list[float]) -> dict[float, Any]:
     cmap = plt.get_cmap("viridis")
     return {c: cmap(i / max(1, len(budgets) - 1)) for i, c in enumerate(budgets)}
