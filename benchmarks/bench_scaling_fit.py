@@ -1,6 +1,6 @@
 """What Chinchilla approach 3 costs by each `fit_loss` method: `lbfgsb` (one scipy L-BFGS-B run per
 grid start, Besiroglu et al.'s method to the letter) and `descend` (the default: vectorised Levenberg-Marquardt from
-every start, L-BFGS-B from the best distinct end points), on the default CPU sweep's 9 points and
+every start, L-BFGS-B from the best distinct end points), on the default CPU sweep's 19 points and
 a synthetic 30-point sweep.
 
     python -m benchmarks.bench_scaling_fit
@@ -19,11 +19,14 @@ import numpy as np
 
 from pipeline.scaling import fit
 
-# the default sweep's final val losses (docs/scaling.md, "Measured: the default CPU sweep")
-DEFAULT_SWEEP = {
-    "N": [69872, 145888, 316352] * 3,
-    "D": [477184, 228352, 105472, 1431040, 685568, 315904, 4293632, 2056192, 948224],
-    "loss": [4.719, 5.268, 6.025, 4.436, 4.377, 5.003, 4.398, 4.092, 4.102],
+# the default sweep's final val losses (docs/scaling.md, "The default CPU sweep, measured")
+DEFAULT_SWEEP = {  # budgets 2.5e10, 5e10, 1e11, 2e11, 4e11 with 4, 3, 3, 4 and 5 sizes
+    "N": [16892, 25482, 34168, 51828, 25482, 34168, 51828, 34168, 51828, 69872, 51828, 69872, 107112, 145888,
+          69872, 107112, 145888, 228048, 316352],
+    "D": [246656, 163456, 121984, 80384, 327040, 243840, 160768, 487808, 321536, 238592, 643200, 477056, 311168,
+          228480, 954112, 622464, 456960, 292352, 210688],
+    "loss": [5.7767, 5.5372, 5.5503, 5.8098, 5.3637, 5.2323, 5.2142, 5.1604, 4.9804, 5.0032, 4.9286, 4.8753, 4.8379,
+          4.8443, 4.7967, 4.6892, 4.6312, 4.9341, 5.0647],
 }
 PLANTED = {"E": 1.8, "A": 400.0, "B": 1200.0, "alpha": 0.34, "beta": 0.30}
 
@@ -45,7 +48,7 @@ def timed(f):
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    for name, sweep in {"default 9-point": DEFAULT_SWEEP, "synthetic 30-point": synthetic_sweep()}.items():
+    for name, sweep in {"default 19-point": DEFAULT_SWEEP, "synthetic 30-point": synthetic_sweep()}.items():
         N, D, loss = (np.asarray(sweep[k], dtype=np.float64) for k in ("N", "D", "loss"))
         for method in fit.METHODS:
             found, wall, cpu = timed(lambda: fit.fit_loss(N, D, loss, method=method))

@@ -414,25 +414,39 @@ def identification(fit: dict[str, Any]) -> tuple[bool, str]:
 
 
 PREDICTED = (("best_loss", "best final loss"), ("N_opt", "N*"))  # what the held-out fit predicts, as labelled
+HELD_OUT = {"approach3": "held-out fit", "identified": "held-out fit identified", "reasons": "held-out fit: reasons"}
 
 
 def prediction_check(prediction: Any, artifact: Artifact | None) -> str:
-    """The fit from every budget but the largest against that budget's runs: per quantity, the
-    prediction with its interval, the measurement and whether it falls inside; the prediction's
-    other fields (which budgets, the held-out fit's parameters) key by key below."""
+    """The fit from every budget but the largest against that budget's runs: which budgets it saw;
+    per quantity, the prediction with its interval (and the size, for a best loss), the measurement
+    and whether it falls inside; the prediction's other fields (the held-out fit's parameters and
+    verdict) key by key below."""
     if not isinstance(prediction, dict) or not prediction:
         return unavailable("Prediction of the largest budget from the smaller ones")
-    body = ("<p>Pre-registered: the fit from every budget but the largest predicts the largest budget's best "
-            "loss and N*; the runs' measurement stands beside it.</p>")
+    held, fitted = prediction.get("heldout_flops"), prediction.get("fitted_budgets")
+    named = is_number(held) and isinstance(fitted, list)  # which budgets, said in the sentence below
+    which = (f"the fit from the {number(prediction.get('fitted_runs'))} runs at C = "
+             f"{esc(', '.join(number(c, '.3g') for c in fitted))} predicts C = {number(held, '.3g')}"
+             if named else "the fit from every budget but the largest predicts the largest budget")
+    body = (f"<p>Pre-registered: {which}: its best loss over the sizes trained and its N*, from the sizes and "
+            "tokens alone; the runs' measurement stands beside it.</p>")
     if prediction.get("made") is False:
         why = "; ".join(map(str, prediction.get("reasons") or [])) or "no reason given"
         body += f'<p class="warn"><b>No prediction made</b>: {esc(why)}.</p>'
-    rows = [[esc(label), metric(get(prediction, key, "predicted"), ".4g"), metric(get(prediction, key, "measured"), ".4g"),
+
+    def at(key: str, what: str) -> str:  # the size a best loss was predicted or measured at, where given
+        size = get(prediction, key, f"{what}_size")
+        return f" ({esc(str(size))})" if size else ""
+
+    rows = [[esc(label), metric(get(prediction, key, "predicted"), ".4g") + at(key, "predicted"),
+             metric(get(prediction, key, "measured"), ".4g") + at(key, "measured"),
              number(get(prediction, key, "inside")), esc(str(get(prediction, key, "note") or ""))]
             for key, label in PREDICTED if isinstance(prediction.get(key), dict)]
     if rows:
         body += table(["", "predicted [95% CI]", "measured", "inside the interval", "note"], rows, artifact)
-    rest = {key: item for key, item in prediction.items() if key not in dict(PREDICTED)}
+    shown = {*dict(PREDICTED), *(("heldout_flops", "fitted_budgets", "fitted_runs") if named else ())}
+    rest = {HELD_OUT.get(key, key): item for key, item in prediction.items() if key not in shown}
     return body + (table(["", "value"], flat_rows(rest, ".4g"), artifact) if rest else "")
 
 
@@ -447,7 +461,9 @@ def scaling_fit(reader: Reader, manifest: Path) -> str:
     a3, boot = fit.get("approach3") or {}, get(fit, "bootstrap", "params") or {}
     rows = [[esc(name), metric({"value": a3.get(name), "ci95": boot.get(name)} if name in boot else a3.get(name), ".4g")]
             for name in PARAMS]
-    body = verdict + "<p>Approach 3, L(N, D) = E + A / N^alpha + B / D^beta, with bootstrap 95% intervals.</p>"
+    caption = ("Approach 3, L(N, D) = E + A / N^alpha + B / D^beta, with bootstrap 95% intervals" +
+               ("." if identified else ": the best fit, for diagnosis only (these runs do not determine it)."))
+    body = verdict + f"<p>{caption}</p>"
     body += table(["parameter", "fit [95% CI]"], rows, artifact)
     exponents = fit.get("exponents") or {}
     if identified and exponents:

@@ -259,9 +259,10 @@ def test_the_card_shows_every_section_with_intervals_and_names_each_artifact(run
     assert "all at once" in text and "8 requests/s" in text and "hf_generate (no exported HF model)" in text
     assert "The fit is identified" in text and "N* ∝ C^0.474" in text
     assert "alpha 0.412 [0.3, 0.5]" in text
-    assert "best final loss 3.912 [3.85, 3.99] 3.947 yes" in text  # predicted, measured, inside
+    assert "the fit from the 6 runs at C = 2e+11, 6e+11 predicts C = 1.8e+12" in text
+    assert "best final loss 3.912 [3.85, 3.99] (d1w64) 3.947 (d1w64) yes" in text  # predicted, measured, inside
     assert "N* 5.12e+04 [3.1e+04, 8.8e+04] 5.8e+04 yes the IsoFLOP vertex" in text
-    assert "heldout flops 1.8e+12" in text and "fitted budgets 2e+11; 6e+11" in text
+    assert "heldout flops" not in text and "held-out fit identified yes" in text  # the budgets are in the sentence
     assert page.count('<img src="data:image/png;base64,') == 10  # every plot embedded: one file to open
     # every table and figure names the artifacts it came from, with the sha256 its manifest recorded
     sources = re.findall(r'<p class="source">from (.*?)</p>', page)
@@ -319,7 +320,7 @@ def test_fields_a_stage_does_not_write_say_not_available(run):
     assert main(card_args(run)) == 0
     text = text_of((run["root"] / "report" / "index.html").read_text())
     assert "Not identified: alpha at its bound 2.0; A's interval unbounded" in text and "N* ∝" not in text
-    assert "A 120.5 [4.5e-05, unbounded]" in text
+    assert "the best fit, for diagnosis only" in text and "A 120.5 [4.5e-05, unbounded]" in text
     assert "No prediction made: 2 budget(s): the held-out fit needs 2 besides the largest." in text
 
 

@@ -1,10 +1,13 @@
-"""Scaling: planted laws recovered, CIs that cover, IsoFLOP minima, sweep plans, and the fit stage
-end to end on hand-written run manifests."""
+"""Scaling: planted laws recovered, CIs that cover, identification (a degenerate sweep says "not
+identified"), the held-out prediction, IsoFLOP minima, sweep plans, and the fit stage end to end on
+hand-written run manifests."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -17,9 +20,11 @@ from pipeline.artifacts import verify, write_manifest
 from pipeline.cli import ConfigError
 from pipeline.config import section_config, validate_config
 from pipeline.model.gpt import GPTConfig, size_shape
+from pipeline.report_card import report_card
 from pipeline.scaling import fit as fitmod
-from pipeline.scaling.fit import bootstrap, fit_loss, isoflop_fit, isoflop_minimum
-from pipeline.scaling.fit_stage import scaling_fit
+from pipeline.scaling import plots
+from pipeline.scaling.fit import bootstrap, fit_loss, identification, isoflop_fit, isoflop_minimum
+from pipeline.scaling.fit_stage import fit_sweep, heldout_prediction, markdown, scaling_fit
 from pipeline.scaling.plan import budget_label, cost, load_with, plan_sweep, run_config, sweep_pretrain, sweep_runs
 
 PLANTED = {"E": 1.8, "A": 400.0, "B": 1200.0, "alpha": 0.34, "beta": 0.30}
@@ -121,6 +126,140 @@ def test_bootstrap_is_seeded():
     assert a == b
 
 
+# --- identification and the held-out prediction -----------------------------------------------------
+
+HELDOUT_BUDGETS = [1e17, 1e18, 1e19, 1e20]
+# the default CPU sweep the fit once called a finding (N* ∝ C^0.69): alpha at its bound, A's interval
+# [4.5e-5, 2.7e43]; 3 sizes per budget, its largest runs 11 epochs of the corpus
+DEGENERATE = {"flops": [2e11] * 3 + [6e11] * 3 + [1.8e12] * 3, "N": [69872, 145888, 316352] * 3,
+              "D": [477184, 228352, 105472, 1431040, 685568, 315904, 4293632, 2056192, 948224],
+              "loss": [4.719, 5.268, 6.025, 4.436, 4.377, 5.003, 4.398, 4.092, 4.102]}
+
+
+def as_points(flops, N, D, loss):
+    """Points as the fit stage reads them from run manifests."""
+    return [{"budget": f"{c:g}", "size": f"n{n:.0f}", "flops": c, "N": n, "D": d, "loss": l, "flops_6nd": 6 * n * d,
+             "flops_model": 6 * n * d, "excluded": False} for c, n, d, l in zip(flops, N, D, loss)]
+
+
+def planted_sweep(noise: float, rng: np.random.Generator, budgets=HELDOUT_BUDGETS, law=PLANTED):
+    """An IsoFLOP sweep bracketing the law's own optimum: per budget, sizes 1/4 to 4 times N*(C)."""
+    C = np.repeat(budgets, len(FACTORS))
+    N = np.array([f * float(fitmod.compute_optimal(law, c)["N"]) for c in budgets for f in FACTORS])
+    D = C / (6 * N)
+    return as_points(C, N, D, fitmod.predict(law, N, D) * np.exp(rng.normal(0.0, noise, len(N))))
+
+
+def fit_settings(resamples: int = 100) -> dict:
+    return {**validate_config({})["scaling"], "bootstrap": {"resamples": resamples, "seed": 0, "level": 0.95}}
+
+
+def test_a_planted_sweep_is_identified_and_predicts_its_held_out_budget():
+    """4 budgets x 5 sizes, 0.2% noise: the fit is identified, and the fit from the 3 lower budgets
+    predicts the largest budget's best loss (within 1% of the planted law's) and N*, with
+    intervals that hold the measurements (and N*'s the planted N*)."""
+    result = fit_sweep(planted_sweep(0.002, np.random.default_rng(0)), fit_settings())
+    assert result["identified"] and result["reasons"] == [], result["reasons"]
+    planted_share = PLANTED["beta"] / (PLANTED["alpha"] + PLANTED["beta"])
+    assert abs(result["exponents"]["N_opt"] - planted_share) < 0.05
+    pred = result["prediction"]
+    assert pred["made"] and pred["identified"] and pred["fitted_budgets"] == HELDOUT_BUDGETS[:3]
+    assert pred["fitted_runs"] == 15 and pred["heldout_flops"] == HELDOUT_BUDGETS[-1]
+    loss = pred["best_loss"]
+    lo, hi = loss["predicted"]["ci95"]
+    assert lo <= loss["measured"] <= hi and loss["inside"] is True
+    held = [p for p in result["points"] if p["flops"] == HELDOUT_BUDGETS[-1]]
+    truth = min(float(fitmod.predict(PLANTED, p["N"], p["D"])) for p in held)
+    assert abs(loss["predicted"]["value"] / truth - 1) < 0.01 and hi - lo < 0.05 * truth
+    n_opt = pred["N_opt"]
+    lo, hi = n_opt["predicted"]["ci95"]
+    assert n_opt["inside"] is True and lo <= n_opt["measured"] <= hi
+    assert lo < float(fitmod.compute_optimal(PLANTED, HELDOUT_BUDGETS[-1])["N"]) < hi
+    md = markdown(result, fit_settings())
+    assert "**Approach 3 is identified**" in md and "N* ∝ C^0.4" in md
+    assert "## Prediction of the largest budget (held out)" in md and "not identified" not in md
+
+
+def test_the_prediction_uses_no_point_of_the_held_out_budget():
+    """The held-out budget's losses change (x1.2): the prediction stays the same to the bit, the
+    measurement moves with them and falls outside the interval."""
+    points = planted_sweep(0.002, np.random.default_rng(1))
+    settings = fit_settings(resamples=50)
+    held = HELDOUT_BUDGETS[-1]
+    iso = isoflop_fit([p["flops"] for p in points], [p["N"] for p in points], [p["loss"] for p in points])
+    before = heldout_prediction(points, settings, iso)
+    changed = copy.deepcopy(points)
+    for p in changed:
+        if p["flops"] == held:
+            p["loss"] *= 1.2
+    after = heldout_prediction(changed, settings, iso)
+    assert before["made"] and after["made"]
+    assert after["best_loss"]["predicted"] == before["best_loss"]["predicted"]
+    assert after["N_opt"]["predicted"] == before["N_opt"]["predicted"]
+    assert after["approach3"] == before["approach3"]
+    assert after["best_loss"]["measured"] == pytest.approx(1.2 * before["best_loss"]["measured"])
+    assert before["best_loss"]["inside"] is True and after["best_loss"]["inside"] is False
+
+
+def captured_figures(monkeypatch) -> dict:
+    """Every figure the scaling plots save, by file name: its title, texts and labelled lines."""
+    figures = {}
+
+    def capture(fig, path):
+        ax = fig.axes[0]
+        figures[path.name] = {"title": ax.get_title(), "texts": [t.get_text() for t in ax.texts],
+                              "lines": [line.get_label() for line in ax.get_lines()]}
+        plots.plt.close(fig)
+
+    monkeypatch.setattr(plots, "save_figure", capture)
+    return figures
+
+
+def test_a_degenerate_sweep_is_not_identified_and_prints_no_exponent(monkeypatch):
+    """The sweep the fit once reported as N* ∝ C^0.69: not identified, with reasons; fit.json holds no
+    exponents or allocation; fit.md and the plots say "not identified" and draw no frontier line;
+    the held-out fit, not identified either, predicts nothing."""
+    points = as_points(*(DEGENERATE[k] for k in ("flops", "N", "D", "loss")))
+    result = fit_sweep(points, fit_settings())
+    assert result["identified"] is False
+    assert any("search bound" in r for r in result["reasons"]), result["reasons"]
+    assert result["exponents"] is None and result["allocation"] is None
+    md = markdown(result, fit_settings())
+    assert "**Approach 3: not identified**: " in md
+    assert "∝ C^" not in md and "Implied compute-optimal exponents" not in md and "| alpha |" not in md
+    assert not result["approach2"]["identified"] and "Approach 2's power law: not identified" in md
+    pred = result["prediction"]
+    assert pred["made"] is False and pred["identified"] is False and pred["reasons"]
+    assert "best_loss" not in pred and "predicts nothing" in md
+    figures = captured_figures(monkeypatch)
+    plots.plot_fit(points, result, ROOT / "fit.png")
+    plots.plot_frontier(result, points, ROOT / "frontier.png")
+    assert "not identified" in figures["fit.png"]["title"] and "N^" not in figures["fit.png"]["title"]
+    assert not any(label.startswith("approach") for label in figures["frontier.png"]["lines"])
+    assert any("not identified" in text for text in figures["frontier.png"]["texts"])
+
+
+def test_identification_names_each_reason():
+    """Each rule on its own: a fitted value at a bound, an interval reaching one, a wide N*
+    exponent, a wide N* at a budget trained, failed refits; and none when all are in range."""
+    theta = {"a": [5.0, 7.0], "b": [6.0, 8.0], "e": [0.4, 0.7], "alpha": [0.3, 0.4], "beta": [0.25, 0.35]}
+    fit = {"at_bound": [], "theta": [6.0, 7.0, 0.5, 0.34, 0.3]}
+    boot = {"level": 0.95, "resamples": 100, "failed": 0, "theta": theta, "exponents": {"N_opt": [0.4, 0.55]},
+            "budgets": [1e18, 1e19, 1e21], "optimal": {"N": [[1e8, 2e8], [3e8, 6e8], [1e9, 1e12]]}}
+    assert identification(fit, boot, [1e18, 1e19]) == {"identified": True, "reasons": []}  # 1e21: not trained
+    cases = [({"at_bound": ["alpha"], "theta": [6.0, 7.0, 0.5, 10.0, 0.3]}, {}, "alpha at its search bound (10)"),
+             (fit, {"theta": {**theta, "a": [-10.0, 7.0]}},
+              "A's 95% interval [4.54e-05, 1.1e+03] reaches its search bound"),
+             (fit, {"exponents": {"N_opt": [0.1, 0.7]}},
+              "the N* exponent's 95% interval [0.10, 0.70] is wider than 0.5"),
+             (fit, {"optimal": {"N": [[1e8, 2e8], [1e7, 6e8], [1e9, 1e12]]}}, "N* at C = 1e+19: the 95% interval"),
+             (fit, {"failed": 3}, "3 of 100 bootstrap refits failed")]
+    for bad_fit, change, reason in cases:
+        verdict = identification(bad_fit, {**boot, **change}, [1e18, 1e19])
+        assert verdict["identified"] is False and len(verdict["reasons"]) == 1, verdict
+        assert verdict["reasons"][0].startswith(reason), verdict
+
+
 # --- approach 2 ------------------------------------------------------------------------------------
 
 def test_isoflop_minimum_of_a_synthetic_parabola():
@@ -147,8 +286,15 @@ def test_isoflop_power_law_through_planted_minima():
             N.append(f * n_star)
             loss.append(3.0 + 0.05 * math.log(f) ** 2)
     out = isoflop_fit(budgets, N, loss)
+    assert out["identified"] and out["reasons"] == []
     assert out["N_opt"]["a"] == pytest.approx(0.5) and out["N_opt"]["k"] == pytest.approx(0.1)
     assert out["D_opt"]["a"] == pytest.approx(0.5) and out["D_opt"]["k"] == pytest.approx(1 / 0.6)
+    # one budget's sizes all above its optimum: its vertex is extrapolated, so no power law is fitted
+    shifted = [n * 8 if c == BUDGETS[-1] else n for c, n in zip(budgets, N)]
+    shifted_loss = [3.0 + 0.05 * math.log(n / (0.1 * c ** 0.5)) ** 2 for c, n in zip(budgets, shifted)]
+    out = isoflop_fit(budgets, shifted, shifted_loss)
+    assert not out["identified"] and out["N_opt"] is None and out["D_opt"] is None
+    assert out["reasons"] == ["C = 1e+19: minimum outside the sizes trained (extrapolated)"]
 
 
 # --- sizes and plans -------------------------------------------------------------------------------
@@ -236,18 +382,32 @@ def test_scaling_fit_stage_end_to_end(tmp_path, monkeypatch):
     config = validate_config({})
     scaling = {**config["scaling"], "bootstrap": {"resamples": 20, "seed": 0, "level": 0.9}, "exclude_highest": 1}
     pretrain = sweep_pretrain(config)
-    law = {"E": 2.0, "A": 300.0, "B": 800.0, "alpha": 0.35, "beta": 0.3}
+    # a law of this sweep's scale (close to the fit of its measured runs, docs/scaling.md)
+    law = {"E": 4.6, "A": 4e4, "B": 2e7, "alpha": 1.1, "beta": 1.5}
     fake_sweep(tmp_path / "runs", scaling, pretrain, 4096, law, np.random.default_rng(0))
     result = scaling_fit(runs=tmp_path / "runs", out=tmp_path / "fit", scaling=scaling, pretrain=pretrain,
                          vocab_size=4096)
     saved = json.loads((tmp_path / "fit" / "fit.json").read_text())
     assert saved["approach3"]["alpha"] == pytest.approx(result["approach3"]["alpha"])
     assert sum(p["excluded"] for p in saved["points"]) == 1
+    assert saved["identified"] is True and saved["approach2"]["identified"] is True
     assert len(saved["allocation"]) == len(scaling["budgets"]) + 1  # each budget and the target
+    largest = max(b["flops"] for b in scaling["budgets"])
+    assert saved["prediction"]["heldout_flops"] == largest and saved["prediction"]["best_loss"]["inside"] is True
     md = (tmp_path / "fit" / "fit.md").read_text()
     assert "Chinchilla (Hoffmann et al. 2022)" in md and "| alpha |" in md and "far outside" in md
+    assert "| best final val loss over the sizes trained |" in md
+    assert json.loads((tmp_path / "fit" / "manifest.json").read_text())["metrics"]["identified"] is True
     checked, problems = verify(tmp_path / "fit")
     assert checked == 6 and not problems
+    # the report card shows this fit.json: the verdict, and the prediction beside its measurement
+    report_card(out=tmp_path / "report", scaling=tmp_path / "fit" / "manifest.json")
+    text = " ".join(re.sub(r"<[^>]+>", " ", (tmp_path / "report" / "index.html").read_text()).split())
+    loss = saved["prediction"]["best_loss"]
+    assert "The fit is identified" in text and f"predicts C = {largest:.3g}" in text
+    assert (f"best final loss {loss['predicted']['value']:.4g} [{loss['predicted']['ci95'][0]:.4g}, "
+            f"{loss['predicted']['ci95'][1]:.4g}] ({loss['predicted_size']}) {loss['measured']:.4g} "
+            f"({loss['measured_size']}) yes") in text
     # a run trained with another schedule than the plan's is refused, naming its manifest
     first = plan_sweep(scaling, pretrain, 4096)[0]
     manifest = tmp_path / "runs" / first["budget"] / first["size"] / "manifest.json"

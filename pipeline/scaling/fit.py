@@ -15,6 +15,10 @@ convergence by L-BFGS-B (METHODS below); `method="lbfgsb"` runs L-BFGS-B from ev
 
 Approach 2: per compute budget, a parabola of the loss in log N; its vertex is that budget's
 optimal N, and the vertices are fitted as power laws N* = k C^a, D* = C / (6 N*).
+
+A fit is reported only when it is identified (`identification`): no parameter at a search bound,
+no bootstrap interval reaching one, and the findings (the N* exponent, N* at every budget trained)
+pinned down to within fixed widths. Otherwise it says "not identified" and why.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 PARAMS = ("E", "A", "B", "alpha", "beta")
+THETA = ("a", "b", "e", "alpha", "beta")  # the fitted coordinates: A, B, E = exp(a, b, e)
+_PARAM_OF = dict(zip(THETA, ("A", "B", "E", "alpha", "beta")))
 # Besiroglu et al. 2024's grid (the Chinchilla paper's, with a and b widened): 6 x 6 x 5 x 5 x 5 = 4,500 starts
 GRID = {"a": np.arange(0, 26, 5.0), "b": np.arange(0, 26, 5.0), "e": np.arange(-1, 1.01, 0.5),
         "alpha": np.arange(0, 2.01, 0.5), "beta": np.arange(0, 2.01, 0.5)}
@@ -47,6 +53,10 @@ LM_STEPS = 150
 POLISHED = 8  # distinct LM end points (lowest objective first) polished by L-BFGS-B
 BOUNDS = [(-10.0, 100.0), (-10.0, 100.0), (-10.0, 5.0), (0.0, 10.0), (0.0, 10.0)]
 SOLUTIONS_KEPT = 8  # distinct local minima kept from the grid (objective, theta), best first
+# When a fit counts as identified (docs/scaling.md, "When a fit is identified"):
+BOUND_MARGIN = 1e-3  # a value closer to a search bound than this fraction of the box is at the bound
+MAX_EXPONENT_WIDTH = 0.5  # the N* exponent beta/(alpha+beta) lies in [0, 1]: an interval over half of it says nothing
+MAX_NSTAR_RATIO = 10.0  # N*'s interval at a budget trained may span at most a decade
 # published approach-3 fits, for the comparison table (N counts all parameters in both)
 PUBLISHED = {
     "Chinchilla (Hoffmann et al. 2022)": {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28},
@@ -183,11 +193,20 @@ def fit_loss(N: Sequence[float], D: Sequence[float], loss: Sequence[float], *,
             seen.add(key)
             solutions.append({"objective": value, "theta": [float(x) for x in theta]})
     value, theta = found[0]
-    at_bound = [name for name, x, (lo, hi) in zip(("a", "b", "e", "alpha", "beta"), theta, BOUNDS)
-                if min(x - lo, hi - x) < 1e-6]
+    at_bound = [name for name, x in zip(THETA, theta) if _at_bound(name, x)]
     return {**_as_params(theta), "theta": [float(x) for x in theta], "objective": value, "at_bound": at_bound,
             "method": method, "grid_starts": len(starts), "polished": len(polished),
             "converged_starts": len(found), "points": len(N), "solutions": solutions}
+
+
+def _at_bound(name: str, x: float) -> bool:
+    lo, hi = BOUNDS[THETA.index(name)]
+    return min(x - lo, hi - x) < BOUND_MARGIN * (hi - lo)
+
+
+def _param_value(name: str, x: float) -> float:
+    """A coordinate of theta as the parameter it stands for (a -> A = exp(a))."""
+    return math.exp(x) if name in ("a", "b", "e") else x
 
 
 def compute_optimal(params: dict[str, float], C: float | np.ndarray) -> dict[str, Any]:
@@ -203,14 +222,12 @@ def predict(params: dict[str, float], N: np.ndarray, D: np.ndarray) -> np.ndarra
     return params["E"] + params["A"] / np.asarray(N) ** params["alpha"] + params["B"] / np.asarray(D) ** params["beta"]
 
 
-def bootstrap(N: Sequence[float], D: Sequence[float], loss: Sequence[float], starts: np.ndarray, *,
-              resamples: int, seed: int, budgets: Sequence[float], delta: float = 1e-3,
-              level: float = 0.95) -> dict[str, Any]:
-    """Percentile bootstrap: refit on `resamples` draws of the points with replacement, each from
-    every row of `starts` (the full fit's best minima: the whole grid per resample would cost
-    thousands of descents each), all resamples at once by the vectorised descent, keeping each
-    draw's best; then every parameter's and every budget's N*, D* and D*/N* interval at `level`.
-    A draw whose fit ends non-finite is counted and skipped."""
+def bootstrap_draws(N: Sequence[float], D: Sequence[float], loss: Sequence[float], starts: np.ndarray, *,
+                    resamples: int, seed: int, delta: float = 1e-3) -> tuple[np.ndarray, int]:
+    """Refit on `resamples` draws of the points with replacement, each from every row of `starts`
+    (the full fit's best minima: the whole grid per resample would cost thousands of descents
+    each), all resamples at once by the vectorised descent, keeping each draw's best. Returns the
+    thetas of the draws that ended finite and how many did not."""
     N, D, loss = (np.asarray(x, dtype=np.float64) for x in (N, D, loss))
     picks = np.random.default_rng(seed).integers(0, len(N), (resamples, len(N)))
     best_value = np.full(resamples, np.inf)
@@ -223,18 +240,88 @@ def bootstrap(N: Sequence[float], D: Sequence[float], loss: Sequence[float], sta
     ok = np.isfinite(best_value)
     if not ok.any():
         raise RuntimeError(f"none of {resamples} bootstrap fits converged")
-    rows = [_as_params(theta) for theta in best_theta[ok]]
+    return best_theta[ok], int((~ok).sum())
+
+
+def bootstrap(N: Sequence[float], D: Sequence[float], loss: Sequence[float], starts: np.ndarray, *,
+              resamples: int, seed: int, budgets: Sequence[float], delta: float = 1e-3,
+              level: float = 0.95) -> dict[str, Any]:
+    """Percentile bootstrap: `bootstrap_draws`, summarised by `bootstrap_summary`."""
+    thetas, failed = bootstrap_draws(N, D, loss, starts, resamples=resamples, seed=seed, delta=delta)
+    return bootstrap_summary(thetas, failed, resamples=resamples, seed=seed, budgets=budgets, level=level)
+
+
+def bootstrap_summary(thetas: np.ndarray, failed: int, *, resamples: int, seed: int, budgets: Sequence[float],
+                      level: float = 0.95) -> dict[str, Any]:
+    """The intervals at `level` of the bootstrap draws `thetas`: every parameter's (and each fitted
+    coordinate's, for the bound check), the compute-optimal exponents', and every budget's N*, D*
+    and D*/N*; `failed` draws (non-finite fits) are counted."""
+    rows = [_as_params(theta) for theta in thetas]
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
 
     def interval(values: np.ndarray) -> list[float]:
         return [float(np.percentile(values, lo)), float(np.percentile(values, hi))]
 
     params = {name: interval(np.array([r[name] for r in rows])) for name in PARAMS}
-    optimal = [compute_optimal(r, np.asarray(budgets, dtype=np.float64)) for r in rows]
-    per_budget = {key: [interval(np.array([o[key][i] for o in optimal])) for i in range(len(budgets))]
-                  for key in ("N", "D", "tokens_per_param")}
-    return {"level": level, "resamples": resamples, "seed": seed, "failed": int((~ok).sum()), "params": params,
+    with np.errstate(divide="ignore", invalid="ignore"):  # a draw with alpha or beta at 0 has N* at 0 or inf
+        optimal = [compute_optimal(r, np.asarray(budgets, dtype=np.float64)) for r in rows]
+        per_budget = {key: [interval(np.array([o[key][i] for o in optimal])) for i in range(len(budgets))]
+                      for key in ("N", "D", "tokens_per_param")}
+    share = thetas[:, 4] / (thetas[:, 3] + thetas[:, 4])  # beta / (alpha + beta); nan where both are 0
+    exponents = {"N_opt": interval(np.nan_to_num(share, nan=0.5)), "D_opt": interval(np.nan_to_num(1 - share, nan=0.5))}
+    return {"level": level, "resamples": resamples, "seed": seed, "failed": failed, "params": params,
+            "theta": {name: interval(thetas[:, i]) for i, name in enumerate(THETA)}, "exponents": exponents,
             "budgets": [float(c) for c in budgets], "optimal": per_budget}
+
+
+def identification(fit: dict[str, Any], boot: dict[str, Any], budgets: Sequence[float]) -> dict[str, Any]:
+    """Whether an approach-3 fit says anything, and if not, why: a parameter of the best fit at its
+    search bound; a bootstrap interval reaching a bound (the data do not bound it); the N*
+    exponent's interval wider than MAX_EXPONENT_WIDTH; N*'s interval at one of `budgets` (those
+    trained, which must be among `boot`'s) spanning more than a factor MAX_NSTAR_RATIO; or more than
+    the interval's tail share of the bootstrap refits failing."""
+    reasons, level = [], f"{boot['level']:.0%}"
+    for name in fit["at_bound"]:
+        x = fit["theta"][THETA.index(name)]
+        reasons.append(f"{_PARAM_OF[name]} at its search bound ({_param_value(name, x):.3g})")
+    for name in THETA:
+        lo, hi = boot["theta"][name]
+        if _at_bound(name, lo) or _at_bound(name, hi):
+            shown = [f"{_param_value(name, x):.3g}" for x in (lo, hi)]
+            reasons.append(f"{_PARAM_OF[name]}'s {level} interval [{shown[0]}, {shown[1]}] reaches its search bound")
+    lo, hi = boot["exponents"]["N_opt"]
+    if hi - lo > MAX_EXPONENT_WIDTH:
+        reasons.append(f"the N* exponent's {level} interval [{lo:.2f}, {hi:.2f}] is wider than {MAX_EXPONENT_WIDTH}")
+    for c in budgets:
+        lo, hi = boot["optimal"]["N"][boot["budgets"].index(float(c))]
+        if not (lo > 0 and hi / lo <= MAX_NSTAR_RATIO):
+            reasons.append(f"N* at C = {c:.3g}: the {level} interval [{lo:.3g}, {hi:.3g}] spans more than a "
+                           f"factor {MAX_NSTAR_RATIO:g}")
+    if boot["failed"] > (1 - boot["level"]) / 2 * boot["resamples"]:
+        reasons.append(f"{boot['failed']} of {boot['resamples']} bootstrap refits failed")
+    return {"identified": not reasons, "reasons": reasons}
+
+
+def predict_measurements(draws: np.ndarray, N: Sequence[float], D: Sequence[float], residuals: Sequence[float],
+                         *, level: float, seed: int) -> dict[str, Any]:
+    """What runs not yet trained (sizes N_i on D_i tokens, one IsoFLOP budget) will measure, as
+    bootstrap prediction intervals at `level`: per draw, its law's loss for each run (the
+    parameters' uncertainty) times exp of a residual resampled for that run (the run's own noise;
+    pass the fit's log residuals, scaled for the parameters fitted); then the best of those losses,
+    and the vertex of their IsoFLOP parabola (approach 2's N*; draws whose vertex falls outside the
+    sizes are counted, not used)."""
+    N, D = np.asarray(N, dtype=np.float64), np.asarray(D, dtype=np.float64)
+    losses = np.array([predict(_as_params(theta), N, D) for theta in draws])  # (draws, runs)
+    losses *= np.exp(np.random.default_rng(seed).choice(np.asarray(residuals, dtype=np.float64), size=losses.shape))
+    vertices = [isoflop_minimum(N, row) for row in losses]
+    inside = np.array([v["N"] for v in vertices if v["inside"]])
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+
+    def interval(values: np.ndarray) -> list[float]:
+        return [float(np.percentile(values, lo)), float(np.percentile(values, hi))]
+
+    return {"best_loss": interval(losses.min(axis=1)), "N_opt": interval(inside) if len(inside) else None,
+            "draws": len(draws), "vertex_inside": len(inside)}
 
 
 # --- approach 2: IsoFLOP parabolas -----------------------------------------------------------------
@@ -266,19 +353,22 @@ def power_law(C: Sequence[float], Y: Sequence[float]) -> dict[str, float]:
 
 
 def isoflop_fit(budgets: Sequence[float], N: Sequence[float], loss: Sequence[float]) -> dict[str, Any]:
-    """Approach 2: a parabola per budget, then N*(C) = k C^a through the minima and D* = C / (6 N*)."""
+    """Approach 2: a parabola per budget, then N*(C) = k C^a through the minima and D* = C / (6 N*).
+    The power laws are fitted (and the approach identified) only when every budget's minimum lies
+    inside its sizes trained: an extrapolated vertex would steer the exponent by a guess."""
     budgets, N, loss = (np.asarray(x, dtype=np.float64) for x in (budgets, N, loss))
     minima = []
     for c in np.unique(budgets):
         at = budgets == c
         minima.append({"flops": float(c), **isoflop_minimum(N[at], loss[at])})
-    found = [m for m in minima if m["N"] is not None]
-    out: dict[str, Any] = {"minima": minima, "N_opt": None, "D_opt": None}
-    if len(found) >= 2:
-        C = np.array([m["flops"] for m in found])
-        n_opt = np.array([m["N"] for m in found])
+    reasons = [f"C = {m['flops']:.3g}: {m['note']}" for m in minima if not m["inside"]]
+    if len(minima) < 2:
+        reasons.append(f"{len(minima)} budget(s); a power law through the minima needs 2")
+    out: dict[str, Any] = {"minima": minima, "identified": not reasons, "reasons": reasons,
+                           "N_opt": None, "D_opt": None}
+    if not reasons:
+        C = np.array([m["flops"] for m in minima])
+        n_opt = np.array([m["N"] for m in minima])
         out["N_opt"] = power_law(C, n_opt)
         out["D_opt"] = power_law(C, C / (6 * n_opt))
-    else:
-        out["note"] = f"{len(found)} budget(s) with a minimum; a power law needs 2"
     return out

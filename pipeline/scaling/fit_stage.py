@@ -20,8 +20,9 @@ import numpy as np
 from pipeline.artifacts import atomic_write_json, atomic_write_text, read_manifest, write_manifest
 from pipeline.cli import json_arg
 from pipeline.config import section_config
-from pipeline.scaling.fit import (PARAMS, PUBLISHED, bootstrap, compute_optimal, fit_loss, grid_starts,
-                                  isoflop_fit)
+from pipeline.scaling.fit import (BOUND_MARGIN, MAX_EXPONENT_WIDTH, MAX_NSTAR_RATIO, PARAMS, PUBLISHED,
+                                  bootstrap_draws, bootstrap_summary, compute_optimal, fit_loss, grid_starts,
+                                  identification, isoflop_fit, isoflop_minimum, predict, predict_measurements)
 from pipeline.scaling.plan import plan_sweep
 from pipeline.scaling.plots import plot_fit, plot_frontier, plot_isoflop
 
@@ -63,33 +64,131 @@ def exclude_highest(points: list[dict[str, Any]], k: int) -> None:
         p["excluded"] = True
 
 
+def approach3(points: list[dict[str, Any]], scaling: dict[str, Any], budgets: list[float],
+              targets: list[float]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], np.ndarray]:
+    """Approach 3 on `points`: the fit from the whole grid, its bootstrap (N* etc. at `targets`),
+    whether it is identified (judged at the `budgets` the points were trained at), and the
+    bootstrap draws (thetas) the held-out prediction samples from."""
+    N, D, loss = (np.array([p[key] for p in points], dtype=np.float64) for key in ("N", "D", "loss"))
+    log.info("approach 3: fitting %d points from %d grid starts", len(points), len(grid_starts()))
+    fit = fit_loss(N, D, loss, delta=scaling["delta"], method=scaling["method"])
+    resamples, seed = scaling["bootstrap"]["resamples"], scaling["bootstrap"]["seed"]
+    draws, failed = bootstrap_draws(N, D, loss, np.array([s["theta"] for s in fit["solutions"][:BOOTSTRAP_STARTS]]),
+                                    resamples=resamples, seed=seed, delta=scaling["delta"])
+    boot = bootstrap_summary(draws, failed, resamples=resamples, seed=seed, budgets=targets,
+                             level=scaling["bootstrap"]["level"])
+    return fit, boot, identification(fit, boot, budgets), draws
+
+
+def heldout_prediction(points: list[dict[str, Any]], scaling: dict[str, Any],
+                       isoflop: dict[str, Any] | None) -> dict[str, Any]:
+    """The pre-registered check: approach 3 fitted without the largest budget's runs predicts that
+    budget's best final loss (over the sizes it trains, with a bootstrap prediction interval) and
+    its N*; beside each, what the runs measured (the best run's loss; N* at that budget's IsoFLOP
+    vertex) and whether it falls inside the interval. The prediction uses the held-out runs' sizes and
+    tokens (the plan's) only; their losses enter as the measurement. A held-out fit that is not
+    identified predicts nothing."""
+    budgets = sorted({p["flops"] for p in points if p["flops"] is not None})
+    if len(budgets) < 3:
+        return {"made": False, "identified": False,
+                "reasons": [f"{len(budgets)} budget(s): the held-out fit needs 2 besides the largest"]}
+    held, fitted = budgets[-1], budgets[:-1]
+    train = [p for p in points if not p["excluded"] and p["flops"] != held]
+    runs = [p for p in points if p["flops"] == held]
+    out: dict[str, Any] = {"heldout_flops": held, "fitted_budgets": fitted, "fitted_runs": len(train)}
+    if len(train) <= len(PARAMS):
+        return {**out, "made": False, "identified": False,
+                "reasons": [f"{len(train)} runs below the largest budget; the fit needs more than {len(PARAMS)}"]}
+    fit, boot, verdict, draws = approach3(train, scaling, fitted, budgets)
+    out |= {**verdict, "approach3": {name: fit[name] for name in PARAMS}}
+    if not verdict["identified"]:
+        return {**out, "made": False}
+    N, D, loss = (np.array([p[key] for p in train], dtype=np.float64) for key in ("N", "D", "loss"))
+    # a run's own noise: the fit's log residuals, widened for the 5 parameters fitted to them
+    residuals = (np.log(loss) - np.log(predict(fit, N, D))) * math.sqrt(len(train) / (len(train) - len(PARAMS)))
+    n_new, d_new = (np.array([p[key] for p in runs], dtype=np.float64) for key in ("N", "D"))
+    level = scaling["bootstrap"]["level"]
+    spread = predict_measurements(draws, n_new, d_new, residuals, level=level,
+                                  seed=scaling["bootstrap"]["seed"])
+    expected = predict(fit, n_new, d_new)
+    best = min(runs, key=lambda p: p["loss"])
+    vertex = next((m for m in isoflop["minima"] if m["flops"] == held), None) if isoflop else None
+    measured_n = vertex["N"] if vertex and vertex["inside"] else None
+    n_opt: dict[str, Any] = {"measured": measured_n, "note": "the IsoFLOP vertex" if measured_n else
+                             f"not measured: {vertex['note'] if vertex else 'no IsoFLOP parabola'}"}
+    if spread["vertex_inside"] >= level * spread["draws"]:
+        n_ci = spread["N_opt"]
+        n_opt |= {"predicted": {"value": isoflop_minimum(n_new, expected)["N"], "ci95": n_ci, "n": len(train),
+                                "method": "bootstrap"},
+                  "inside": bool(n_ci[0] <= measured_n <= n_ci[1]) if measured_n else None}
+    else:
+        n_opt |= {"predicted": None, "inside": None,
+                  "note": f"not predicted: {spread['vertex_inside']} of {spread['draws']} draws put the vertex inside "
+                          f"the sizes trained; " + n_opt["note"]}
+    loss_ci = spread["best_loss"]
+    return {**out, "made": True, "level": level,
+            "best_loss": {"predicted": {"value": float(expected.min()), "ci95": loss_ci, "n": len(train),
+                                        "method": "bootstrap"},
+                          "predicted_size": runs[int(expected.argmin())]["size"],
+                          "measured": best["loss"], "measured_size": best["size"],
+                          "inside": bool(loss_ci[0] <= best["loss"] <= loss_ci[1])},
+            "N_opt": n_opt}
+
+
 def fit_sweep(points: list[dict[str, Any]], scaling: dict[str, Any]) -> dict[str, Any]:
-    """Both approaches on the points, with bootstrap CIs for approach 3."""
+    """Both approaches on the points, with bootstrap CIs for approach 3, whether it is identified,
+    and the held-out prediction. Exponents and allocations are left out (None) when approach 3 is
+    not identified: they would be numbers without meaning."""
     exclude_highest(points, scaling["exclude_highest"])
     kept = [p for p in points if not p["excluded"]]
-    N, D, loss = (np.array([p[key] for p in kept], dtype=np.float64) for key in ("N", "D", "loss"))
-    log.info("approach 3: fitting %d points from %d grid starts", len(kept), len(grid_starts()))
-    fit = fit_loss(N, D, loss, delta=scaling["delta"], method=scaling["method"])
     budgets = sorted({p["flops"] for p in points if p["flops"] is not None})
     targets = budgets + [float(scaling["target_flops"])]
-    boot = bootstrap(N, D, loss, np.array([s["theta"] for s in fit["solutions"][:BOOTSTRAP_STARTS]]),
-                     resamples=scaling["bootstrap"]["resamples"], seed=scaling["bootstrap"]["seed"],
-                     budgets=targets, delta=scaling["delta"], level=scaling["bootstrap"]["level"])
-    optimal = compute_optimal(fit, np.array(targets))
-    allocation = [{"flops": c, **{key: float(optimal[key][i]) for key in ("N", "D", "tokens_per_param")},
-                   **{f"{key}_ci": boot["optimal"][key][i] for key in ("N", "D", "tokens_per_param")}}
-                  for i, c in enumerate(targets)]
+    fit, boot, verdict, _ = approach3(kept, scaling, budgets, targets)
     iso_points = [p for p in points if p["flops"] is not None]
     isoflop = (isoflop_fit([p["flops"] for p in iso_points], [p["N"] for p in iso_points],
                            [p["loss"] for p in iso_points]) if iso_points else None)
-    total = fit["alpha"] + fit["beta"]
-    exponents = {"N_opt": fit["beta"] / total, "D_opt": fit["alpha"] / total}
-    return {"params_counted": scaling["params"], "points": points, "approach3": fit, "bootstrap": boot,
-            "allocation": allocation, "exponents": exponents, "approach2": isoflop}
+    allocation = exponents = None
+    if verdict["identified"]:
+        optimal = compute_optimal(fit, np.array(targets))
+        allocation = [{"flops": c, **{key: float(optimal[key][i]) for key in ("N", "D", "tokens_per_param")},
+                       **{f"{key}_ci": boot["optimal"][key][i] for key in ("N", "D", "tokens_per_param")}}
+                      for i, c in enumerate(targets)]
+        total = fit["alpha"] + fit["beta"]
+        exponents = {"N_opt": fit["beta"] / total, "D_opt": fit["alpha"] / total,
+                     "N_opt_ci": boot["exponents"]["N_opt"], "D_opt_ci": boot["exponents"]["D_opt"]}
+    return {**verdict, "params_counted": scaling["params"], "points": points, "approach3": fit, "bootstrap": boot,
+            "allocation": allocation, "exponents": exponents, "approach2": isoflop,
+            "prediction": heldout_prediction(points, scaling, isoflop)}
 
 
 def _ci(value: float, ci: list[float], fmt: str) -> str:
     return f"{value:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
+def _prediction_lines(pred: dict[str, Any]) -> list[str]:
+    lines = ["## Prediction of the largest budget (held out)", ""]
+    if not pred["made"]:
+        where = (f"The fit from the budgets below {pred['heldout_flops']:.3g} FLOPs is not identified, so it predicts "
+                 "nothing: " if "approach3" in pred else "No prediction: ")
+        return lines + [where + "; ".join(pred["reasons"]) + ".", ""]
+    level = f"{pred['level']:.0%}"
+    loss, n_opt = pred["best_loss"], pred["N_opt"]
+    fitted = ", ".join(f"{c:.3g}" for c in pred["fitted_budgets"])
+    measured_n = f"{n_opt['measured']:.3g}" if n_opt["measured"] is not None else n_opt["note"]
+    predicted_n = (_ci(n_opt["predicted"]["value"], n_opt["predicted"]["ci95"], ".3g") if n_opt["predicted"]
+                   else n_opt["note"])
+    inside_n = {True: "yes", False: "**no**", None: "—"}[n_opt["inside"]]
+    return lines + [
+        f"Approach 3 fitted to the {pred['fitted_runs']} runs at C = {fitted} (identified) predicts the runs at "
+        f"C = {pred['heldout_flops']:.3g} from their sizes and tokens alone; then their losses are read.", "",
+        f"| quantity at C = {pred['heldout_flops']:.3g} | predicted ({level} interval) | measured | inside |",
+        "| --- | --- | --- | --- |",
+        f"| best final val loss over the sizes trained | "
+        f"{_ci(loss['predicted']['value'], loss['predicted']['ci95'], '.4f')} ({loss['predicted_size']}) | "
+        f"{loss['measured']:.4f} ({loss['measured_size']}) | {'yes' if loss['inside'] else '**no**'} |",
+        f"| N* (the IsoFLOP vertex) | {predicted_n} | {measured_n} | {inside_n} |",
+        "", "Both intervals hold the refits' spread (runs below the largest budget resampled) and each run's own "
+        "noise (the fit's residuals, resampled): they say where the measurement should fall.", ""]
 
 
 def markdown(result: dict[str, Any], scaling: dict[str, Any]) -> str:
@@ -97,7 +196,11 @@ def markdown(result: dict[str, Any], scaling: dict[str, Any]) -> str:
     level = f"{boot['level']:.0%}"
     how = (f"all descended at once, the {fit['polished']} best distinct end points run to convergence by L-BFGS-B"
            if fit["method"] == "descend" else "one L-BFGS-B run from each")
-    lines = ["# Scaling-law fit", "",
+    verdict = ("**Approach 3 is identified**: no parameter at a search bound, every interval bounded, and the "
+               "findings pinned down (rule below)." if result["identified"] else
+               "**Approach 3: not identified**: " + "; ".join(result["reasons"]) +
+               ". It prints no exponents or allocations: these runs do not determine them.")
+    lines = ["# Scaling-law fit", "", verdict, "",
              f"{len(points)} pretrain runs; N counts {result['params_counted'].replace('_', '-')} parameters; "
              f"D is the tokens each run trained on. Approach 3 fits {fit['points']} points "
              f"({scaling['exclude_highest']} highest-loss excluded) from {fit['grid_starts']} grid starts: "
@@ -110,33 +213,30 @@ def markdown(result: dict[str, Any], scaling: dict[str, Any]) -> str:
         mark = " (excluded)" if p["excluded"] else ""
         lines.append(f"| {p['budget']} | {p['size']} | {p['N']:,} | {p['D']:,} | {p['D'] / p['N']:.2f} | "
                      f"{p['flops_6nd']:.3g} | {p['flops_model']:.3g} | {p['loss']:.4f}{mark} |")
-    names = list(PUBLISHED)
-    lines += ["", "## Approach 3: L(N, D) = E + A / N^alpha + B / D^beta", "",
-              f"| parameter | ours ({level} CI) | {names[0]} | {names[1]} |", "| --- | --- | ---: | ---: |"]
-    for name in PARAMS:
-        fmt = ".3g" if name in ("A", "B") else ".3f"
-        lines.append(f"| {name} | {_ci(fit[name], boot['params'][name], fmt)} | "
-                     f"{PUBLISHED[names[0]][name]:g} | {PUBLISHED[names[1]][name]:g} |")
-    if fit["at_bound"]:
-        lines += ["", f"**The best fit ends on the search bounds of {', '.join(fit['at_bound'])}**: the runs do not "
-                  "pin this functional form down (see below), so these parameters are not estimates of anything."]
-    exp = result["exponents"]
-    lines += ["", f"Implied compute-optimal exponents: N* ∝ C^{exp['N_opt']:.3f}, D* ∝ C^{exp['D_opt']:.3f} "
-              "(Chinchilla's approach 3: 0.46 and 0.54; Epoch AI's refit: 0.51 and 0.49).", "",
-              "## Compute-optimal allocation (C = 6ND)", "",
-              f"| C (FLOPs) | N* ({level} CI) | D* ({level} CI) | D*/N* ({level} CI) | approach 2 N* |",
-              "| ---: | --- | --- | --- | --- |"]
-    iso = result["approach2"]
-    for row in result["allocation"]:
-        n2 = "—"
-        if iso and iso["N_opt"] is not None:
-            n2 = f"{iso['N_opt']['k'] * row['flops'] ** iso['N_opt']['a']:.3g}"
-        target = " (target)" if row is result["allocation"][-1] else ""
-        lines.append(f"| {row['flops']:.3g}{target} | {_ci(row['N'], row['N_ci'], '.3g')} | "
-                     f"{_ci(row['D'], row['D_ci'], '.3g')} | "
-                     f"{_ci(row['tokens_per_param'], row['tokens_per_param_ci'], '.3g')} "
-                     f"| {n2} |")
+    lines += ["", "## Approach 3: L(N, D) = E + A / N^alpha + B / D^beta", ""]
+    if result["identified"]:
+        names = list(PUBLISHED)
+        lines += [f"| parameter | ours ({level} CI) | {names[0]} | {names[1]} |", "| --- | --- | ---: | ---: |"]
+        for name in PARAMS:
+            fmt = ".3g" if name in ("A", "B") else ".3f"
+            lines.append(f"| {name} | {_ci(fit[name], boot['params'][name], fmt)} | "
+                         f"{PUBLISHED[names[0]][name]:g} | {PUBLISHED[names[1]][name]:g} |")
+        exp = result["exponents"]
+        lines += ["", f"Implied compute-optimal exponents: N* ∝ C^{_ci(exp['N_opt'], exp['N_opt_ci'], '.3f')}, "
+                  f"D* ∝ C^{_ci(exp['D_opt'], exp['D_opt_ci'], '.3f')} (Chinchilla's approach 3: 0.46 and 0.54; "
+                  "Epoch AI's refit: 0.51 and 0.49).", "",
+                  "## Compute-optimal allocation (C = 6ND)", "",
+                  f"| C (FLOPs) | N* ({level} CI) | D* ({level} CI) | D*/N* ({level} CI) |",
+                  "| ---: | --- | --- | --- |"]
+        for row in result["allocation"]:
+            target = " (target, extrapolated)" if row is result["allocation"][-1] else ""
+            lines.append(f"| {row['flops']:.3g}{target} | {_ci(row['N'], row['N_ci'], '.3g')} | "
+                         f"{_ci(row['D'], row['D_ci'], '.3g')} | "
+                         f"{_ci(row['tokens_per_param'], row['tokens_per_param_ci'], '.3g')} |")
+    else:
+        lines.append("Not identified (reasons above); the best fit and its intervals are in fit.json for diagnosis.")
     lines += ["", "## Approach 2: IsoFLOP parabolas", ""]
+    iso = result["approach2"]
     if iso is None:
         lines.append("No IsoFLOP budgets in this sweep (explicit runs only).")
     else:
@@ -145,24 +245,29 @@ def markdown(result: dict[str, Any], scaling: dict[str, Any]) -> str:
             n = f"{m['N']:.3g}" if m["N"] is not None else "—"
             value = f"{m['loss']:.4f}" if m["loss"] is not None else "—"
             lines.append(f"| {m['flops']:.3g} | {n} | {value} | {m['note']} |")
-        if iso["N_opt"] is not None:
+        if iso["identified"]:
             lines += ["", f"Power laws through the minima: N* = {iso['N_opt']['k']:.3g} C^{iso['N_opt']['a']:.3f}, "
                       f"D* = {iso['D_opt']['k']:.3g} C^{iso['D_opt']['a']:.3f} (Chinchilla's approach 2: "
                       "0.49 and 0.51)."]
         else:
-            lines += ["", iso["note"]]
-    lines += ["", "## How to read this", "",
+            lines += ["", "Approach 2's power law: not identified (" + "; ".join(iso["reasons"]) + ")."]
+    lines += ["", *_prediction_lines(result["prediction"])]
+    lines += ["## How to read this", "",
+              f"When a fit is identified: the best fit has no parameter within {BOUND_MARGIN:.1%} of its search box's "
+              f"width of a bound; no {level} bootstrap interval of E, A, B, alpha or beta reaches a bound; the N* "
+              f"exponent's interval is at most {MAX_EXPONENT_WIDTH:g} wide; N*'s interval at every budget trained "
+              f"spans at most a factor {MAX_NSTAR_RATIO:g}; and no more than {(1 - boot['level']) / 2:.1%} of the "
+              "refits failed. Approach 2's power law needs every budget's minimum inside its sizes trained.", "",
               "Chinchilla's and Epoch AI's parameters come from models of 70 M to 16 B parameters trained on "
-              "5 B to 500 B tokens of MassiveText. A CPU sweep of models with a few hundred thousand parameters, "
+              "5 B to 500 B tokens of MassiveText. A CPU sweep of models with a few tens of thousands of parameters, "
               "trained for seconds on a corpus of a few hundred thousand tokens, is far outside that regime: the "
-              "runs are barely past warmup, the embedding table is most of N, and losses sit near the unigram "
-              "entropy. Expect different numbers; only the method carries over.", "",
+              "embedding table is most of N and losses sit not far below the unigram entropy. Expect different "
+              "numbers; only the method carries over.", "",
               f"A {level} bootstrap interval is the middle {level} of the parameter refitted on runs resampled "
               "with replacement: it measures how much the fit moves with which runs it sees, given the runs' noise. "
               "It does not cover the error of the functional form, of the learning-rate and schedule choices, or of "
-              "extrapolating to budgets far beyond the sweep (the target row), which can be much larger. "
-              "With few runs, E, A and alpha trade off against each other, so their intervals can be wide and the "
-              "allocation's narrower.", "",
+              "extrapolating to budgets far beyond the sweep (the target row), which can be much larger: the held-out "
+              "prediction above is the check on that.", "",
               "![IsoFLOP curves](isoflop.png)", "", "![Approach 3 fit](fit.png)", "", "![Frontier](frontier.png)", ""]
     return "\n".join(lines)
 
@@ -178,18 +283,22 @@ def scaling_fit(*, runs: Path, out: Path, scaling: dict[str, Any], pretrain: dic
     if result["approach2"] is not None:
         plot_isoflop(points, result["approach2"], out / "isoflop.png")
     else:
-        plot_fit(points, result["approach3"], out / "isoflop.png")  # no IsoFLOP budgets: the fit instead
-    plot_fit(points, result["approach3"], out / "fit.png")
-    plot_frontier(result["approach3"], result["bootstrap"], result["approach2"] or {"minima": [], "N_opt": None},
-                  points, out / "frontier.png")
+        plot_fit(points, result, out / "isoflop.png")  # no IsoFLOP budgets: the fit instead
+    plot_fit(points, result, out / "fit.png")
+    plot_frontier(result, points, out / "frontier.png")
     atomic_write_text(out / "fit.md", markdown(result, scaling))
     fit = result["approach3"]
     write_manifest(out / "manifest.json", stage="scaling_fit", config={"scaling": scaling, "pretrain": pretrain},
                    inputs=manifests, outputs={out / name: None for name in OUTPUTS},
                    counts={"runs": len(points), "fitted": fit["points"]},
-                   metrics={name: fit[name] for name in PARAMS} | {"exponents": result["exponents"]})
-    log.info("approach 3: E %.3f A %.3g B %.3g alpha %.3f beta %.3f; outputs in %s",
-             fit["E"], fit["A"], fit["B"], fit["alpha"], fit["beta"], out)
+                   metrics={"identified": result["identified"], "exponents": result["exponents"],
+                            "prediction_inside": result["prediction"].get("best_loss", {}).get("inside")}
+                           | ({name: fit[name] for name in PARAMS} if result["identified"] else {}))
+    if result["identified"]:
+        log.info("approach 3: E %.3f A %.3g B %.3g alpha %.3f beta %.3f; outputs in %s",
+                 fit["E"], fit["A"], fit["B"], fit["alpha"], fit["beta"], out)
+    else:
+        log.warning("approach 3 not identified: %s; outputs in %s", "; ".join(result["reasons"]), out)
     return result
 
 
