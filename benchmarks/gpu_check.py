@@ -606,7 +606,7 @@ def part_inference(ctx: Context, out: Results) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, meta = load_final(ctx.base)
-    hf = hf_model(model, meta["vocab_size"], meta["eos_id"]).to(device, dtype).eval()
+    hf = hf_model(model, meta["vocab_size"], meta["eos_id"], [meta["eos_id"]]).to(device, dtype).eval()
     model = model.to(device, dtype)
     out["dtype"] = str(dtype).removeprefix("torch.")
     out["lengths"] = {"prompt": s.prompt_len, "output": s.output_len}

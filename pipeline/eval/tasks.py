@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm import tqdm
 
-from pipeline.tasks.evaluate import greedy_accuracy
+from pipeline.inference import Engine, SamplingParams
+from pipeline.tasks.evaluate import fit_context, greedy_accuracy
 from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
 from pipeline.tokenizer.chat import render_prompt
 
@@ -31,17 +31,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-@torch.no_grad()
-def complete(model: torch.nn.Module, prompt: list[int], n: int, *, temperature: float, max_new_tokens: int,
-             stop_id: int, generator: torch.Generator | None = None) -> list[list[int]]:
-    """n sampled completions of one prompt (one batch, on the model's KV cache), each cut before the first stop_id."""
-    idx = torch.tensor([prompt] * n, dtype=torch.long)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, generator=generator,
-                         stop_tokens=[stop_id])[:, len(prompt):]
-    completions = []
-    for row in out.tolist():
-        completions.append(row[:row.index(stop_id)] if stop_id in row else row)
-    return completions
+def complete(model: torch.nn.Module, prompts: list[list[int]], n: int, *, temperature: float, max_new_tokens: int,
+             stop_id: int, seed: int) -> list[list[list[int]]]:
+    """n sampled completions of each prompt, each cut before the first stop_id, decoded together by
+    the inference engine; each request's generator is seeded in turn from `seed`."""
+    params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, stop_token_ids=[stop_id])
+    prompts = fit_context(prompts, model.config.seq_len, max_new_tokens)
+    engine = Engine.for_prompts(model, prompts, max_new_tokens, max_batch_size=64, seed=seed)
+    out = engine.generate([p for p in prompts for _ in range(n)], params, desc=f"{n} samples per prompt")
+    return [[c.ids_before_stop for c in out[i * n:(i + 1) * n]] for i in range(len(prompts))]
 
 
 def task_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task, *, max_examples: int, samples: int,
@@ -51,15 +49,12 @@ def task_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task, *, max_
     if not 1 <= k <= samples:
         raise ValueError(f"eval.tasks: k {k} must be between 1 and samples {samples}")
     stop_id = tokenizer.special_tokens[ASSISTANT_END]
-    generator = torch.Generator().manual_seed(seed)
     examples = task.examples("test")[:max_examples]
     greedy = greedy_accuracy(model, tokenizer, task, examples, max_new_tokens=max_new_tokens)
-    sampled = []
-    for example in tqdm(examples, desc=f"task {task.name} pass@{k}", unit="example", disable=None):
-        draws = complete(model, render_prompt(tokenizer, example.prompt), samples, temperature=temperature,
-                         max_new_tokens=max_new_tokens, stop_id=stop_id, generator=generator)
-        correct = sum(task.reward(tokenizer.decode(d), example.answer) > 0 for d in draws)
-        sampled.append(pass_at_k(samples, correct, k))
+    draws = complete(model, [render_prompt(tokenizer, e.prompt) for e in examples], samples, temperature=temperature,
+                     max_new_tokens=max_new_tokens, stop_id=stop_id, seed=seed)
+    sampled = [pass_at_k(samples, sum(task.reward(tokenizer.decode(d), e.answer) > 0 for d in ds), k)
+               for e, ds in zip(examples, draws)]
     shown = [{"answer": a["answer"], "greedy": a["completion"]} for a in greedy["answers"][:3]]
     return {"pass@1": greedy["accuracy"], "pass@k": sum(sampled) / len(examples), "n": len(examples),
             "samples": samples, "k": k, "examples": shown}
