@@ -255,7 +255,8 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(positions)  # (1, T, C) broadcast over B
         x = self.drop(x)
-        rope = (self.cos[positions][:, None], self.sin[positions][:, None]) if self.config.rope else None  # (1, 1, T, hs/2)
+        # the rotary angles at the tokens' positions, (1, 1, T, hs / 2): the same for every head
+        rope = (self.cos[positions][:, None], self.sin[positions][:, None]) if self.config.rope else None
         for block in self.blocks:
             x = block(x, rope, kv_cache)
         if kv_cache is not None:
