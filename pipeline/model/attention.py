@@ -133,34 +133,34 @@ class PagedBatch:
     blocks in place; on the CPU the gather is one copy per layer and costs about what it saves."""
 
     def __init__(self, cache: PagedKVCache, seqs: Sequence[tuple[Sequence[int], int, int]]):
-        kv, bs = cache.kv, cache.block_size
-        dev = kv.device
-        self.kv, self.block_size = kv, bs
-        starts = [start for _, start, _ in seqs]
-        counts = [count for _, _, count in seqs]
+        self.kv, self.block_size = cache.kv, cache.block_size
+        dev, bs = self.kv.device, self.block_size
+        tables, starts, counts = zip(*seqs)
         self.num_tokens = sum(counts)
         self.last = max(start + count - 1 for start, count in zip(starts, counts))
-        positions = [start + i for start, count in zip(starts, counts) for i in range(count)]
-        self._positions = torch.tensor(positions, device=dev)
-        self.slot_block = torch.tensor([table[p // bs] for (table, start, count) in seqs
+        self._positions = torch.tensor([p for start, count in zip(starts, counts) for p in range(start, start + count)],
+                                       device=dev)
+        self.slot_block = torch.tensor([table[p // bs] for table, start, count in seqs
                                         for p in range(start, start + count)], device=dev)
         self.slot_offset = self._positions % bs
-        offsets = [0, *itertools.accumulate(counts)]
-        groups = [g for g in ([i for i, c in enumerate(counts) if c == 1], [i for i, c in enumerate(counts) if c > 1]) if g]
-        self.groups = [self._group(seqs, g, offsets) for g in groups]
+        offsets = [0, *itertools.accumulate(counts)]  # where each sequence's tokens start in the packed row
+        decodes = [i for i, c in enumerate(counts) if c == 1]
+        longer = [i for i, c in enumerate(counts) if c > 1]
+        self.groups = [self._group([tables[i] for i in g], [starts[i] for i in g], [counts[i] for i in g],
+                                   [offsets[i] for i in g]) for g in (decodes, longer) if g]
 
-    def _group(self, seqs, group: list[int], offsets: list[int]) -> _Group:
+    def _group(self, tables: list[Sequence[int]], starts: list[int], counts: list[int], offsets: list[int]) -> _Group:
         dev, bs = self.kv.device, self.block_size
-        length = max(seqs[i][1] + seqs[i][2] for i in group)
+        length = max(start + count for start, count in zip(starts, counts))
         n_blocks = -(-length // bs)
-        table = torch.tensor([(list(seqs[i][0]) + [0] * n_blocks)[:n_blocks] for i in group], device=dev)
-        token_idx = torch.tensor([offsets[i] + j for i in group for j in range(seqs[i][2])], device=dev)
-        row_idx = torch.tensor([g for g, i in enumerate(group) for _ in range(seqs[i][2])], device=dev)
-        col_idx = torch.tensor([j for i in group for j in range(seqs[i][2])], device=dev)
-        T = max(seqs[i][2] for i in group)
-        qpos = torch.zeros(len(group), T, dtype=torch.long, device=dev)  # padded queries see key 0 only
+        table = torch.tensor([(list(t) + [0] * n_blocks)[:n_blocks] for t in tables], device=dev)
+        token_idx = torch.tensor([o + j for o, c in zip(offsets, counts) for j in range(c)], device=dev)
+        row_idx = torch.tensor([g for g, c in enumerate(counts) for _ in range(c)], device=dev)
+        col_idx = torch.tensor([j for c in counts for j in range(c)], device=dev)
+        T = max(counts)
+        qpos = torch.zeros(len(counts), T, dtype=torch.long, device=dev)  # padded queries see key 0 only
         qpos[row_idx, col_idx] = self._positions[token_idx]
-        mask = torch.arange(length, device=dev).view(1, 1, 1, -1) <= qpos.view(len(group), 1, T, 1)
+        mask = torch.arange(length, device=dev).view(1, 1, 1, -1) <= qpos.view(len(counts), 1, T, 1)
         return _Group(table, length, token_idx, row_idx, col_idx, mask)
 
     def positions(self, B: int, T: int, seq_len: int) -> torch.Tensor:
