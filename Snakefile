@@ -5,6 +5,7 @@
 #   snakemake --cores all sft                  one stage (and what it needs) for every configured size:
 #                                              pretrain, sft, grpo, eval, export_hf, inference_bench
 #   snakemake --cores all scaling_fit          the scaling sweep and its fit
+#   snakemake --cores all report_card          the run on one page: results/<run>/report/index.html
 #   snakemake --cores all --forcerun quality   rerun one stage (and what depends on it); a per-size
 #                                              stage by its job's rule: --forcerun pretrain_size
 #   snakemake --configfile my.yaml --cores all your own WET files / settings
@@ -72,7 +73,8 @@ include: "rules/pretrain.smk"
 include: "rules/posttrain.smk"
 include: "rules/scaling.smk"
 include: "rules/inference.smk"
-include: "rules/eval.smk"  # last: it evaluates the models of every training rule included before it
+include: "rules/eval.smk"  # after the training rules: it evaluates the model of every one included before it
+include: "rules/report.smk"  # last: the report card reads every stage's outputs
 
 
 rule all:
@@ -88,3 +90,4 @@ rule all:
         rules.export_hf.input,
         rules.inference_bench.input,
         rules.scaling_fit.output.manifest,
+        rules.report_card.output.manifest,

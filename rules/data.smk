@@ -374,7 +374,7 @@ rule data_report:
         clusters=rules.dedup.output.manifest,
     output:
         json=f"{DATA}/drop_report.json",
-        md=report(f"{DATA}/drop_report.md", caption="../workflow/report/drop_report.rst", category="Data"),
+        md=f"{DATA}/drop_report.md",  # in the Snakemake report as an HTML page of the report card's (rules/report.smk)
         funnel=report(f"{DATA}/plots/funnel.png", caption="../workflow/report/funnel.rst", category="Data"),
         reasons=report(f"{DATA}/plots/drop_reasons.png", caption="../workflow/report/drop_reasons.rst", category="Data"),
         languages=report(f"{DATA}/plots/languages.png", caption="../workflow/report/languages.rst", category="Data"),

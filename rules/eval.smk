@@ -61,8 +61,7 @@ rule eval_size:
     output:
         json=report(f"{RUN}/eval/{{size}}/eval.json", caption="../workflow/report/eval_json.rst",
                     category="Eval", subcategory="{size}"),
-        md=report(f"{RUN}/eval/{{size}}/eval.md", caption="../workflow/report/eval_table.rst",
-                  category="Eval", subcategory="{size}"),
+        md=f"{RUN}/eval/{{size}}/eval.md",  # in the Snakemake report as an HTML page (rules/report.smk)
         plot=report(f"{RUN}/eval/{{size}}/eval.png", caption="../workflow/report/eval_plot.rst",
                     category="Eval", subcategory="{size}"),
         manifest=f"{RUN}/eval/{{size}}/manifest.json",

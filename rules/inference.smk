@@ -25,8 +25,7 @@ rule inference_bench_size:
         **HF_PEER,
     output:
         json=f"{RUN}/inference/{{size}}/bench.json",
-        md=report(f"{RUN}/inference/{{size}}/bench.md", caption="../workflow/report/inference_bench.rst",
-                  category="Inference", subcategory="{size}"),
+        md=f"{RUN}/inference/{{size}}/bench.md",  # in the Snakemake report as an HTML page (rules/report.smk)
         throughput=report(f"{RUN}/inference/{{size}}/throughput.png", caption="../workflow/report/inference_throughput.rst",
                           category="Inference", subcategory="{size}"),
         latency=report(f"{RUN}/inference/{{size}}/latency.png", caption="../workflow/report/inference_latency.rst",

@@ -16,6 +16,7 @@ import math
 import torch
 
 from pipeline.inference import Engine, SamplingParams
+from pipeline.tasks import held_out_items
 from pipeline.tasks.evaluate import fit_context, greedy_accuracy
 from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
 from pipeline.tokenizer.chat import render_prompt
@@ -45,11 +46,11 @@ def complete(model: torch.nn.Module, prompts: list[list[int]], n: int, *, temper
 def task_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task, *, max_examples: int, samples: int,
                   k: int, temperature: float, max_new_tokens: int, seed: int) -> dict:
     """Greedy pass@1 (`greedy_accuracy`, the one greedy scorer SFT and GRPO use too) and sampled
-    pass@k (n = samples) over the first max_examples of the task's held-out split."""
+    pass@k (n = samples) over the task's held-out items (`held_out_items`: max_examples of them)."""
     if not 1 <= k <= samples:
         raise ValueError(f"eval.tasks: k {k} must be between 1 and samples {samples}")
     stop_id = tokenizer.special_tokens[ASSISTANT_END]
-    examples = task.examples("test")[:max_examples]
+    examples = held_out_items(task, max_examples)
     greedy = greedy_accuracy(model, tokenizer, task, examples, max_new_tokens=max_new_tokens)
     draws = complete(model, [render_prompt(tokenizer, e.prompt) for e in examples], samples, temperature=temperature,
                      max_new_tokens=max_new_tokens, stop_id=stop_id, seed=seed)

@@ -4,7 +4,7 @@
     POST /v1/chat/completions   messages, rendered with our chat template -> the assistant's reply
     GET  /v1/models             the one served model
     GET  /health                200 while the engine loop is alive; 503 saying why once it is not
-    GET  /metrics               Prometheus text, vLLM's metric names (vllm:...)
+    GET  /metrics               Prometheus text: vLLM's metric names (vllm:...), http_requests_total
 
 `python -m pipeline serve --model <final.pt> --tokenizer <tokenizer.json>`, or `--model <folder>`
 alone for a folder written by export-hf (its safetensors weights and tokenizer.json read back by
@@ -123,7 +123,37 @@ class Metrics:
                                "Finished requests (abort: the client went away; error: the request failed)",
                                ["model_name", "finished_reason"], registry=r)
         self.preemptions = Counter("vllm:num_preemptions", "Preempted requests (recomputed)", **labels)
+        # prometheus-fastapi-instrumentator's name, which vLLM also serves, with whole status codes:
+        # the alert rules tell 429 (queue full) from other 4xx
+        self.responses = Counter("http_requests", "HTTP responses by handler, method and status code",
+                                 ["handler", "method", "status"], registry=r)
         self.model_name = model_name
+
+
+class CountResponses:
+    """ASGI middleware: every response counted in `http_requests_total` by its route (`other` for
+    paths the app does not have), method and status; one the app never began counts as the 500
+    that is sent for it."""
+
+    def __init__(self, app, counter: Counter, routes: set[str]):
+        self.app, self.counter, self.routes = app, counter, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def counting_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            handler = scope["path"] if scope["path"] in self.routes else "other"
+            self.counter.labels(handler, scope["method"], str(status)).inc()
 
 
 # --- the hand-off between the event loop and the engine thread ---------------------------------
@@ -628,6 +658,7 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(CountResponses, counter=metrics.responses, routes={route.path for route in app.routes})
     return app
 
 

@@ -60,6 +60,12 @@ def check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
 
 
+def held_out_items(task: Task, n: int) -> list[Example]:
+    """The held-out items the eval stage scores a task on: the first n of its test split (fewer
+    when the split is smaller). The serving canary scores the same ones."""
+    return task.examples("test")[:n]
+
+
 def get_task(name: str, config: dict[str, Any]) -> Task:
     """The task `name` configured by the `tasks` config section (validated here; defaults fill in)."""
     from pipeline.config import section_config

@@ -1,0 +1,191 @@
+"""The canary (pipeline/eval/canary.py): Wilson's interval, the baseline it reads from eval.json,
+its verdicts against a served model (uvicorn on loopback, a nano GPT), the prober's metrics, and
+a one-line error, never a traceback, for an endpoint that is down, a model it does not serve and
+a malformed baseline. The live run against Prometheus is in test_monitoring.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import generate_latest
+from scipy.stats import binomtest
+
+from conftest import ROOT
+from pipeline.__main__ import main
+from pipeline.eval.canary import CanaryError, ProbeMetrics, eval_max_tokens, read_baseline
+from pipeline.eval.stats import wilson_interval
+from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.tasks import get_task, held_out_items
+from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS, BPETokenizer
+from test_inference_server import serve
+
+ITEMS = 10
+
+
+def test_wilson_interval_by_hand_and_as_scipy():
+    # 0 of n: [0, z^2 / (n + z^2)]
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(1.959963984540054**2 / (10 + 1.959963984540054**2)))
+    for correct, n in [(0, 1), (1, 1), (5, 10), (10, 10), (15, 30), (57, 100), (3, 1000)]:
+        ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(correct, n) == (pytest.approx(ci.low, abs=1e-12), pytest.approx(ci.high, abs=1e-12))
+    with pytest.raises(ValueError, match="correct=11 n=10"):
+        wilson_interval(11, 10)
+
+
+def eval_json(path: Path, rows: dict[str, dict]) -> Path:
+    """An eval.json as the eval stage writes it: size, and per model its tasks' scores."""
+    path.write_text(json.dumps({"size": "nano", "models": {
+        name: {"val_loss": 3.0, "bpb": 1.5, "mmlu": {}, "tasks": {"arithmetic": {"k": 1, "samples": 1, **scores}}}
+        for name, scores in rows.items()}}))
+    return path
+
+
+def test_the_baseline_is_the_wilson_lower_bound_or_the_row_s_own_interval(tmp_path):
+    path = eval_json(tmp_path / "eval.json", {"pretrain": {"pass@1": 0.0, "pass@k": 0.0, "n": 30},
+                                             "sft": {"pass@1": 0.5, "pass@k": 0.6, "n": 30}})
+    sft = read_baseline(path, "sft", "arithmetic")
+    assert (sft.accuracy, sft.n, sft.lower) == (0.5, 30, wilson_interval(15, 30)[0])
+    assert sft.lower == pytest.approx(0.3315, abs=1e-4) and "Wilson interval of 15/30" in sft.interval
+    assert read_baseline(path, "pretrain", "arithmetic").lower == 0.0
+    path = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 30, "pass@1_ci95": [0.41, 0.6]}})
+    sft = read_baseline(path, "sft", "arithmetic")
+    assert sft.lower == 0.41 and sft.interval == "models.sft.tasks.arithmetic.pass@1_ci95"
+
+
+@pytest.mark.parametrize("content, row, match", [
+    (None, "sft", "no such file"),
+    ("{not json", "sft", "not a readable JSON file"),
+    ('{"size": "nano"}', "sft", "no 'models' rows"),
+    ({"pretrain": {"pass@1": 0.1, "n": 10}}, "sft", "no model row 'sft' .*its rows: pretrain"),
+    ({"sft": {"pass@1": 0.5, "n": 0}}, "sft", "needs pass@1 in \\[0, 1\\] and n >= 1"),
+    ({"sft": {"pass@1": "half", "n": 10}}, "sft", "needs pass@1"),
+    ({"sft": {"pass@1": 0.55, "n": 10}}, "sft", "not a whole number of right answers"),
+    ({"sft": {"pass@1": 0.5, "n": 10, "pass@1_ci95": [0.6, 0.7]}}, "sft", "pass@1_ci95 must be \\[low, high\\]"),
+])
+def test_a_malformed_baseline_is_named(tmp_path, content, row, match):
+    path = tmp_path / "eval.json"
+    if isinstance(content, dict):
+        eval_json(path, content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(CanaryError, match=f"--baseline {path}: .*{match}"):
+        read_baseline(path, row, "arithmetic")
+
+
+def test_a_task_the_eval_did_not_score_is_named(tmp_path):
+    path = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 10}})
+    with pytest.raises(CanaryError, match="no models.sft.tasks.gsm8k; the eval scored sft on arithmetic"):
+        read_baseline(path, "sft", "gsm8k")
+
+
+def test_answers_get_the_eval_s_max_new_tokens(tmp_path, caplog):
+    """From the eval manifest beside eval.json; without one, eval's default, said in a warning."""
+    from pipeline.artifacts import write_manifest
+    from pipeline.config import section_config
+
+    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 10}})
+    assert eval_max_tokens(baseline) == section_config("eval", {})["tasks"]["max_new_tokens"] == 32
+    assert "holds no eval config: answers get at most 32 tokens" in caplog.text
+    write_manifest(tmp_path / "manifest.json", stage="eval", inputs=[], outputs={baseline: None},
+                   config={"size": "nano", **section_config("eval", {"tasks": {"max_new_tokens": 7}})})
+    assert eval_max_tokens(baseline) == 7
+
+
+def test_the_prober_exports_only_the_latest_model_s_series():
+    metrics = ProbeMetrics(every=60)
+    result = {"model": "a", "task": "arithmetic", "accuracy": 0.6, "items": 100, "seconds": 2.0, "passed": True,
+              "baseline": {"lower": 0.45}}
+    metrics.record(result)
+    metrics.record({**result, "model": "b", "accuracy": 0.2, "passed": False})
+    text = generate_latest(metrics.registry).decode()
+    assert 'wetstone_canary_accuracy{model="b",task="arithmetic"} 0.2' in text and 'model="a"' not in text
+    assert 'wetstone_canary_baseline_lower_bound{model="b",task="arithmetic"} 0.45' in text
+    assert 'wetstone_canary_runs_total{result="passed"} 1.0' in text
+    assert 'wetstone_canary_runs_total{result="below_baseline"} 1.0' in text
+    assert 'wetstone_canary_runs_total{result="error"} 0.0' in text
+    assert "wetstone_canary_interval_seconds 60.0" in text
+
+
+# --- against a served model ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(stories):
+    """A nano GPT behind the server (it answers no sum right), named "nano"."""
+    tokenizer = BPETokenizer.train(stories[:20], vocab_size=300, special_tokens=CHAT_SPECIAL_TOKENS)
+    torch.manual_seed(0)
+    s = serve(GPT(GPTConfig.from_size("nano", vocab_size=tokenizer.n_vocab, seq_len=64)).eval(), tokenizer)
+    yield s
+    s.close()
+
+
+def canary(url: str, baseline: Path, out: Path, *extra: str) -> int:
+    return main(["canary", "--endpoint", f"{url}/v1", "--baseline", str(baseline), "--items", str(ITEMS),
+                 "--max-tokens", "8", "--out", str(out), *extra])
+
+
+def test_the_canary_scores_the_eval_items_and_passes_at_the_bar(served, tmp_path):
+    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.0, "n": 20}})
+    assert canary(served.url, baseline, tmp_path / "canary.json") == 0
+    result = json.loads((tmp_path / "canary.json").read_text())
+    task = get_task("arithmetic", {})
+    items = held_out_items(task, ITEMS)
+    assert [a["question"] for a in result["answers"]] == [e.prompt[-1]["content"] for e in items]
+    assert [a["answer"] for a in result["answers"]] == [e.answer for e in items]
+    assert [a["correct"] for a in result["answers"]] == [task.reward(a["completion"], a["answer"]) > 0
+                                                         for a in result["answers"]]
+    assert result["correct"] == sum(a["correct"] for a in result["answers"]) and result["items"] == ITEMS
+    assert result["passed"] and result["model"] == "nano" and result["baseline"]["lower"] == 0.0
+    assert served.metrics()["http_requests_total[('handler', '/v1/chat/completions'), ('method', 'POST'), "
+                            "('status', '200')]"] >= ITEMS
+
+
+def test_the_canary_fails_below_the_baseline_s_lower_bound(served, tmp_path, capsys):
+    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 100}})
+    assert canary(served.url, baseline, tmp_path / "canary.json") == 1
+    result = json.loads((tmp_path / "canary.json").read_text())
+    assert not result["passed"] and result["accuracy"] < result["baseline"]["lower"] == wilson_interval(50, 100)[0]
+    assert "BELOW the baseline" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--model", "tiny"], "serves 'nano': it does not serve --model 'tiny'"),
+    (["--baseline-model", "grpo"], "no model row 'grpo' \\(--baseline-model\\); its rows: sft"),
+    (["--items", "600"], "--items 600: task arithmetic has 500 held-out items"),
+    (["--tasks-config", '{"arithmetic": {"digits": 12}}'], "--tasks-config: .*tasks.arithmetic.digits"),
+    (["--task", "chess"], "unknown task 'chess'"),
+    (["--every", "0"], "--every must be positive"),
+])
+def test_bad_input_is_one_clear_line(served, tmp_path, capsys, flags, match):
+    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 100}})
+    assert canary(served.url, baseline, tmp_path / "canary.json", *flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("ERROR") == 1 and "Traceback" not in err and re.search(match, err, flags=re.S), err
+    assert not (tmp_path / "canary.json").exists()
+
+
+def test_an_endpoint_without_v1_gets_a_hint(served, tmp_path, capsys):
+    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 100}})
+    assert main(["canary", "--endpoint", served.url, "--baseline", str(baseline), "--out",
+                 str(tmp_path / "canary.json")]) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 404" in err and "ending in /v1?" in err, err
+
+
+def test_an_endpoint_that_is_down_is_one_line_without_a_traceback(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens on it once closed
+    baseline = eval_json(tmp_path / "eval.json", {"sft": {"pass@1": 0.5, "n": 100}})
+    done = subprocess.run([sys.executable, "-m", "pipeline", "canary", "--endpoint", f"http://127.0.0.1:{port}/v1",
+                           "--baseline", str(baseline), "--out", str(tmp_path / "canary.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and done.stderr.count("ERROR") == 1, done.stderr
+    assert f"--endpoint http://127.0.0.1:{port}/v1: cannot reach it" in done.stderr
