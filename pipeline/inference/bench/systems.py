@@ -12,7 +12,9 @@ is not seen before it arrives) and stamping every token delivery:
     http          paged_prefix behind the OpenAI-compatible server on loopback, driven with
                   streaming by a client in a process of its own (`http_client.py`)
 
-Every system decodes greedily with `ignore_eos`, so all produce the same number of tokens.
+Every system decodes greedily with `ignore_eos`, so all produce the same number of tokens. naive,
+kv_cache and hf_generate are the references the engine is measured against, so they decode
+without it; nothing else does.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pipeline.inference.bench.workload import BenchRequest
 from pipeline.inference.engine import Engine
 from pipeline.inference.sampling import SamplingParams
 from pipeline.model.gpt import GPT
+
 
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
