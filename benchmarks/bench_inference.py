@@ -27,7 +27,8 @@ import torch
 from benchmarks.common import machine, write_section
 from pipeline.cli import json_arg
 from pipeline.config import section_config
-from pipeline.inference.bench import bench, load_inputs, markdown
+from pipeline.inference.bench import bench, load_inputs
+from pipeline.inference.bench.report import markdown
 from pipeline.model.gpt import GPT, GPTConfig, load_final
 
 

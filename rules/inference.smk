@@ -2,7 +2,7 @@
 # (`snakemake inference_bench`: every one), serving one seeded workload with
 # naive decoding, a KV cache, static and continuous batching, the paged/prefix cache, speculative
 # decoding (draft: inference.draft_size, pretrained by this run) and the HTTP server
-# (pipeline/inference/bench.py, docs/inference.md).
+# (pipeline/inference/bench/, docs/inference.md).
 
 INFERENCE = config["inference"]
 # the section without `sizes`: adding a size must not rerun the sizes benchmarked

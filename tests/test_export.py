@@ -12,6 +12,7 @@ import torch
 from conftest import RESOURCES, seal
 from pipeline.artifacts import verify
 from pipeline.export import export_hf, hf_tokenizer, load_hf, tokenizer_from_hf
+from pipeline.inference import Engine, SamplingParams
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS, BPETokenizer
 from pipeline.tokenizer.chat import render_conversation, render_prompt
@@ -213,7 +214,8 @@ def test_generate_on_a_chat_prompt_stops_where_the_reply_ends(tmp_path, chat_tok
     end = chat_tokenizer.special_tokens[ASSISTANT_END]
     reply = chat_tokenizer.encode("12 + 7 = 19") + [end]
     model = scripted_gpt(chat_tokenizer.n_vocab, 64, {len(prompt) - 1 + i: t for i, t in enumerate(reply)})
-    assert model.generate(torch.tensor([prompt]), len(reply))[0, len(prompt):].tolist() == reply  # the script holds
+    greedy = SamplingParams(temperature=0.0, max_tokens=len(reply))
+    assert Engine(model, max_batch_size=1).generate([prompt], greedy)[0].token_ids == reply  # the script holds
     tok_path = tmp_path / "tokenizer.json"
     chat_tokenizer.save(tok_path)
     out = tmp_path / "hf"

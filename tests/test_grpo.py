@@ -1,4 +1,4 @@
-"""GRPO's pure pieces: rollouts on the KV cache and their log-probs, advantages, the three loss
+"""GRPO's pure pieces: rollouts on the inference engine and their log-probs, advantages, the three loss
 reductions on hand-computed tensors, gradient accumulation invariance, the format reward.
 
 Rollouts use a real `nano`-shaped GPT over a vocabulary of 8 ids, the stop token one of them, so
@@ -12,11 +12,11 @@ import statistics
 import pytest
 import torch
 
-from pipeline.inference.sampling import sample_token
+from pipeline.inference.sampling import SamplingParams, mask_padding, sample
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.train.grpo import (PolicyLoss, Rollouts, batch_logprobs, completion_logprobs,
                                  equal_reward_groups, format_reward, group_advantages, loss_mask, loss_weight,
-                                 micro_batches, policy_loss, sample_completions, sequences,
+                                 micro_batches, mixed_seed, policy_loss, sample_completions, sequences,
                                  set_old_logprobs)
 
 VOCAB, STOP = 8, 7
@@ -30,31 +30,27 @@ def nano() -> GPT:
 
 def rollouts(model: GPT, seed: int = 0, **overrides) -> Rollouts:
     kw = dict(group_size=4, max_completion_tokens=6, temperature=1.0, top_k=None, top_p=1.0, stop_token=STOP,
-              generator=torch.Generator().manual_seed(seed))
+              seed=(seed,))
     return sample_completions(model, PROMPTS, **{**kw, **overrides})
 
 
 # --- rollouts ----------------------------------------------------------------------------------------
 
-def naive_completions(model: GPT, group_size: int, max_completion_tokens: int, generator) -> list[list[int]]:
-    """The same sampling without a cache: each step reads every row's whole sequence again."""
+def naive_completions(model: GPT, group_size: int, max_completion_tokens: int, seed: int) -> list[list[int]]:
+    """The same sampling without a cache, one completion at a time: each token reads the whole
+    sequence again, drawn by the one sampler with the completion's own seeded generator."""
     out = []
-    for prompt in PROMPTS:
-        rows = [list(prompt) for _ in range(group_size)]
-        completions: list[list[int]] = [[] for _ in range(group_size)]
-        done = [False] * group_size
-        for _ in range(max_completion_tokens):
-            with torch.no_grad():
-                logits = model(torch.tensor(rows))[:, -1]
-            tokens = sample_token(logits, VOCAB, 1.0, None, 1.0, generator).tolist()
-            for i, token in enumerate(tokens):
-                rows[i].append(token)
-                if not done[i]:
-                    completions[i].append(token)
-                    done[i] = token == STOP
-            if all(done):
-                break
-        out += completions
+    params = SamplingParams(temperature=1.0, max_tokens=max_completion_tokens)
+    for i, prompt in enumerate(PROMPTS):
+        for j in range(group_size):
+            generator, row = torch.Generator().manual_seed(mixed_seed(seed, i, j)), list(prompt)
+            for _ in range(max_completion_tokens):
+                with torch.no_grad():
+                    logits = mask_padding(model(torch.tensor([row]))[0, -1].float(), VOCAB)
+                row.append(sample(logits[None], [params], [row], [generator])[0])
+                if row[-1] == STOP:
+                    break
+            out.append(row[len(prompt):])
     return out
 
 
@@ -74,7 +70,20 @@ def test_cached_rollouts_equal_sampling_without_a_cache():
     model = nano()
     r = rollouts(model, seed=3)
     cached = [row[:n] for row, n in zip(r.ids.tolist(), r.mask.sum(dim=1).tolist())]
-    assert cached == naive_completions(model, 4, 6, torch.Generator().manual_seed(3))
+    assert cached == naive_completions(model, 4, 6, 3)
+
+
+def test_rollout_logprobs_equal_the_trainers_recomputation():
+    """The log-probability the engine gives each token it sampled (paged K/V, continuous batching,
+    a token at a time) equals the trainer's recomputation of the same sequences (one forward over
+    each whole, right-padded sequence, `completion_logprobs`): fp32 on the CPU, within 1e-5. So
+    GRPO's importance ratios start at 1."""
+    model = nano()
+    r = rollouts(model, seed=5)
+    trainer, _ = completion_logprobs(model, *sequences(r))
+    assert (r.logprobs[~r.mask] == 0).all()
+    torch.testing.assert_close(r.logprobs, trainer.detach(), atol=1e-5, rtol=0)
+    assert r.logprobs[r.mask].std() > 0.1  # real, varied log-probs: a wrong position or row would show
 
 
 def test_rollouts_are_seeded():
@@ -87,7 +96,7 @@ def test_rollouts_are_seeded():
 def test_a_prompt_too_long_for_the_context_is_named():
     model = nano()
     with pytest.raises(ValueError, match="prompt 0: 12 tokens"):
-        sample_completions(model, [[1] * 12], 2, 6, 1.0, None, 1.0, STOP, None)
+        sample_completions(model, [[1] * 12], 2, 6, 1.0, None, 1.0, STOP, (0,))
 
 
 def test_completion_logprobs_read_each_token_where_it_is_predicted():

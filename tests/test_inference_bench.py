@@ -1,4 +1,4 @@
-"""The serving benchmark (pipeline/inference/bench.py): workload, metrics, and every system on a
+"""The serving benchmark (pipeline/inference/bench/): workload, metrics, and every system on a
 small model."""
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from conftest import seal
 from pipeline.__main__ import main
 from pipeline.artifacts import read_manifest, verify
 from pipeline.config import section_config
-from pipeline.inference.bench import (Record, bench, kv_cache_stream, make_workload, markdown, naive_stream, plot,
-                                      run_hf, summarize)
+from pipeline.inference.bench import bench
+from pipeline.inference.bench.metrics import Record, summarize
+from pipeline.inference.bench.report import markdown, plot
+from pipeline.inference.bench.systems import kv_cache_stream, naive_stream, run_hf
+from pipeline.inference.bench.workload import make_workload
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS, BPETokenizer
-from test_inference_engine import one_thread  # noqa: F401 (an autouse fixture: one torch thread)
+from test_inference_engine import alone, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 
 
@@ -87,11 +90,11 @@ def test_workload_longer_than_the_context_names_the_keys():
         bench(model, small_config())
 
 
-def test_one_at_a_time_streams_are_greedy_generate():
+def test_one_at_a_time_streams_are_greedy_decoding():
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_size("nano", vocab_size=300, seq_len=64)).eval()
     prompt = [5, 17, 42, 7]
-    expected = model.generate(torch.tensor([prompt]), 10)[0, len(prompt):].tolist()
+    [expected] = alone(model, [prompt], 10)
     assert list(naive_stream(model)(prompt, 10)) == expected
     assert list(kv_cache_stream(model)(prompt, 10)) == expected
 

@@ -1,5 +1,5 @@
-"""The engine (pipeline/inference/engine.py): continuous batching over the paged KV cache,
-prefix caching, preemption, and speculative decoding, against plain `GPT.generate`."""
+"""The engine (pipeline/inference/): continuous batching over the paged KV cache, prefix caching,
+preemption, and speculative decoding, against greedy decoding by full forwards of the model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from scipy.stats import chisquare
 
 from pipeline.inference import Engine, SamplingParams
 from pipeline.inference.blocks import BlockManager, block_hashes
-from pipeline.inference.engine import forward_full
 from pipeline.inference.sampling import InvalidParam
 from pipeline.model.gpt import GPT, GPTConfig
 
@@ -35,22 +34,35 @@ def nano(seed: int = 0, **overrides) -> GPT:
     return GPT(GPTConfig.from_size("nano", **{"vocab_size": 257, "seq_len": 64, **overrides})).eval()
 
 
+@torch.no_grad()
 def alone(model: GPT, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """GPT.generate greedy, one prompt at a time, no cache."""
-    return [model.generate(torch.tensor([p]), n)[0, len(p):].tolist() for p in prompts]
+    """Greedy, one prompt at a time, each token the argmax of a full forward (no cache) over the
+    sequence so far, padding ids excluded."""
+    out = []
+    for prompt in prompts:
+        idx = torch.tensor([prompt])
+        for _ in range(n):
+            next_id = model(idx)[0, -1, :model.config.vocab_size].argmax().view(1, 1)
+            idx = torch.cat([idx, next_id], dim=1)
+        out.append(idx[0, len(prompt):].tolist())
+    return out
+
+
+def ids(completions) -> list[list[int]]:
+    return [c.token_ids for c in completions]
 
 
 def assert_all_blocks_free(engine: Engine) -> None:
     b = engine.blocks
     assert b.num_free == b.num_blocks and sum(b.ref) == 0, f"{b.num_free} of {b.num_blocks} blocks free"
-    assert not engine.running and not engine.waiting and not engine.requests
+    assert not engine.has_work() and not engine.requests
 
 
 @pytest.mark.parametrize("rope", [False, True])
 def test_mixed_batch_equals_generate_alone(rope):
     model = nano(rope=rope)
     engine = Engine(model, max_batch_size=4, block_size=4)  # 6 prompts, 4 at a time: requests join mid-run
-    assert engine.generate(PROMPTS, GREEDY) == alone(model, PROMPTS, 12)
+    assert ids(engine.generate(PROMPTS, GREEDY)) == alone(model, PROMPTS, 12)
     assert_all_blocks_free(engine)
 
 
@@ -63,9 +75,9 @@ def test_mixed_batch_equals_generate_alone(rope):
 ])
 def test_cache_layouts_and_policies_give_the_same_greedy_output(options):
     model = nano()
-    reference = Engine(model, max_batch_size=6, block_size=4).generate(PROMPTS, GREEDY)
+    reference = ids(Engine(model, max_batch_size=6, block_size=4).generate(PROMPTS, GREEDY))
     engine = Engine(model, max_batch_size=6, **options)
-    assert engine.generate(PROMPTS, GREEDY) == reference
+    assert ids(engine.generate(PROMPTS, GREEDY)) == reference
     if "num_blocks" in options:
         assert engine.stats.preemptions > 0
     if options.get("scheduling") == "static":  # one batch of all six, prefilled together, none joining later
@@ -77,14 +89,53 @@ def test_prefix_cache_shares_blocks_and_changes_nothing():
     model = nano()
     system = list(range(30, 54))  # 24 tokens = 6 full blocks of 4, shared by every prompt
     prompts = [system + [i, i + 1] for i in range(60, 66)]
-    uncached = Engine(model, max_batch_size=3, block_size=4, prefix_caching=False).generate(prompts, GREEDY)
+    uncached = ids(Engine(model, max_batch_size=3, block_size=4, prefix_caching=False).generate(prompts, GREEDY))
     engine = Engine(model, max_batch_size=3, block_size=4)
     # the first request computes the shared blocks; the other five find all 6 in the cache
-    assert engine.generate(prompts[:1], GREEDY) + engine.generate(prompts[1:], GREEDY) == uncached
+    assert ids(engine.generate(prompts[:1], GREEDY)) + ids(engine.generate(prompts[1:], GREEDY)) == uncached
     assert engine.stats.prefix_blocks_hit == 5 * 6
     assert engine.stats.prompt_tokens_computed == 26 + 5 * 2
     assert_all_blocks_free(engine)
     assert len(engine.blocks.cached) >= 6  # kept (evictable) for the next request
+
+
+def test_requests_admitted_together_share_their_prefix_in_the_same_step():
+    """Six copies of each of two prompts (GRPO's groups) sent at once: the first of each computes
+    its full blocks, the rest of its group take them in the same step, and the output is the
+    uncached one."""
+    model = nano()
+    prompts = [list(range(30, 48)), list(range(80, 99))]  # 4 full blocks of 4 (+ 2 and + 3 tokens)
+    group = [p for p in prompts for _ in range(6)]
+    engine = Engine(model, max_batch_size=12, block_size=4)
+    out = ids(engine.generate(group, GREEDY))
+    assert out == [o for o in alone(model, prompts, 12) for _ in range(6)]
+    assert engine.stats.prefix_blocks_hit == 2 * 5 * 4
+    assert engine.stats.prompt_tokens_computed == 18 + 19 + 5 * 2 + 5 * 3
+    assert_all_blocks_free(engine)
+
+
+def test_padding_ids_are_never_drawn():
+    """Rig the model so the padding ids (65..127) have the highest logits: greedy and sampled
+    tokens are still real ids."""
+    model = nano(vocab_size=65)
+    with torch.no_grad():
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)  # final hidden state: all ones
+        model.wte.weight.zero_()
+        model.wte.weight[65:] = 1.0  # padding logits 32, real ones 0
+    engine = Engine(model, max_batch_size=2)
+    for params in (GREEDY, SamplingParams(temperature=1.0, max_tokens=12, seed=0)):
+        assert all(t < 65 for c in engine.generate([[0], [1, 2]], params) for t in c.token_ids)
+
+
+def test_tiny_top_p_is_greedy_and_seeds_repeat():
+    model = nano()
+    greedy = ids(Engine(model, max_batch_size=6).generate(PROMPTS, GREEDY))
+    nucleus = SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=12, seed=1)
+    assert ids(Engine(model, max_batch_size=6).generate(PROMPTS, nucleus)) == greedy  # the top token alone reaches any tiny p
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12)
+    a, b = (ids(Engine(model, max_batch_size=6, seed=2).generate(PROMPTS, params)) for _ in range(2))
+    assert a == b and a != greedy
 
 
 def test_block_manager_reference_counts_and_eviction():
@@ -93,7 +144,7 @@ def test_block_manager_reference_counts_and_eviction():
     a: list[int] = []
     bm.grow(a, 5)
     assert len(a) == 3 and bm.num_free == 1
-    assert bm.register(tokens, a, num_computed=5, num_registered=0) == 2  # two full blocks
+    assert bm.register(tokens, a, num_tokens=5, num_registered=0) == 2  # two full blocks
     b: list[int] = []
     assert bm.match_prefix(tokens, b) == 4 and b == a[:2] and bm.ref[a[0]] == 2
     bm.free_table(a)
@@ -125,9 +176,9 @@ def test_stop_tokens_finish_and_ignore_eos_does_not():
     first = alone(model, [PROMPTS[2]], 12)[0]
     stop = first[4]
     engine = Engine(model, max_batch_size=2, stop_token_ids=[stop])
-    out = engine.generate([PROMPTS[2]], GREEDY)[0]
+    out = ids(engine.generate([PROMPTS[2]], GREEDY))[0]
     assert out == first[:first.index(stop) + 1]
-    full = engine.generate([PROMPTS[2]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+    full = ids(engine.generate([PROMPTS[2]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)))[0]
     assert full == first
 
 
@@ -137,13 +188,13 @@ def test_ignore_eos_ignores_eos_only():
     first = alone(model, [PROMPTS[2]], 12)[0]
     engine = Engine(model, max_batch_size=2, stop_token_ids=[first[2]])
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=[first[6]])
-    assert engine.generate([PROMPTS[2]], params)[0] == first[:first.index(first[6]) + 1]
+    assert ids(engine.generate([PROMPTS[2]], params))[0] == first[:first.index(first[6]) + 1]
 
 
 def test_context_limit_and_bad_prompts():
     model = nano(seq_len=32)
     engine = Engine(model, max_batch_size=2)
-    out = engine.generate([list(range(1, 29))], SamplingParams(temperature=0.0, max_tokens=50))[0]
+    out = ids(engine.generate([list(range(1, 29))], SamplingParams(temperature=0.0, max_tokens=50)))[0]
     assert len(out) == 4  # stops when the context is full
     with pytest.raises(ValueError, match="prompt: 33 tokens"):
         engine.add_request(list(range(33)), GREEDY)
@@ -156,53 +207,77 @@ def test_context_limit_and_bad_prompts():
     assert e.value.param == "stop_token_ids"
 
 
+def test_max_model_len_bounds_requests_and_sizes_the_pool():
+    """An engine for short work: requests stop at max_model_len tokens (prompt and output), longer
+    prompts are refused, and `for_prompts` sizes the pool to its batch of such requests."""
+    model = nano()
+    engine = Engine(model, max_batch_size=2, block_size=4, max_model_len=20)
+    assert engine.blocks.num_blocks == 2 * 5
+    out = engine.generate([list(range(1, 17))], SamplingParams(temperature=0.0, max_tokens=50))[0]
+    assert out.finish_reason == "length" and out.token_ids == alone(model, [list(range(1, 17))], 4)[0]
+    with pytest.raises(InvalidParam, match="prompt: 21 tokens, the context is 20"):
+        engine.add_request(list(range(21)), GREEDY)
+    with pytest.raises(ValueError, match="max_model_len=65"):
+        Engine(model, max_batch_size=1, max_model_len=65)
+    sized = Engine.for_prompts(model, PROMPTS, 12, max_batch_size=6, block_size=4)
+    assert sized.seq_len == 37 + 12 and sized.blocks.num_blocks == 6 * 13
+    assert ids(sized.generate(PROMPTS, GREEDY)) == alone(model, PROMPTS, 12)
+
+
 @pytest.mark.parametrize("draft", [False, True])
 def test_a_request_whose_sampling_raises_fails_alone(monkeypatch, draft):
     """One request's sampling (or its draft's) raises: that request finishes with "error" and
     the message; the others run to the same tokens as without it; every block comes back.
     A forward pass that raises fails its step's requests, and the next requests run."""
     import pipeline.inference.engine as engine_module
+    import pipeline.inference.speculative as speculative_module
     poisoned = 666  # the seed that marks the request to fail
 
     def failing(real):
         def wrapped(logits, params, *args, **kwargs):
-            if params.seed == poisoned:
+            if any(p.seed == poisoned for p in ([params] if draft else params)):
                 raise RuntimeError("injected sampling failure")
             return real(logits, params, *args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(engine_module, "probabilities" if draft else "sample",
-                        failing(engine_module.probabilities if draft else engine_module.sample))
+    if draft:
+        monkeypatch.setattr(speculative_module, "probabilities", failing(speculative_module.probabilities))
+    else:
+        monkeypatch.setattr(engine_module, "sample", failing(engine_module.sample))
     model = nano()
     engine = Engine(model, max_batch_size=4, block_size=4, draft_model=nano(1) if draft else None)
-    ids = [engine.add_request(p, GREEDY) for p in PROMPTS[:3]]
+    good = [engine.add_request(p, GREEDY) for p in PROMPTS[:3]]
     bad = engine.add_request(PROMPTS[3], SamplingParams(temperature=0.0, max_tokens=12, seed=poisoned))
-    out: dict[int, list[int]] = {i: [] for i in ids}
+    out: dict[int, list[int]] = {i: [] for i in good}
     finished = {}
     while engine.has_work():
         for o in engine.step():
             out.get(o.request_id, []).extend(o.new_token_ids)
             if o.finished:
                 finished[o.request_id] = o
-    assert [out[i] for i in ids] == alone(model, PROMPTS[:3], 12)
+    assert [out[i] for i in good] == alone(model, PROMPTS[:3], 12)
     assert finished[bad].finish_reason == "error" and "injected sampling failure" in finished[bad].error
-    assert all(finished[i].finish_reason == "length" for i in ids)
+    assert all(finished[i].finish_reason == "length" for i in good)
     assert_all_blocks_free(engine)
 
     calls = 0
-    real_forward = engine._forward
+    real_run = engine.runner.run
 
-    def forward_fails_once(*args):
+    def run_fails_once(*args):
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("injected forward failure")
-        return real_forward(*args)
+        return real_run(*args)
 
-    monkeypatch.setattr(engine, "_forward", forward_fails_once)
-    first = engine.add_request(PROMPTS[0], GREEDY)
+    # the failed step's prompt blocks were never written: they must not stay in the prefix cache
+    monkeypatch.setattr(engine.runner, "run", run_fails_once)
+    prompt = list(range(60, 80))  # 4 full blocks, new to the cache
+    first = engine.add_request(prompt, GREEDY)
     assert [(o.request_id, o.finish_reason) for o in engine.step()] == [(first, "error")]
-    assert engine.generate([PROMPTS[1]], GREEDY) == alone(model, [PROMPTS[1]], 12)
+    hits = engine.stats.prefix_blocks_hit
+    assert ids(engine.generate([prompt], GREEDY)) == alone(model, [prompt], 12)
+    assert engine.stats.prefix_blocks_hit == hits
     assert_all_blocks_free(engine)
 
 
@@ -210,8 +285,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
     """Each request draws from its own generator: its tokens are the same alone or in a batch."""
     model = nano()
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234)
-    together = Engine(model, max_batch_size=6).generate(PROMPTS, params)
-    one = Engine(model, max_batch_size=6).generate([PROMPTS[3]], params)[0]
+    together = ids(Engine(model, max_batch_size=6).generate(PROMPTS, params))
+    one = ids(Engine(model, max_batch_size=6).generate([PROMPTS[3]], params))[0]
     assert together[3] == one
     assert together[3] != together[0] or PROMPTS[3] == PROMPTS[0]
 
@@ -222,7 +297,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
 def test_greedy_speculative_equals_greedy_target(draft_seed):
     model, draft = nano(0), nano(draft_seed)
     engine = Engine(model, max_batch_size=4, block_size=4, draft_model=draft, num_speculative_tokens=3)
-    assert engine.generate(PROMPTS, GREEDY) == alone(model, PROMPTS, 12)
+    assert ids(engine.generate(PROMPTS, GREEDY)) == alone(model, PROMPTS, 12)
     rate = engine.kv_stats()["acceptance_rate"]
     assert rate == 1.0 if draft_seed == 0 else rate < 1.0
     assert_all_blocks_free(engine)
@@ -237,13 +312,17 @@ def peaked(seed: int) -> GPT:
     return model
 
 
+@torch.no_grad()
 def exact_distributions(model: GPT, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """P(t1, t2) as an (8, 8) table and P(t3) (8,), computed from the model's probabilities."""
-    forward, V = forward_full(model), model.config.vocab_size
-    p1 = forward(torch.tensor([prompt]))[0][0, -1, :V].softmax(-1)
-    p2 = forward(torch.tensor([prompt + [a] for a in range(V)]))[0][:, -1, :V].softmax(-1)
+    V = model.config.vocab_size
+
+    def next_probs(rows: list[list[int]]) -> torch.Tensor:
+        return model(torch.tensor(rows))[:, -1, :V].softmax(-1)
+    p1 = next_probs([prompt])[0]
+    p2 = next_probs([prompt + [a] for a in range(V)])
     pairs = list(itertools.product(range(V), repeat=2))
-    p3 = forward(torch.tensor([prompt + list(ab) for ab in pairs]))[0][:, -1, :V].softmax(-1)
+    p3 = next_probs([prompt + list(ab) for ab in pairs])
     joint = p1[:, None] * p2
     return joint, (joint.flatten()[:, None] * p3).sum(0)
 
@@ -255,7 +334,7 @@ def test_sampled_speculative_decoding_keeps_the_target_distribution():
     target, draft = peaked(0), peaked(1)
     prompt, n = [1, 2, 3], 2000
     engine = Engine(target, max_batch_size=64, block_size=2, draft_model=draft, num_speculative_tokens=2, seed=5)
-    outs = engine.generate([prompt] * n, SamplingParams(temperature=1.0, max_tokens=3))
+    outs = ids(engine.generate([prompt] * n, SamplingParams(temperature=1.0, max_tokens=3)))
     assert all(len(o) == 3 for o in outs)
     assert 0.1 < engine.kv_stats()["acceptance_rate"] < 0.9  # the rule is exercised both ways
 

@@ -1,4 +1,4 @@
-"""Sampling functions and decoding strategies (pipeline/inference/sampling.py)."""
+"""The sampler (pipeline/inference/sampling.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.inference.engine import forward_full
-from pipeline.inference.sampling import (InvalidParam, SamplingParams, apply_repetition_penalty, beam_search,
-                                         contrastive_search, entropy, min_p_filter, probabilities, process_logits,
-                                         sample, sample_token, top_k_filter, top_p_filter)
-from test_inference_engine import nano, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from pipeline.inference.sampling import (InvalidParam, SamplingParams, apply_repetition_penalty, draw, mask_padding,
+                                         min_p_filter, probabilities, process_logits, sample, top_k_filter,
+                                         top_p_filter)
+from test_inference_engine import one_thread  # noqa: F401 (an autouse fixture)
+
+
+def sample_one(logits: torch.Tensor, params: SamplingParams, history: list[int], generator: torch.Generator) -> int:
+    return sample(logits[None], [params], [history], [generator])[0]
 
 
 def random_logits(n: int = 100, seed: int = 0) -> torch.Tensor:
@@ -21,39 +24,65 @@ def random_logits(n: int = 100, seed: int = 0) -> torch.Tensor:
 def test_greedy_is_deterministic_and_the_argmax():
     logits = random_logits()
     params = SamplingParams(temperature=0.0)
-    draws = {sample(logits, params, [], torch.Generator().manual_seed(s)) for s in range(20)}
+    draws = {sample_one(logits, params, [], torch.Generator().manual_seed(s)) for s in range(20)}
     assert draws == {int(logits.argmax())}
 
 
-def test_no_filters_is_plain_multinomial():
-    """top_p 1.0, top_k 0, min_p 0: the same draws as torch.multinomial on softmax(logits / T)."""
-    logits = random_logits()
+def test_no_filters_is_plain_sampling():
+    """top_p 1.0, top_k 0, min_p 0: 20,000 draws from softmax(logits / T), each id's count within
+    5 standard deviations of its expectation, and draws that repeat with the seed."""
+    logits = random_logits(20)
     params = SamplingParams(temperature=2.0, top_k=0, top_p=1.0)
-    ours, plain = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    a = [sample(logits, params, [], ours) for _ in range(300)]
-    b = [int(torch.multinomial((logits / 2.0).softmax(-1), 1, generator=plain)) for _ in range(300)]
-    assert a == b
-    assert len(set(a)) > 10  # really sampling
+    expected, n = (logits / 2.0).softmax(-1), 20_000
+    g = torch.Generator().manual_seed(3)
+    draws = torch.tensor([sample_one(logits, params, [], g) for _ in range(n)])
+    counts = torch.bincount(draws, minlength=20).float()
+    assert ((counts - n * expected).abs() <= 5 * (n * expected * (1 - expected)).sqrt() + 1).all()
+    again = torch.Generator().manual_seed(3)
+    assert [sample_one(logits, params, [], again) for _ in range(100)] == draws[:100].tolist()
 
 
-def test_sample_token_filters():
-    logits = torch.tensor([[0.0, 3.0, 2.9, 1.0, 9.0]] * 200)  # id 4 is padding (vocab_size 4)
+def test_a_batch_draws_what_each_row_draws_alone():
+    """Rows of mixed settings (greedy, filtered, penalised, two sharing settings) sampled in one
+    call give the tokens each gets alone with the same seed: a row's draw is its own."""
+    logits = torch.stack([random_logits(seed=s) for s in range(5)])
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=20),
+              SamplingParams(temperature=0.8, top_k=20), SamplingParams(temperature=1.2, top_p=0.9, min_p=0.01),
+              SamplingParams(temperature=1.0, repetition_penalty=1.3)]
+    histories = [[1, 2], [3], [4, 5], [], [int(logits[4].argmax()), 7]]
+    for seed in range(20):
+        batch = sample(logits, params, histories, [torch.Generator().manual_seed(seed + i) for i in range(5)])
+        alone = [sample_one(logits[i], params[i], histories[i], torch.Generator().manual_seed(seed + i)) for i in range(5)]
+        assert batch == alone
+
+
+def test_a_zero_probability_id_is_never_drawn():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.5, 0.0])
     g = torch.Generator().manual_seed(0)
-    assert sample_token(logits, 4, 0.0, None, 1.0, g).unique().tolist() == [1]  # greedy
-    assert sample_token(logits, 4, 1.0, 2, 1.0, g).unique().tolist() == [1, 2]  # top-k 2
-    assert sample_token(logits, 4, 1.0, None, 0.3, g).unique().tolist() == [1]  # top-p: id 1 alone has ~0.47
-    assert sample_token(logits, 4, 1.0, None, 1.0, g).unique().tolist() == [0, 1, 2, 3]  # never 4
+    assert {draw(probs[None], [g])[0] for _ in range(2000)} == {1, 3}
 
 
-def test_batched_sample_token_draws_from_the_same_distribution_as_sample():
-    """sample_token (batched, sorted draw) and the per-request transforms give one distribution:
-    8,000 rows at temperature 0.8, top-k 20, top-p 0.9 against `probabilities` (each id's count
-    within 5 standard deviations, and no id outside the kept set)."""
+def test_filters_and_padding():
+    logits = mask_padding(torch.tensor([0.0, 3.0, 2.9, 1.0, 9.0]), 4)  # id 4 is padding (vocab_size 4)
+    g = torch.Generator().manual_seed(0)
+
+    def draws(**params) -> list[int]:
+        return sorted({sample_one(logits, SamplingParams(**params), [], g) for _ in range(200)})
+    assert draws(temperature=0.0) == [1]  # greedy
+    assert draws(temperature=1.0, top_k=2) == [1, 2]
+    assert draws(temperature=1.0, top_p=0.3) == [1]  # top-p: id 1 alone has ~0.47
+    assert draws(temperature=1.0) == [0, 1, 2, 3]  # never 4
+
+
+def test_draws_follow_the_distribution_of_probabilities():
+    """8,000 draws at temperature 0.8, top-k 20, top-p 0.9 against `probabilities` (the
+    distribution speculative decoding compares): each id's count within 5 standard deviations,
+    and no id outside the kept set."""
     logits = random_logits(64, seed=5)
     params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
     expected = probabilities(logits, params, [])
-    n = 8000
-    draws = sample_token(logits.expand(n, -1), 64, 0.8, 20, 0.9, torch.Generator().manual_seed(0))
+    n, g = 8000, torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample_one(logits, params, [], g) for _ in range(n)])
     counts = torch.bincount(draws, minlength=64).float()
     assert (counts[expected == 0] == 0).all()
     sd = (n * expected * (1 - expected)).sqrt()
@@ -61,8 +90,11 @@ def test_batched_sample_token_draws_from_the_same_distribution_as_sample():
 
 
 def test_temperature_raises_entropy():
+    def entropy(logits: torch.Tensor) -> float:
+        p = logits.softmax(dim=-1)
+        return float(-(p * p.log()).sum())
     logits = random_logits()
-    h = [float(entropy(process_logits(logits, SamplingParams(temperature=t), []))) for t in (0.25, 0.5, 1.0, 1.5, 2.0)]
+    h = [entropy(process_logits(logits, SamplingParams(temperature=t), [])) for t in (0.25, 0.5, 1.0, 1.5, 2.0)]
     assert h == sorted(h) and len(set(h)) == len(h), h
 
 
@@ -119,7 +151,7 @@ EXTREMES = [0.0, -0.0, 1e-45, -1e-45, 1e-30, 1.0, -1.0, 30.0, -30.0, 1e30, -1e30
 def test_sampling_never_makes_nan_nor_draws_a_dead_token(logits, temperature, top_p, top_k, min_p, penalty,
                                                           history, seed):
     """Any logits (NaN, +-inf, float32's extremes) on a padded vocabulary (100 ids in a 128-wide
-    row, as logits_of masks them), any valid extreme settings: the distribution is finite and
+    row, as `mask_padding` masks them), any valid extreme settings: the distribution is finite and
     sums to 1, the draw is a token whose logit was a number (never padding, -inf or NaN); a row
     with no such token raises ValueError instead of drawing from NaN."""
     row = torch.tensor(logits + [-float("inf")] * 28)
@@ -128,12 +160,12 @@ def test_sampling_never_makes_nan_nor_draws_a_dead_token(logits, temperature, to
     alive = ~(row.isnan() | (row == -float("inf")))
     if not alive.any():
         with pytest.raises(ValueError, match="no token has a finite logit"):
-            sample(row, params, history, torch.Generator().manual_seed(seed))
+            sample_one(row, params, history, torch.Generator().manual_seed(seed))
         return
     p = probabilities(row, params, history)
     assert p.isfinite().all() and (p >= 0).all() and abs(float(p.sum()) - 1) < 1e-4
     assert (p[~alive] == 0).all()
-    token = sample(row, params, history, torch.Generator().manual_seed(seed))
+    token = sample_one(row, params, history, torch.Generator().manual_seed(seed))
     assert 0 <= token < 100 and alive[token]
 
 
@@ -142,37 +174,4 @@ def test_seeded_request_is_reproducible():
     params = SamplingParams(temperature=1.0, seed=7)
     fallback = torch.Generator().manual_seed(0)
     g1, g2 = params.generator(fallback), params.generator(fallback)
-    assert [sample(logits, params, [], g1) for _ in range(20)] == [sample(logits, params, [], g2) for _ in range(20)]
-
-
-@pytest.mark.parametrize("rope", [False, True])
-def test_beam_width_1_is_greedy(rope):
-    model = nano(rope=rope)
-    prompt = [3, 1, 4, 1, 5]
-    greedy = model.generate(torch.tensor([prompt]), 12)[0, len(prompt):].tolist()
-    assert beam_search(forward_full(model), prompt, beam_width=1, max_tokens=12) == greedy
-    assert contrastive_search(forward_full(model), prompt, top_k=4, alpha=0.0, max_tokens=12) == greedy
-
-
-def test_wider_beam_finds_a_sequence_at_least_as_likely():
-    model = nano()
-    prompt, forward = [3, 1, 4, 1, 5], forward_full(model)
-
-    def logprob(completion: list[int]) -> float:
-        logits = forward(torch.tensor([prompt + completion]))[0][0].log_softmax(-1)
-        return float(sum(logits[len(prompt) - 1 + i, t] for i, t in enumerate(completion)))
-
-    one, four = (beam_search(forward, prompt, beam_width=w, max_tokens=6) for w in (1, 4))
-    assert logprob(four) >= logprob(one) - 1e-5
-
-
-def test_contrastive_search_penalises_repeating_the_context():
-    """With a strong degeneration penalty the output differs from greedy's and stays a top-k token."""
-    model = nano()
-    prompt = [3, 1, 4, 1, 5]
-    forward = forward_full(model)
-    greedy = contrastive_search(forward, prompt, top_k=4, alpha=0.0, max_tokens=8)
-    out = contrastive_search(forward, prompt, top_k=4, alpha=0.9, max_tokens=8)
-    assert out != greedy
-    first_top = forward(torch.tensor([prompt]))[0][0, -1].topk(4).indices.tolist()
-    assert out[0] in first_top
+    assert [sample_one(logits, params, [], g1) for _ in range(20)] == [sample_one(logits, params, [], g2) for _ in range(20)]

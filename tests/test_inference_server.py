@@ -94,7 +94,7 @@ def served(model, tokenizer):
 def greedy_text(model, tokenizer, prompt: str, n: int) -> tuple[str, list[int]]:
     ids = tokenizer.encode(prompt)
     out = Engine(model, max_batch_size=1, stop_token_ids=[tokenizer.eos_id]).generate(
-        [ids], SamplingParams(temperature=0.0, max_tokens=n))[0]
+        [ids], SamplingParams(temperature=0.0, max_tokens=n))[0].token_ids
     specials = set(tokenizer.special_tokens.values())  # skipped in text, as vLLM's skip_special_tokens
     return tokenizer.decode([t for t in out if t not in specials]), out
 
@@ -128,7 +128,7 @@ def test_chat_goes_through_our_template_and_stops_at_assistant_end(served, model
     end = tokenizer.special_tokens[ASSISTANT_END]
     ids = render_prompt(tokenizer, messages)
     expected = Engine(model, max_batch_size=1, stop_token_ids=[tokenizer.eos_id, end]).generate(
-        [ids], SamplingParams(temperature=0.0, max_tokens=30))[0]
+        [ids], SamplingParams(temperature=0.0, max_tokens=30))[0].token_ids
     r = served.client.chat.completions.create(model="nano", messages=messages, max_tokens=30, temperature=0)
     assert r.choices[0].message.role == "assistant"
     specials = set(tokenizer.special_tokens.values())  # skipped in text, as vLLM's skip_special_tokens
@@ -360,7 +360,7 @@ def test_a_failing_request_fails_alone_and_the_engine_goes_on(model, tokenizer, 
     real_sample = engine_module.sample
 
     def sample(logits, params, *args):
-        if params.seed == 666:
+        if any(p.seed == 666 for p in params):
             raise RuntimeError("injected sampling failure")
         return real_sample(logits, params, *args)
 
@@ -404,7 +404,7 @@ def test_a_dead_engine_loop_refuses_at_once_and_says_why(long_model, tokenizer):
 
         def broken_schedule():
             raise RuntimeError("injected scheduler fault")
-        s.engine._schedule = broken_schedule
+        s.engine.scheduler.schedule = broken_schedule
         with pytest.raises(openai.APIError, match="injected scheduler fault"):
             list(stream)
         start = time.monotonic()
@@ -553,7 +553,7 @@ def test_serve_command_on_a_saved_model(model, tokenizer, tmp_path, source):
         messages = [{"role": "user", "content": "Tell me a story."}]
         ids = render_prompt(tokenizer, messages)
         expected = Engine(model, max_batch_size=1, stop_token_ids=[tokenizer.eos_id]).generate(
-            [ids], SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[tokenizer.special_tokens[ASSISTANT_END]]))[0]
+            [ids], SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[tokenizer.special_tokens[ASSISTANT_END]]))[0].token_ids
         reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
         assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == len(expected)
         specials = set(tokenizer.special_tokens.values())

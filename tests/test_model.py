@@ -1,5 +1,5 @@
-"""The GPT model: shapes, causality, the KV cache, losses, parameter and FLOP accounting,
-sampling, loading final.pt."""
+"""The GPT model: shapes, causality, the attention backends (contiguous and paged KV caches,
+grouped-query heads), losses, parameter and FLOP accounting, loading final.pt."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import load_schema
+from pipeline.model.attention import KVCache, PagedKVCache, attention
 from pipeline.model.gpt import GPT, MODEL_SIZES, GPTConfig, load_final, size_shape
 
 
@@ -106,32 +107,6 @@ def test_unknown_size_names_the_known_ones():
         GPTConfig.from_size("huge", vocab_size=10)
 
 
-def test_generation_never_emits_padding_ids():
-    """Rig the model so the padding ids have the highest logits; greedy and sampled tokens must
-    still be real ids."""
-    model = make_model(vocab_size=65)  # padded to 128
-    with torch.no_grad():
-        model.ln_f.weight.zero_()
-        model.ln_f.bias.fill_(1.0)  # final hidden state: all ones
-        model.wte.weight.zero_()
-        model.wte.weight[65:] = 1.0  # padding logits 32, real ones 0
-    idx = torch.zeros(1, 1, dtype=torch.long)
-    greedy = model.generate(idx, 5)
-    sampled = model.generate(idx, 5, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0))
-    assert greedy.max() < 65 and sampled.max() < 65
-
-
-def test_tiny_top_p_is_greedy_and_generation_is_seeded():
-    model = make_model()
-    idx = torch.randint(0, 257, (2, 4))
-    greedy = model.generate(idx, 6)
-    nucleus = model.generate(idx, 6, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(greedy, nucleus)  # the top token alone reaches any tiny p
-    a = model.generate(idx, 6, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(2))
-    b = model.generate(idx, 6, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(a, b) and a.shape == (2, 10)
-
-
 def test_schema_size_names_are_the_model_sizes():
     """The pretrain schema's enum gives config errors that name the key; it must list exactly
     MODEL_SIZES, in order (a size added to one place only fails here), beside the pattern of
@@ -167,20 +142,46 @@ def test_cached_decode_equals_a_full_forward(rope, chunk):
 
 
 @pytest.mark.parametrize("rope", [False, True])
-def test_expanded_cache_serves_each_row_n_continuations(rope):
-    """Two prompts prefilled once, expanded to 3 rows each, continued by 6 different chunks of 2
-    tokens: each row's logits equal a full forward of its own prompt + continuation."""
+def test_paged_batches_equal_a_full_forward(rope):
+    """Three sequences in blocks of 4 slots, scattered over the pool: prefilled together in one
+    packed row (chunks of unequal lengths), then continued together (a decode and two chunks):
+    every logit equals the cacheless forward's, so positions, block tables and the causal mask
+    are each sequence's own."""
     model = make_model(rope=rope)
-    g = torch.Generator().manual_seed(4)
-    prompts, continuations = torch.randint(0, 257, (2, 7), generator=g), torch.randint(0, 257, (6, 2), generator=g)
-    cache = model.new_kv_cache(2)
+    idx = torch.randint(0, 257, (3, 16), generator=torch.Generator().manual_seed(4))
+    cache = model.new_paged_kv_cache(num_blocks=16, block_size=4)
+    tables = [[9, 2, 14, 5], [0, 11, 3, 7], [15, 1, 8, 12]]
     with torch.no_grad():
-        model(prompts, kv_cache=cache)
-        group = cache.expand(3)
-        cached = model(continuations, kv_cache=group)
-        full = model(torch.cat([prompts.repeat_interleave(3, dim=0), continuations], dim=1))
-    assert (group.batch_size, group.length, cache.length) == (6, 9, 7)  # the original is untouched
-    torch.testing.assert_close(cached, full[:, 7:], atol=1e-5, rtol=0)
+        full = model(idx)
+        first = model(torch.cat([idx[0, :7], idx[1, :1], idx[2, :12]])[None],
+                      kv_cache=cache.batch([(tables[0], 0, 7), (tables[1], 0, 1), (tables[2], 0, 12)]))
+        second = model(torch.cat([idx[0, 7:8], idx[1, 1:16], idx[2, 12:16]])[None],
+                       kv_cache=cache.batch([(tables[0], 7, 1), (tables[1], 1, 15), (tables[2], 12, 4)]))
+    paged = [torch.cat([first[0, :7], second[0, :1]]), torch.cat([first[0, 7:8], second[0, 1:16]]),
+             torch.cat([first[0, 8:], second[0, 16:]])]
+    for row, expected in zip(paged, (full[0, :8], full[1], full[2])):
+        torch.testing.assert_close(row, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cache", ["none", "contiguous", "paged"])
+def test_attention_backends_let_kv_heads_serve_groups_of_query_heads(cache):
+    """Grouped-query attention: 4 query heads over 2 K/V heads, through each backend, equals plain
+    causal attention with each K/V head repeated for its 2 query heads."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(1, 4, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g)
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1),
+                                              is_causal=True)
+    if cache == "none":
+        y = attention(q, k, v, causal=True)
+    elif cache == "contiguous":
+        kv = KVCache(torch.zeros(1, 1, 2, 6, 8), torch.zeros(1, 1, 2, 6, 8))  # 4 tokens, then 2
+        head = kv.attend(0, q[:, :, :4], k[:, :, :4], v[:, :, :4])
+        kv.advance(4)
+        y = torch.cat([head, kv.attend(0, q[:, :, 4:], k[:, :, 4:], v[:, :, 4:])], dim=2)
+    else:
+        batch = PagedKVCache(torch.zeros(1, 2, 4, 4, 2, 8)).batch([([3, 1], 0, 6)])
+        y = batch.attend(0, q, k, v)
+    torch.testing.assert_close(y, expected, atol=1e-6, rtol=0)
 
 
 def test_the_cache_refuses_positions_past_the_context_and_a_wrong_batch():
@@ -286,44 +287,6 @@ def test_a_forward_on_the_kv_cache_is_never_checkpointed():
     cache = model.new_kv_cache(2)
     chunked = torch.cat([model(idx[:, :10], kv_cache=cache), model(idx[:, 10:], kv_cache=cache)], dim=1)
     torch.testing.assert_close(chunked, full)
-
-
-# --- generation on the cache ------------------------------------------------------------------------------
-
-def naive_greedy(model: GPT, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """The cacheless loop generate used to be: the whole (sliding) window every step."""
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = model(idx[:, -model.config.seq_len:])[:, -1, :]
-            logits[:, model.config.vocab_size:] = -float("inf")
-            idx = torch.cat([idx, logits.argmax(dim=-1, keepdim=True)], dim=1)
-    return idx
-
-
-@pytest.mark.parametrize("rope", [False, True])
-def test_cached_greedy_equals_naive_greedy(rope):
-    """4 prompt tokens + 20 new ones: 12 on the cache, then 8 past the 16-token context."""
-    model = make_sharp_model(rope=rope)
-    idx = torch.randint(0, 257, (3, 4), generator=torch.Generator().manual_seed(6))
-    assert torch.equal(model.generate(idx, 20), naive_greedy(model, idx, 20))
-
-
-def test_stop_tokens_end_each_row_and_then_generation():
-    model = make_sharp_model()
-    idx = torch.randint(0, 257, (2, 4), generator=torch.Generator().manual_seed(7))
-    free = model.generate(idx, 10)
-    stop = int(free[0, 6])  # row 0's third new token
-    assert not torch.all(free[0, 6:] == stop)  # so row 0 must be made to repeat it
-    stopped = model.generate(idx, 10, stop_tokens=[stop])
-    firsts = [int((row[4:] == stop).nonzero()[0]) + 4 if (row[4:] == stop).any() else None for row in free]
-    expected_len = 14 if None in firsts else max(firsts) + 1
-    assert stopped.size(1) == expected_len
-    for row, first in enumerate(firsts):
-        if first is None:
-            assert torch.equal(stopped[row], free[row])
-        else:
-            assert torch.equal(stopped[row, :first + 1], free[row, :first + 1])
-            assert torch.all(stopped[row, first:] == stop)
 
 
 # --- load_final -----------------------------------------------------------------------------------------

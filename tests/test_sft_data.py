@@ -203,7 +203,7 @@ def test_batched_greedy_answers_equal_one_prompt_at_a_time(tokenizer):
     examples = task.examples("test")[:12]
     model = nano(tokenizer).eval()
     prompts = [render_prompt(tokenizer, e.prompt) for e in examples]
-    assert len({len(p) for p in prompts}) > 1  # several lengths, so several batches
+    assert len({len(p) for p in prompts}) > 1  # several lengths, decoded together
     stop = tokenizer.special_tokens[ASSISTANT_END]
     batched = greedy_complete(model, prompts, max_new_tokens=10, stop_id=stop, batch_size=4)
     for prompt, got in zip(prompts, batched):

@@ -167,3 +167,15 @@ def test_numeric_reward(completion, answer, reward):
 def test_reward_refuses_a_reference_that_is_not_a_number():
     with pytest.raises(ValueError, match="reference answer 'eighty' is not a number"):
         numeric_reward("81", "eighty")
+
+
+def test_a_prompt_too_long_for_the_context_keeps_its_last_tokens(caplog):
+    """The greedy scorers read the last tokens of a prompt that would leave no room for the answer
+    (a sliding window would), and say so in the log."""
+    from pipeline.tasks.evaluate import fit_context
+
+    with caplog.at_level("WARNING"):
+        fitted = fit_context([list(range(10)), [1, 2]], seq_len=8, max_new_tokens=3)
+    assert fitted == [[5, 6, 7, 8, 9], [1, 2]]
+    assert "1 of 2 prompts longer than the 5 tokens" in caplog.text
+    assert fit_context([list(range(10))], seq_len=8, max_new_tokens=20) == [[9]]  # always one token

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from pipeline.eval.stats import bootstrap_ratio
+from pipeline.inference import Engine, SamplingParams
 from pipeline.tasks import Task, held_out_items
-from pipeline.tasks.evaluate import complete, held_out_accuracy
+from pipeline.tasks.evaluate import fit_context, held_out_accuracy
 from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
 from pipeline.tokenizer.chat import render_prompt
 
@@ -33,6 +34,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def complete(model: torch.nn.Module, prompts: list[list[int]], n: int, *, temperature: float, max_new_tokens: int,
+             stop_id: int, seed: int) -> list[list[list[int]]]:
+    """n sampled completions of each prompt, each cut before the first stop_id, decoded together by
+    the inference engine; each request's generator is seeded in turn from `seed`."""
+    params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, stop_token_ids=[stop_id])
+    prompts = fit_context(prompts, model.config.seq_len, max_new_tokens)
+    engine = Engine.for_prompts(model, prompts, max_new_tokens, max_batch_size=64, seed=seed)
+    out = engine.generate([p for p in prompts for _ in range(n)], params, desc=f"{n} samples per prompt")
+    return [[c.ids_before_stop for c in out[i * n:(i + 1) * n]] for i in range(len(prompts))]
+
+
 def task_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task: Task, *, max_examples: int | None,
                   sample_items: int | None, samples: int, k: int, temperature: float,
                   seed: int) -> tuple[dict[str, Any], dict[str, list]]:
@@ -45,15 +57,11 @@ def task_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task: Task, *
         raise ValueError(f"eval.tasks: k {k} must be between 1 and samples {samples}")
     greedy = held_out_accuracy(model, tokenizer, task, max_examples)
     items = held_out_items(task, max_examples)[:sample_items]
-    prompts = [render_prompt(tokenizer, e.prompt) for e in items]
-    draws = complete(model, [p for p in prompts for _ in range(samples)],
+    draws = complete(model, [render_prompt(tokenizer, e.prompt) for e in items], samples, temperature=temperature,
                      max_new_tokens=task.config["held_out"]["max_new_tokens"],
-                     stop_id=tokenizer.special_tokens[ASSISTANT_END], temperature=temperature,
-                     generator=torch.Generator().manual_seed(seed), desc=f"task {task.name} pass@{k}")
-    sampled = []
-    for i, example in enumerate(items):
-        correct = sum(task.reward(tokenizer.decode(d), example.answer) > 0 for d in draws[i * samples:(i + 1) * samples])
-        sampled.append(pass_at_k(samples, correct, k))
+                     stop_id=tokenizer.special_tokens[ASSISTANT_END], seed=seed)
+    sampled = [pass_at_k(samples, sum(task.reward(tokenizer.decode(d), e.answer) > 0 for d in ds), k)
+               for e, ds in zip(items, draws)]
     shown = [{"answer": a["answer"], "greedy": a["completion"]} for a in greedy["answers"][:3]]
     result = {"pass@1": greedy["accuracy"], "pass@k": bootstrap_ratio(sampled), "n": greedy["accuracy"]["n"],
               "samples": samples, "k": k, "examples": shown}

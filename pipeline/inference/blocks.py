@@ -4,11 +4,12 @@ a reference count per block, and prefix caching by block hash.
 
 A sequence owns a block table (a list of block ids); token t's K/V live in block
 `table[t // block_size]` at offset `t % block_size`. Growing a sequence appends a block to its
-table, so nothing is ever copied. A block that is full of computed tokens is registered under a
-hash of its tokens chained with its predecessor's hash, so two sequences whose prompts open with
-the same full blocks share them (reference count > 1). A block whose count drops to 0 but that
-holds a registered prefix stays cached ("evictable") until the free list is empty; it is then
-reused, least recently released first. Evictable blocks count as free.
+table, so nothing is ever copied. A block that is full of tokens (computed, or being computed by
+the step being scheduled) is registered under a hash of its tokens chained with its predecessor's
+hash, so two sequences whose prompts open with the same full blocks share them (reference count
+> 1). A block whose count drops to 0 but that holds a registered prefix stays cached
+("evictable") until the free list is empty; it is then reused, least recently released first.
+Evictable blocks count as free.
 """
 
 from __future__ import annotations
@@ -79,12 +80,23 @@ class BlockManager:
         while len(table) * self.block_size < num_tokens:
             table.append(self._allocate())
 
-    def free_table(self, table: list[int]) -> None:
+    def free_table(self, table: list[int], keep_cached: bool = True) -> None:
         """Release a finished, cancelled or preempted sequence's blocks, its tail first, so the
-        tail of a cached prefix is evicted before its head."""
+        tail of a cached prefix is evicted before its head. `keep_cached=False` first unregisters
+        them (their K/V may never have been written: the forward that was to write them failed)."""
         for block in reversed(table):
+            if not keep_cached and block in self.hash_of:
+                del self.cached[self.hash_of.pop(block)]
             self._release(block)
         table.clear()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every registered prefix: held blocks stay with their sequences (and go to the
+        free list when released), evictable ones are free at once."""
+        self.free.extend(self.evictable)
+        self.evictable.clear()
+        self.cached.clear()
+        self.hash_of.clear()
 
     def match_prefix(self, tokens: Sequence[int], table: list[int]) -> int:
         """Take the cached blocks that hold the longest prefix of `tokens` into the empty `table`;
@@ -103,11 +115,11 @@ class BlockManager:
             table.append(block)
         return len(table) * self.block_size
 
-    def register(self, tokens: Sequence[int], table: list[int], num_computed: int, num_registered: int) -> int:
-        """Register the table's blocks that became full of computed tokens; returns how many
-        blocks are registered now. A block whose content another block already holds (both
-        computed in the same step) stays private."""
-        full = num_computed // self.block_size
+    def register(self, tokens: Sequence[int], table: list[int], num_tokens: int, num_registered: int) -> int:
+        """Register the table's blocks that the first `num_tokens` tokens fill (computed, or
+        computed by the step being scheduled); returns how many blocks are registered now. A block
+        whose content another block already holds stays private."""
+        full = num_tokens // self.block_size
         if not self.prefix_caching or full <= num_registered:
             return num_registered
         hashes = block_hashes(tokens[:full * self.block_size], self.block_size)

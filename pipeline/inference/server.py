@@ -49,8 +49,9 @@ from starlette.exceptions import HTTPException
 
 from pipeline.artifacts import check_inputs
 from pipeline.export import load_hf, tokenizer_from_hf
-from pipeline.inference.engine import Engine, RequestOutput
+from pipeline.inference.engine import Engine
 from pipeline.inference.sampling import InvalidParam, SamplingParams
+from pipeline.inference.sequence import RequestOutput
 from pipeline.model.gpt import GPT, load_final
 from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
 from pipeline.tokenizer.chat import render_prompt

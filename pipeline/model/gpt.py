@@ -5,8 +5,10 @@ Notable features:
 - pre-LayerNorm blocks: x + attn(ln(x)), then x + mlp(ln(x)), and a final LayerNorm;
 - causal self-attention through `F.scaled_dot_product_attention`, which runs the flash kernel on
   a CUDA GPU in bf16 and a fused CPU kernel here;
-- a KV cache (`KVCache`, from `GPT.new_kv_cache`) for incremental decoding: positions continue
-  from the cache's length, and `expand(n)` turns one prefilled prompt into n continuations;
+- one forward for training and decoding: each block hands its q, k, v to an attention backend
+  (pipeline/model/attention.py): plain causal attention (training), the contiguous KV cache
+  (`GPT.new_kv_cache`), or the paged KV cache of the inference engine (`GPT.new_paged_kv_cache`),
+  which also says at which positions the tokens sit;
 - a GELU MLP four times as wide as the model;
 - the output projection shares its weight with the token embedding (tied, as GPT-2);
 - the vocabulary is padded to a multiple of 64 (see `GPTConfig.padded_vocab_size`);
@@ -14,7 +16,8 @@ Notable features:
   mean, the sum (for token-weighted losses over micro-batches) or per-token losses ("none");
 - the model does its own accounting: `num_params(non_embedding=...)` for the scaling fits and
   `flops_per_token()` for MFU;
-- `generate` (greedy or top-p, on the KV cache) and `load_final`, the one loader of final.pt files.
+- `load_final`, the one loader of final.pt files. Generation is the inference engine's
+  (`pipeline.inference.Engine`), which calls this forward.
 
 Sizes are named in `MODEL_SIZES` or generated as `d<depth>w<width>` (`size_shape`);
 `GPTConfig.from_size("tiny", vocab_size=..., seq_len=...)`.
@@ -26,7 +29,6 @@ import math
 import pickle
 import re
 import zipfile
-from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from pipeline.model.attention import KVCache, PagedBatch, PagedKVCache, attention, check_context
 
 # name -> (n_layer, n_head, n_embd). "nano" is for tests, "tiny" the default CPU run, "small" a
 # larger CPU model; the last two are the GPT-2 124M and 350M shapes (Radford et al., 2019).
@@ -105,84 +109,41 @@ def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the (first half, second half) pairs of x (B, nh, T, hs) by the position's angle."""
+    """Rotate the (first half, second half) pairs of x (B, nh, T, hs) by each token's angle: cos and
+    sin are the tables' rows at the tokens' positions, (B or 1, 1, T, hs / 2)."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    T = x.size(-2)
-    cos, sin = cos[:T], sin[:T]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
-# --- the KV cache ---------------------------------------------------------------------------------
-
-class KVCache:
-    """The keys and values of the tokens read so far, for incremental decoding. `k[layer]` and
-    `v[layer]` are (B, nh, max_len, hs), preallocated; `length` tokens of each row are filled, the
-    same for the whole batch, and the next token's position is `length`. A forward with the cache
-    writes its T new keys and values at [length, length + T) in every layer, then advances
-    `length` by T (once, after the last layer). Make one with `GPT.new_kv_cache`."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int = 0):
-        self.k, self.v, self.length = k, v, length  # k, v: (n_layer, B, nh, max_len, hs)
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.size(1)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.size(3)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) at [length, length + T) of `layer`; return that layer's keys and
-        values so far, each (B, nh, length + T, hs)."""
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def expand(self, n: int) -> KVCache:
-        """A new cache with each row repeated n times (row b becomes rows b*n .. b*n + n - 1): a
-        prompt prefilled once at batch 1 then serves n sampled continuations (GRPO's group)."""
-        return KVCache(self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1), self.length)
-
-
 # --- the blocks ------------------------------------------------------------------------------------
+
+# an attention backend (pipeline/model/attention.py): None is plain causal attention
+Backend = KVCache | PagedBatch | None
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         assert config.n_embd % config.n_head == 0, f"n_embd {config.n_embd} not divisible by n_head {config.n_head}"
-        self.layer = layer  # this layer's slot in a KVCache
+        self.layer = layer  # this layer's slot in a KV cache
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.rope = config.rope
-        if config.rope:
-            cos, sin = rope_tables(config.seq_len, config.n_embd // config.n_head)
-            # not persistent: derived from the config, so checkpoints hold only learned weights
-            self.register_buffer("cos", cos, persistent=False)
-            self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache: Backend = None) -> torch.Tensor:
         B, T, C = x.size()
-        start = 0 if kv_cache is None else kv_cache.length  # the position of x's first token
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if self.rope:  # apply_rope takes the first T rows: the angles of positions start .. start + T - 1
-            cos, sin = self.cos[start:], self.sin[start:]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        dropout_p = self.dropout if self.training else 0.0
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        else:
-            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, start + T, hs): the cached tokens, then x's
-            # query i sits at position start + i and sees keys 0 .. start + i (is_causal would align the
-            # mask to the top left, hiding the cache); a single query sees every key, so needs no mask
-            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
+            y = attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        else:  # decoding: no dropout
+            y = kv_cache.attend(self.layer, q, k, v)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hs): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -208,17 +169,19 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.activation_checkpointing = False  # set by pipeline.train.parallel.parallelize
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache: Backend = None) -> torch.Tensor:
         if self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled():
             # keep only the block's input for backward, which reruns the block to get the rest back:
             # activation memory of one block instead of n_layer, for about a third more compute. The
             # rerun sees the same dropout masks (checkpoint restores the RNG state), so the gradients
-            # are those of the plain forward.
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x, kv_cache)
+            # are those of the plain forward. Never on a cache: the rerun would write it again.
+            return checkpoint(self._forward, x, rope, use_reentrant=False)
+        return self._forward(x, rope, kv_cache)
 
-    def _forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def _forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                 kv_cache: Backend = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -235,6 +198,11 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix reads tokens in and writes logits out
+        if config.rope:
+            cos, sin = rope_tables(config.seq_len, config.n_embd // config.n_head)
+            # not persistent: derived from the config, so checkpoints hold only learned weights
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), since each block adds two
         # of them to the residual stream and its variance would otherwise grow with depth
@@ -250,35 +218,22 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                kv_cache: KVCache | None = None, loss_reduction: str = "mean"):
+                kv_cache: Backend = None, loss_reduction: str = "mean"):
         """idx (B, T) token ids -> logits (B, T, padded vocab); with targets (B, T) also the fp32
         cross-entropy (whatever the autocast dtype), targets of -1 ignored, reduced by
         `loss_reduction`: "mean" over the counted targets (0, not NaN, when there are none: a
         micro-batch whose targets are all masked adds nothing), "sum" (divide by a token count of
         your own for token-weighted losses), or "none" (the (B, T) per-token losses, 0 where ignored).
-        With `kv_cache`, idx continues the cached tokens: positions start at `kv_cache.length`."""
-        B, T = idx.size()
-        start = 0 if kv_cache is None else kv_cache.length
-        if start + T > self.config.seq_len:
-            raise ValueError(f"positions {start}..{start + T - 1}: past the model's context of {self.config.seq_len} tokens")
-        if kv_cache is not None and (kv_cache.batch_size != B or start + T > kv_cache.max_len):
-            raise ValueError(f"KV cache of batch {kv_cache.batch_size}, {kv_cache.length}/{kv_cache.max_len} "
-                             f"tokens filled, cannot take {B} x {T} more")
-        x = self.wte(idx)  # (B, T, C)
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast over B
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, kv_cache)
-        if kv_cache is not None:
-            kv_cache.length += T
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        With `kv_cache` (a `KVCache`, or a `PagedBatch` of a paged cache), idx continues the cached
+        tokens at the positions the cache gives."""
+        logits = self.logits(self.hidden(idx, kv_cache))  # (B, T, V)
         if targets is None:
             return logits
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction {loss_reduction!r}; one of {', '.join(LOSS_REDUCTIONS)}")
         if targets.shape != idx.shape:
             raise ValueError(f"targets of shape {tuple(targets.shape)} for idx of shape {tuple(idx.shape)}")
+        B, T = idx.size()
         losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                  ignore_index=-1, reduction="none").view(B, T)  # 0 where ignored
         if loss_reduction == "none":
@@ -287,20 +242,59 @@ class GPT(nn.Module):
             return logits, losses.sum()
         return logits, losses.sum() / (targets != -1).sum().clamp(min=1)
 
+    def hidden(self, idx: torch.Tensor, kv_cache: Backend = None) -> torch.Tensor:
+        """The final hidden states (B, T, C), after ln_f: the forward up to the output projection.
+        The inference engine reads the logits of only the tokens it samples from (`logits`)."""
+        B, T = idx.size()
+        if kv_cache is None:
+            check_context(0, T - 1, self.config.seq_len)
+            positions = torch.arange(T, device=idx.device)[None]  # (1, T)
+        else:
+            positions = kv_cache.positions(B, T, self.config.seq_len)  # (1, T)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)  # (1, T, C) broadcast over B
+        x = self.drop(x)
+        # the rotary angles at the tokens' positions, (1, 1, T, hs / 2): the same for every head
+        rope = (self.cos[positions][:, None], self.sin[positions][:, None]) if self.config.rope else None
+        for block in self.blocks:
+            x = block(x, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.ln_f(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., padded vocab), in the weights' (or autocast) dtype."""
+        return self.lm_head(hidden)
+
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KVCache for batch_size rows of up to max_len tokens (default: the context), on
         the model's device. dtype defaults to that of the keys it will hold: the autocast dtype
         when called inside autocast, else the weights'."""
-        c, weight = self.config, self.wte.weight
-        max_len = c.seq_len if max_len is None else max_len
-        if not 0 < max_len <= c.seq_len:
-            raise ValueError(f"KV cache max_len {max_len}: must be in 1..{c.seq_len} (the model's context)")
-        if dtype is None:
-            autocast = torch.is_autocast_enabled(weight.device.type)
-            dtype = torch.get_autocast_dtype(weight.device.type) if autocast else weight.dtype
-        shape = (c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head)
-        return KVCache(torch.zeros(shape, dtype=dtype, device=weight.device),
-                       torch.zeros(shape, dtype=dtype, device=weight.device))
+        max_len = self.config.seq_len if max_len is None else max_len
+        if not 0 < max_len <= self.config.seq_len:
+            raise ValueError(f"KV cache max_len {max_len}: must be in 1..{self.config.seq_len} (the model's context)")
+        n_kv_head, head_dim = self.kv_heads()
+        shape = (self.config.n_layer, batch_size, n_kv_head, max_len, head_dim)
+        dtype, device = self._cache_dtype(dtype), self.wte.weight.device
+        return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def new_paged_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> PagedKVCache:
+        """An empty PagedKVCache of num_blocks blocks of block_size token slots on the model's device
+        (dtype as for `new_kv_cache`)."""
+        n_kv_head, head_dim = self.kv_heads()
+        shape = (self.config.n_layer, 2, num_blocks, block_size, n_kv_head, head_dim)
+        return PagedKVCache(torch.zeros(shape, dtype=self._cache_dtype(dtype), device=self.wte.weight.device))
+
+    def kv_heads(self) -> tuple[int, int]:
+        """(K/V heads, head size): what a cache stores per token and layer."""
+        return self.config.n_head, self.config.n_embd // self.config.n_head
+
+    def _cache_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        if dtype is not None:
+            return dtype
+        device = self.wte.weight.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.wte.weight.dtype
 
     # --- accounting ----------------------------------------------------------------------------
 
@@ -321,38 +315,6 @@ class GPT(nn.Module):
         c = self.config
         matmul_params = self.num_params(non_embedding=True) + c.padded_vocab_size * c.n_embd
         return 6 * matmul_params + 12 * c.n_layer * c.n_embd * c.seq_len
-
-    # --- sampling --------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None,
-                 stop_tokens: Collection[int] = ()) -> torch.Tensor:
-        """Extend idx (B, T) by max_new_tokens. temperature 0 is greedy; otherwise sample from the
-        smallest set of tokens whose probability reaches top_p (nucleus sampling, Holtzman et al.,
-        2019). On a KV cache: the prompt is read once, then one token per step. With stop_tokens, a
-        row that emits one repeats it from then on, and generation ends early once every row has
-        (cut each row at its first stop token). Tokens come from `pipeline.inference.sampling.sample_token`."""
-        from pipeline.inference.sampling import sample_token  # not at the top: pipeline.inference imports this module
-
-        seq_len = self.config.seq_len
-        cache = self.new_kv_cache(idx.size(0), min(seq_len, idx.size(1) + max_new_tokens))
-        stops = torch.tensor(sorted(stop_tokens), dtype=idx.dtype, device=idx.device)
-        stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            if idx.size(1) <= seq_len:
-                logits = self(idx[:, cache.length:], kv_cache=cache)
-            else:  # the window slides past the context, shifting every position: read it whole
-                logits = self(idx[:, -seq_len:])
-            next_id = sample_token(logits[:, -1, :], self.config.vocab_size, temperature, None, top_p,
-                                   generator)[:, None]
-            if stop_tokens:
-                next_id = torch.where(stopped[:, None], idx[:, -1:], next_id)  # a stopped row repeats its stop
-                stopped |= torch.isin(next_id[:, 0], stops)
-            idx = torch.cat([idx, next_id], dim=1)
-            if stop_tokens and stopped.all():
-                break
-        return idx
 
 
 # --- loading ---------------------------------------------------------------------------------------

@@ -2,58 +2,51 @@
 
 Shared by SFT (the held-out accuracy in its manifest), GRPO and eval: `held_out_accuracy` scores a
 task's fixed held-out items (`pipeline.tasks.held_out_items`) with the task's one token budget, so
-the three report the same number for the same model. A prompt is rendered with the
-chat template (`render_prompt`, ending with <|assistant_start|>) and completed greedily on the KV
-cache until <|assistant_end|> or max_new_tokens; the completion is the text before the stop token,
-and it is right when `task.reward(completion, answer)` is positive.
-
-The model reads no padding mask, so a batch holds prompts of one length only: each row then sees
-exactly what it would alone, and batching changes nothing but the speed (tested against one
-prompt at a time).
+the three report the same number for the same model. A prompt is rendered with the chat template
+(`render_prompt`, ending with <|assistant_start|>) and completed greedily by the inference engine
+until <|assistant_end|> or max_new_tokens; the completion is the text before the stop token, and it
+is right when `task.reward(completion, answer)` is positive. The engine decodes prompts of any
+lengths together, and each prompt's tokens are those it would get alone (tested). A prompt too
+long for the context keeps its last tokens (`fit_context`, logged).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from pipeline.eval.stats import compare_correct, fmt, proportion
+from pipeline.inference import Engine, SamplingParams
 from pipeline.tasks import Example, Task, held_out_items
 from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
 from pipeline.tokenizer.chat import render_prompt
 
+log = logging.getLogger(__name__)
 
-@torch.no_grad()
-def complete(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_id: int,
-             temperature: float = 0.0, generator: torch.Generator | None = None, batch_size: int = 64,
-             desc: str | None = None) -> list[list[int]]:
-    """The completion of each prompt (token ids, cut before stop_id), in the prompts' order: greedy
-    at temperature 0, else sampled with `generator`. Prompts of one length are completed together,
-    batch_size at a time."""
-    device = next(model.parameters()).device
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, prompt in enumerate(prompts):
-        by_length[len(prompt)].append(i)
-    chunks = [rows[s:s + batch_size] for _, rows in sorted(by_length.items()) for s in range(0, len(rows), batch_size)]
-    out: list[list[int]] = [[] for _ in prompts]
-    for chunk in tqdm(chunks, desc=desc or "completions", unit="batch", disable=None):
-        idx = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)
-        new = model.generate(idx, max_new_tokens, temperature=temperature, generator=generator,
-                             stop_tokens=[stop_id])[:, idx.size(1):].tolist()
-        for i, row in zip(chunk, new):
-            out[i] = row[:row.index(stop_id)] if stop_id in row else row
-    return out
+
+def fit_context(prompts: Sequence[Sequence[int]], seq_len: int, max_new_tokens: int) -> list[list[int]]:
+    """The prompts, each longer than the context leaves room for (max_new_tokens answer tokens,
+    at least one) cut to its last tokens, as a sliding window would read it; logged, not silent."""
+    keep = max(1, seq_len - max_new_tokens)
+    cut = sum(len(p) > keep for p in prompts)
+    if cut:
+        log.warning("%d of %d prompts longer than the %d tokens the context of %d leaves them: each keeps its last %d",
+                    cut, len(prompts), keep, seq_len, keep)
+    return [list(p[-keep:]) for p in prompts]
 
 
 def greedy_complete(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_id: int,
                     batch_size: int = 64, desc: str | None = None) -> list[list[int]]:
-    """The greedy completion of each prompt (`complete` at temperature 0)."""
-    return complete(model, prompts, max_new_tokens=max_new_tokens, stop_id=stop_id, batch_size=batch_size,
-                    desc=desc or "greedy completions")
+    """The greedy completion of each prompt (token ids, cut before stop_id), in the prompts' order,
+    batch_size decoded at a time."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=[stop_id])
+    prompts = fit_context(prompts, model.config.seq_len, max_new_tokens)
+    engine = Engine.for_prompts(model, prompts, max_new_tokens, max_batch_size=batch_size)
+    completions = engine.generate(prompts, params, desc=desc or "greedy completions")
+    return [c.ids_before_stop for c in completions]
 
 
 def greedy_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task: Task, examples: Sequence[Example], *,
@@ -62,13 +55,10 @@ def greedy_accuracy(model: torch.nn.Module, tokenizer: BPETokenizer, task: Task,
     "n", "answers": [{"question", "answer", "completion", "correct"}, ...]}."""
     if not examples:
         raise ValueError(f"task {task.name}: no examples to score")
-    was_training = model.training
-    model.eval()
     prompts = [render_prompt(tokenizer, e.prompt) for e in examples]
     completions = greedy_complete(model, prompts, max_new_tokens=max_new_tokens,
                                   stop_id=tokenizer.special_tokens[ASSISTANT_END], batch_size=batch_size,
                                   desc=f"{task.name} accuracy")
-    model.train(was_training)
     answers = []
     for example, ids in zip(examples, completions):
         text = tokenizer.decode(ids)

@@ -1,5 +1,5 @@
-"""GRPO's pure pieces, read top to bottom: rollouts (group sampling on the KV cache, log-probs of
-completions) -> rewards -> group-relative advantages -> the clipped policy loss and its
+"""GRPO's pure pieces, read top to bottom: rollouts (group sampling by the inference engine,
+log-probs of completions) -> rewards -> group-relative advantages -> the clipped policy loss and its
 accumulation weight.
 
 The objective is DeepSeekMath's GRPO (Shao et al., 2024, https://arxiv.org/abs/2402.03300) with
@@ -20,10 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.inference.sampling import sample_token
+from pipeline.inference import Engine, SamplingParams
+from pipeline.model.gpt import GPT
 from pipeline.tasks.answers import extract_answer
 
 # --- rollouts ---------------------------------------------------------------------------------------
@@ -35,45 +37,48 @@ class Rollouts:
     ids: torch.Tensor         # [B, L] completion ids; after the stop token, padding (the stop id)
     mask: torch.Tensor        # [B, L] bool: the sampled tokens, the stop token included
     truncated: torch.Tensor   # [B] bool: cut at max_completion_tokens without the stop token
+    logprobs: torch.Tensor    # [B, L] float32: each sampled token's log-probability under the sampling model, 0 after
 
     @property
     def group_size(self) -> int:
         return self.ids.size(0) // len(self.prompts)
 
 
-@torch.no_grad()
-def sample_completions(model: torch.nn.Module, prompts_ids: Sequence[Sequence[int]], group_size: int,
+def sample_completions(model: GPT, prompts_ids: Sequence[Sequence[int]], group_size: int,
                        max_completion_tokens: int, temperature: float, top_k: int | None, top_p: float,
-                       stop_token: int, generator: torch.Generator | None) -> Rollouts:
-    """G = group_size completions of each prompt from `model`: the prompt is read once at batch 1
-    into a KV cache, the cache is expanded to G rows, then all G rows sample a token per step. A
-    row stops at `stop_token` (<|assistant_end|>, kept as its last token) or after
-    max_completion_tokens tokens (truncated); the loop ends when every row has stopped."""
-    device = next(model.parameters()).device
-    vocab_size, seq_len = model.config.vocab_size, model.config.seq_len
-    L = max_completion_tokens
-    ids = torch.full((len(prompts_ids) * group_size, L), stop_token, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids, dtype=torch.bool)
+                       stop_token: int, seed: Sequence[int]) -> Rollouts:
+    """G = group_size completions of each prompt from `model`, decoded together by the inference
+    engine: all P x G requests in one continuous batch, each prompt's full KV blocks computed once
+    and shared by its group (prefix caching). Completion j of prompt i draws with its own
+    generator, seeded by (*seed, i, j), so the draws depend on the seed alone, not on the batch. A
+    completion stops at `stop_token` (<|assistant_end|>, kept as its last token) or after
+    max_completion_tokens tokens (truncated)."""
+    L, seq_len = max_completion_tokens, model.config.seq_len
     for p, prompt in enumerate(prompts_ids):
-        # the last sampled token is never read back: the cache holds the prompt and L - 1 tokens
-        if not 0 < len(prompt) <= seq_len - L + 1:
-            raise ValueError(f"prompt {p}: {len(prompt)} tokens + max_completion_tokens {L} - 1 do not fit "
+        if not 0 < len(prompt) <= seq_len - L:
+            raise ValueError(f"prompt {p}: {len(prompt)} tokens + max_completion_tokens {L} do not fit "
                              f"the model's context of {seq_len} tokens")
-        cache = model.new_kv_cache(1, len(prompt) + L - 1)
-        logits = model(torch.tensor([list(prompt)], device=device), kv_cache=cache)[:, -1]
-        cache, logits = cache.expand(group_size), logits.expand(group_size, -1)
-        rows = slice(p * group_size, (p + 1) * group_size)
-        done = torch.zeros(group_size, dtype=torch.bool, device=device)
-        for t in range(L):
-            token = sample_token(logits, vocab_size, temperature, top_k, top_p, generator)
-            ids[rows, t] = torch.where(done, stop_token, token)
-            mask[rows, t] = ~done
-            done |= token == stop_token
-            if done.all() or t == L - 1:
-                break
-            logits = model(ids[rows, t:t + 1], kv_cache=cache)[:, -1]
-    ended = (ids == stop_token) & mask
-    return Rollouts(prompts=[list(p) for p in prompts_ids], ids=ids, mask=mask, truncated=~ended.any(dim=1))
+    n = len(prompts_ids) * group_size
+    engine = Engine.for_prompts(model, prompts_ids, L, max_batch_size=n)
+    params = [SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=top_p, max_tokens=L,
+                             stop_token_ids=[stop_token], seed=mixed_seed(*seed, i, j))
+              for i in range(len(prompts_ids)) for j in range(group_size)]
+    completions = engine.generate([p for p in prompts_ids for _ in range(group_size)], params)
+    device = next(model.parameters()).device
+    ids = torch.full((n, L), stop_token, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    logprobs = torch.zeros(n, L, device=device)
+    for row, c in enumerate(completions):
+        ids[row, :len(c.token_ids)] = torch.tensor(c.token_ids, device=device)
+        mask[row, :len(c.token_ids)] = True
+        logprobs[row, :len(c.token_ids)] = torch.tensor(c.logprobs, device=device)
+    truncated = torch.tensor([c.finish_reason != "stop" for c in completions], device=device)
+    return Rollouts(prompts=[list(p) for p in prompts_ids], ids=ids, mask=mask, truncated=truncated, logprobs=logprobs)
+
+
+def mixed_seed(*keys: int) -> int:
+    """A seed from a tuple of ints (SeedSequence mixes them: nearby tuples, unrelated streams)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 def loss_mask(rollouts: Rollouts, mask_truncated: bool) -> torch.Tensor:

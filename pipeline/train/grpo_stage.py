@@ -9,12 +9,13 @@ outputs (held-out accuracy of the input and the trained model, final.pt, metrics
 A GRPO step is one rollout batch (prompts_per_step prompts x group_size completions) followed by
 num_iterations (mu) optimizer updates on it. `max_steps`, `warmup_steps`, `checkpoint_every`,
 `eval_every` and `log_every` count GRPO steps; the engine counts optimizer updates, so it gets them
-times mu, and checkpoints fall on rollout-batch boundaries only. A step's prompts and each
-prompt's sampling generator are seeded by (seed, step, prompt): resuming at a step boundary
-replays exactly what an uninterrupted run does, with no RNG state to save.
+times mu, and checkpoints fall on rollout-batch boundaries only. Rollouts run on the inference
+engine (`pipeline.inference.Engine`, continuous batching over a paged KV cache). A step's prompts
+and each completion's sampling generator are seeded by (seed, step, prompt, completion): resuming
+at a step boundary replays exactly what an uninterrupted run does, with no RNG state to save.
 
-One process only (`parallel: none`): rollouts are a per-row loop whose length differs per row, so
-a sharded (FSDP) model could not gather in step across ranks; DDP would work with the unwrapped
+One process only (`parallel: none`): the engine decodes each sequence for as long as it needs, so a
+sharded (FSDP) model could not gather in step across ranks; DDP would work with the unwrapped
 module for rollouts and a rank's share of the prompts, but is not built or tested yet.
 """
 
@@ -42,7 +43,8 @@ from pipeline.tokenizer.chat import render_prompt
 from pipeline.train.engine import (build_optimizer, eval_and_checkpoint, export, finish, log_step, restore, resume,
                                    setup_run, train_step)
 from pipeline.train.grpo import (PolicyLoss, Rollouts, batch_logprobs, equal_reward_groups, group_advantages,
-                                 loss_mask, micro_batches, sample_completions, score_completions, set_old_logprobs)
+                                 loss_mask, micro_batches, mixed_seed, sample_completions, score_completions,
+                                 set_old_logprobs)
 from pipeline.train.parallel import parallelize, peak_flops
 from pipeline.train.watchdog import RESTORE
 
@@ -73,14 +75,9 @@ def engine_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**cfg, **{key: cfg[key] * mu for key in STEP_KEYS}}
 
 
-def seeded(device: torch.device, *keys: int) -> torch.Generator:
-    """A generator seeded by a tuple of ints (SeedSequence mixes them: nearby tuples, unrelated streams)."""
-    return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
-
-
 def step_prompts(n: int, count: int, seed: int, step: int) -> list[int]:
     """Indices of the `count` train prompts of GRPO step `step` (0-based): distinct within a step."""
-    return torch.randperm(n, generator=seeded(torch.device("cpu"), seed, step))[:count].tolist()
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mixed_seed(seed, step)))[:count].tolist()
 
 
 def fitting_prompts(tokenizer: BPETokenizer, examples: Sequence[Example], seq_len: int,
@@ -88,15 +85,15 @@ def fitting_prompts(tokenizer: BPETokenizer, examples: Sequence[Example], seq_le
     """(prompt ids, example) of the examples whose prompt leaves room for a whole completion in
     the context (see `sample_completions`), and how many were dropped as too long."""
     rendered = [(render_prompt(tokenizer, e.prompt), e) for e in examples]
-    kept = [(ids, e) for ids, e in rendered if len(ids) + max_completion_tokens - 1 <= seq_len]
+    kept = [(ids, e) for ids, e in rendered if len(ids) + max_completion_tokens <= seq_len]
     return kept, len(rendered) - len(kept)
 
 
 @contextmanager
 def one_thread_on_cpu(device: torch.device) -> Iterator[None]:
-    """One intra-op thread for token-by-token sampling on CPU: a forward of one token for a few
-    rows is too small to split, and threads that wait on each other lose badly on a busy machine
-    (the tiny model's 8 x 16 tokens: 0.9 s on one thread, 16-26 s on two, 2 shared cores)."""
+    """One intra-op thread for token-by-token sampling on CPU: a decode step's forward (one token
+    for each of the P x G rows of the tiny model) is too small to split, and threads that wait on
+    each other lose badly on a busy machine with 2 shared cores."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -108,17 +105,12 @@ def one_thread_on_cpu(device: torch.device) -> Iterator[None]:
 
 def rollout(model: GPT, prompts: Sequence[Sequence[int]], cfg: dict[str, Any], stop: int, step: int,
             group_size: int | None = None, temperature: float | None = None) -> Rollouts:
-    """G completions of each prompt, prompt i sampled with its own generator seeded by (seed,
-    step, i), so the draws are a function of the step alone (a resumed run replays them)."""
-    model.eval()
+    """G completions of each prompt, completion j of prompt i sampled with its own generator seeded
+    by (seed, step, i, j), so the draws are a function of the step alone (a resumed run replays them)."""
     with one_thread_on_cpu(model.wte.weight.device):
-        parts = [sample_completions(model, [prompt], group_size or cfg["group_size"], cfg["max_completion_tokens"],
-                                    cfg["temperature"] if temperature is None else temperature, cfg["top_k"],
-                                    cfg["top_p"], stop, seeded(model.wte.weight.device, cfg["seed"], step, i))
-                 for i, prompt in enumerate(prompts)]
-    model.train()
-    return Rollouts(prompts=[list(p) for p in prompts], ids=torch.cat([r.ids for r in parts]),
-                    mask=torch.cat([r.mask for r in parts]), truncated=torch.cat([r.truncated for r in parts]))
+        return sample_completions(model, prompts, group_size or cfg["group_size"], cfg["max_completion_tokens"],
+                                  cfg["temperature"] if temperature is None else temperature, cfg["top_k"],
+                                  cfg["top_p"], stop, seed=(cfg["seed"], step))
 
 
 def completion_texts(tokenizer: BPETokenizer, rollouts: Rollouts, stop: int) -> list[str]:

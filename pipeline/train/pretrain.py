@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from pipeline.artifacts import sha256_file
 from pipeline.cli import ConfigError
+from pipeline.inference import Engine, SamplingParams
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.train.data import (TokenWindows, TrainLoader, read_tokens_manifest, split_shards, to_device,
                                  unigram_entropy, val_batches, val_rounds)
@@ -92,19 +93,15 @@ def sample_prompts(splits: Iterable[TokenWindows], eos_id: int, n: int) -> list[
 
 def sample(model_config: GPTConfig, state: dict[str, torch.Tensor], prompts: list[list[int]], cfg: dict[str, Any],
            device: torch.device) -> list[dict[str, list[int]]]:
-    """Greedy and top-p continuations of the prompts, from a plain copy of the final weights."""
+    """Greedy and top-p continuations of the prompts (the inference engine, seeded by the run's
+    seed), from a plain copy of the final weights."""
     model = GPT(model_config).to(device)
     model.load_state_dict(state)
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(cfg["seed"])
-    out = []
-    for prompt in prompts:
-        idx = torch.tensor([prompt], dtype=torch.long, device=device)
-        greedy = model.generate(idx, cfg["sample_tokens"])
-        top_p = model.generate(idx, cfg["sample_tokens"], temperature=1.0, top_p=cfg["top_p"], generator=generator)
-        out.append({"prompt": prompt, "greedy": greedy[0, len(prompt):].tolist(),
-                    "top_p": top_p[0, len(prompt):].tolist()})
-    return out
+    n = cfg["sample_tokens"]
+    engine = Engine.for_prompts(model, prompts, n, max_batch_size=len(prompts), seed=cfg["seed"])
+    greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n))
+    top_p = engine.generate(prompts, SamplingParams(temperature=1.0, top_p=cfg["top_p"], max_tokens=n))
+    return [{"prompt": p, "greedy": g.token_ids, "top_p": t.token_ids} for p, g, t in zip(prompts, greedy, top_p)]
 
 
 def train(cfg: dict[str, Any], *, data: Path, out: Path, size: str, stop_at: int | None = None,

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from pipeline.artifacts import check_inputs, sha256_file
 from pipeline.cli import ConfigError
 from pipeline.eval.stats import fmt
+from pipeline.inference import Engine, SamplingParams
 from pipeline.model.gpt import GPT, GPTConfig, load_final
 from pipeline.tasks import get_task, held_out_record
 from pipeline.tasks.evaluate import greedy_complete, held_out_accuracy, held_out_metrics, held_out_sentence
@@ -124,17 +125,14 @@ def plain_model(model_config: GPTConfig, state: dict[str, torch.Tensor], device:
 
 
 def sample(model: GPT, tokenizer: BPETokenizer, prompts: list[list[int]], cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The greedy answer and a top-p answer to each prompt, each up to <|assistant_end|>."""
+    """The greedy answer and a top-p answer (the inference engine, seeded by the run's seed) to
+    each prompt, each up to <|assistant_end|>."""
     stop = tokenizer.special_tokens[ASSISTANT_END]
     greedy = greedy_complete(model, prompts, max_new_tokens=cfg["sample_tokens"], stop_id=stop, desc="samples")
-    generator = torch.Generator(device=model.wte.weight.device).manual_seed(cfg["seed"])
-    out = []
-    for prompt, answer in zip(prompts, greedy):
-        idx = torch.tensor([prompt], dtype=torch.long, device=model.wte.weight.device)
-        drawn = model.generate(idx, cfg["sample_tokens"], temperature=1.0, top_p=cfg["top_p"], generator=generator,
-                               stop_tokens=[stop])[0, len(prompt):].tolist()
-        out.append({"prompt": prompt, "greedy": answer, "top_p": drawn[:drawn.index(stop)] if stop in drawn else drawn})
-    return out
+    params = SamplingParams(temperature=1.0, top_p=cfg["top_p"], max_tokens=cfg["sample_tokens"], stop_token_ids=[stop])
+    engine = Engine.for_prompts(model, prompts, cfg["sample_tokens"], max_batch_size=len(prompts), seed=cfg["seed"])
+    drawn = engine.generate(prompts, params)
+    return [{"prompt": p, "greedy": g, "top_p": t.ids_before_stop} for p, g, t in zip(prompts, greedy, drawn)]
 
 
 def sample_prompts(tokenizer: BPETokenizer, tasks_config: dict[str, Any], cfg: dict[str, Any],
