@@ -64,15 +64,15 @@ def test_bits_per_byte_formula():
 
 
 def test_val_bpb_of_a_uniform_model_by_hand(tmp_path, tokenizer, stories):
-    tokens = write_tokens(tmp_path / "tokens", tokenizer, stories[:3])
+    tokens = write_tokens(tmp_path / "tokens", tokenizer, stories[:10])
     model = zero_gpt(tokenizer.n_vocab, seq_len=32)
     result = val_loss_bpb(model, tokens, tokenizer, max_tokens=10_000, batch_size=4)
-    stream = [t for d in stories[:3] for t in tokenizer.encode(d) + [tokenizer.eos_id]]
+    stream = [t for d in stories[:10] for t in tokenizer.encode(d) + [tokenizer.eos_id]]
     n_windows = (len(stream) - 1) // 32
     targets = [stream[1 + i * 32 + j] for i in range(n_windows) for j in range(32)]
     text_targets = [t for t in targets if t != tokenizer.eos_id]
     n_bytes = len(tokenizer.decode_bytes(text_targets))
-    assert result["tokens"] == len(targets) and result["bytes"] == n_bytes and result["documents"] == 3
+    assert result["tokens"] == len(targets) and result["bytes"] == n_bytes and result["documents"] == 10
     assert result["val_loss"]["value"] == pytest.approx(math.log(tokenizer.n_vocab))  # every id 1/V
     # every document has the same loss per token, so resampling documents cannot move it
     assert result["val_loss"]["ci95"] == pytest.approx([math.log(tokenizer.n_vocab)] * 2)

@@ -20,6 +20,7 @@ from pipeline.artifacts import write_manifest
 from pipeline.cli import ConfigError
 from pipeline.config import section_config
 from pipeline.eval.stage import run_eval
+from pipeline.eval.stats import MIN_BOOTSTRAP_UNITS
 from pipeline.model.gpt import load_final
 from pipeline.report_card import Reader, eval_table
 from pipeline.tasks import get_task, held_out_items, held_out_record
@@ -73,14 +74,16 @@ def rigged_base(folder: Path, stories: list[str]) -> tuple[Path, Path]:
 
 def intervals_everywhere(node, path: str = "") -> list[str]:
     """The paths of every accuracy, pass@k, val loss or bpb in eval.json that is not a metric with
-    a 95% interval around its value."""
+    a 95% interval around its value (or, over too few units for a bootstrap, a note saying so)."""
     bad = []
     if isinstance(node, dict):
         for key, value in node.items():
             where = f"{path}.{key}"
             if key in ("acc", "acc_norm", "pass@1", "pass@k", "val_loss", "bpb") and path.split(".")[-1] != "forgetting":
                 ok = (isinstance(value, dict) and {"value", "ci95", "n", "method"} <= set(value)
-                      and value["ci95"][0] - 1e-12 <= value["value"] <= value["ci95"][1] + 1e-12)
+                      and (value["ci95"][0] - 1e-12 <= value["value"] <= value["ci95"][1] + 1e-12
+                           if value["ci95"] is not None else  # too few units for a bootstrap, and said so
+                           value["n"] < MIN_BOOTSTRAP_UNITS and "too few" in value["note"]))
                 if not ok and not (isinstance(value, dict) and "diff" in value):
                     bad.append(where)
             bad += intervals_everywhere(value, where)
@@ -112,7 +115,7 @@ def test_sft_grpo_and_eval_report_the_same_accuracy_for_the_same_model(tmp_path,
     sft_m = json.loads((tmp_path / "sft" / "manifest.json").read_text())["metrics"]
     grpo_m = json.loads((tmp_path / "grpo" / "manifest.json").read_text())["metrics"]
 
-    tokens = write_tokens(tmp_path / "tokens", tokenizer, stories[:6])
+    tokens = write_tokens(tmp_path / "tokens", tokenizer, stories[:12])
     cfg = section_config("eval", {"val_tokens": 100_000, "mmlu": {"path": str(RESOURCES / "mmlu"), "max_questions": 8,
                                                                 "shots": [0]},
                                   "tasks": {"names": ["arithmetic"], "samples": 2, "k": 2}})
@@ -141,7 +144,7 @@ def test_sft_grpo_and_eval_report_the_same_accuracy_for_the_same_model(tmp_path,
     first = saved["models"]["sft"]
     assert first["mmlu"]["0-shot"]["acc"]["method"] == "wilson"
     assert first["tasks"]["arithmetic"]["pass@k"]["method"] == "bootstrap"
-    assert first["val_loss"]["method"] == "bootstrap" and first["val_loss"]["n"] == 6  # documents
+    assert first["val_loss"]["method"] == "bootstrap" and first["val_loss"]["n"] == 12  # documents
     assert set(first["by_source"]) == {"web"}
     # forgetting: the change of val loss vs base, paired over documents
     forgetting = first["forgetting"]["val_loss"]

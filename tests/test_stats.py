@@ -77,12 +77,22 @@ def test_bootstrap_of_a_mean_matches_normal_theory():
 
 def test_bootstrap_ratio_resamples_units_not_tokens():
     # every document has 2 nats per token: whatever the resample, the ratio is 2
-    tokens = np.array([10, 200, 35, 4])
+    tokens = np.array([10, 200, 35, 4] * 3)
     assert bootstrap_ratio(2.0 * tokens, tokens)["ci95"] == pytest.approx([2.0, 2.0])
     # one long document with a high loss among short ones: the ratio is token-weighted, the interval wide
-    m = bootstrap_ratio([5.0 * 1000, 1.0 * 10, 1.0 * 10, 1.0 * 10], [1000, 10, 10, 10])
-    assert m["value"] == pytest.approx(5030 / 1030)
-    assert m["ci95"][0] <= 1.0 + 1e-9 and 4.9 < m["ci95"][1] <= 5.0  # from the short ones alone to nearly 5
+    m = bootstrap_ratio([5.0 * 1000] + [1.0 * 10] * 11, [1000] + [10] * 11)
+    assert m["value"] == pytest.approx(5110 / 1110)
+    assert m["ci95"][0] <= 1.0 + 1e-9 and 4.8 < m["ci95"][1] <= 5.0  # from the short ones alone to nearly 5
+
+
+def test_too_few_units_give_no_bootstrap_interval():
+    # 2 documents allow 3 distinct resamples: no interval and no p-value, the value with its n and why
+    m = bootstrap_ratio([12.0, 7.0], [2, 1])
+    assert m["value"] == pytest.approx(19 / 3) and m["ci95"] is None and m["n"] == 2 and "too few" in m["note"]
+    assert fmt(m) == "6.333 (n 2)"
+    c = compare_values("pretrain", [1.0, 2.0], "sft", [1.5, 2.5])
+    assert c["diff"] == pytest.approx(0.5) and c["ci95"] is None and c["p_value"] is None and "too few" in c["note"]
+    assert bootstrap_ratio(np.arange(10.0))["ci95"] is not None  # from 10 units on
 
 
 def test_paired_bootstrap_pairs_the_units():

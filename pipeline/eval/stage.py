@@ -32,7 +32,7 @@ from pipeline.cli import json_arg
 from pipeline.config import section_config, workflow_path
 from pipeline.eval.loss import DocumentScores, val_document_scores
 from pipeline.eval.mmlu import evaluate_mmlu
-from pipeline.eval.stats import compare_correct, compare_values, fmt
+from pipeline.eval.stats import MIN_BOOTSTRAP_UNITS, compare_correct, compare_values, fmt
 from pipeline.eval.tasks import task_accuracy
 from pipeline.model.gpt import load_final
 from pipeline.tasks import get_task, held_out_record
@@ -120,7 +120,9 @@ def row_name(name: str) -> str:
 
 
 def change(c: dict[str, Any]) -> str:
-    """A comparison as '+0.123 [+0.100, +0.150]'."""
+    """A comparison as '+0.123 [+0.100, +0.150]' ('+0.387 (n 2)' without an interval)."""
+    if c["ci95"] is None:
+        return f"{c['diff']:+.3f} (n {c['n']})"
     return f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
 
 
@@ -133,7 +135,8 @@ def table_md(results: dict[str, dict], comparisons: list[dict], items: dict[str,
                     f"({first['by_source'][s]['tokens'] / total:.0%})" for s in sources)
     lines = [f"# Eval: `{size}`\n",
              "Every number with its 95% interval: Wilson for accuracies, bootstrap over documents for val loss "
-             "and bpb, over items for pass@k. Comparisons are paired on the same documents or items.\n",
+             "and bpb, over items for pass@k. Comparisons are paired on the same documents or items. A bootstrap "
+             f"over fewer than {MIN_BOOTSTRAP_UNITS} units gives no interval: the value is shown with its n.\n",
              "## Language modelling\n",
              f"Held-out text of the tokens' val split, scored per source: {mix}. val loss: nats per token; bpb: "
              f"bits per UTF-8 byte (special tokens excluded). Δ: the change vs {row_name(base)} (forgetting when "
@@ -182,7 +185,7 @@ def table_md(results: dict[str, dict], comparisons: list[dict], items: dict[str,
         if c["metric"].split()[0] in measured and not measured[c["metric"].split()[0]]:
             continue
         lines.append(f"| {c['metric']} | {row_name(c['a'])} → {row_name(c['b'])} | {change(c)} | "
-                     f"{c['p_value']:.3g} | {c['test']} | {c['n']} |")
+                     f"{'-' if c['p_value'] is None else format(c['p_value'], '.3g')} | {c['test']} | {c['n']} |")
     for shot, summary in first["mmlu"].items():
         lines += ["", f"## MMLU {shot} per subject (acc)", "",
                   "| subject | n | " + " | ".join(row_name(n) for n in results) + " |",
@@ -228,7 +231,8 @@ def plot(results: dict[str, dict], path: Path, size: str) -> None:
         for i, (label, r) in enumerate(zip(names, results.values())):
             metrics = [get(r, g) for g in groups]
             values = np.array([m["value"] for m in metrics])
-            errors = np.array([[m["value"] - m["ci95"][0], m["ci95"][1] - m["value"]] for m in metrics]).T
+            errors = np.array([[m["value"] - m["ci95"][0], m["ci95"][1] - m["value"]] if m["ci95"] else [0.0, 0.0]
+                               for m in metrics]).T  # no bar where there are too few units for an interval
             ax.bar(x + (i - (len(results) - 1) / 2) * width, values, width, yerr=errors, capsize=3, label=label,
                    color=colors[i % len(colors)])
         ax.set_xticks(x, groups, fontsize=8)

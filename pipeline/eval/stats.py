@@ -14,6 +14,11 @@
   (Efron and Tibshirani, 1993, 16.4): how often a resampled difference lies at least |diff|
   from the observed one.
 
+A bootstrap needs units to resample: over fewer than MIN_BOOTSTRAP_UNITS (10) the percentile
+interval and p-value would only echo the few values there are (2 documents give 3 distinct
+resamples), so `bootstrap_ratio` and `compare_values` then write "ci95": null (and "p_value": null)
+with a "note" saying why, and the tables print the value with its n instead of an interval.
+
 A metric is written as {"value", "ci95": [low, high], "n", "method"} and a comparison as
 {"a", "b", "diff" (b - a), "ci95", "p_value", "test", "n"}: the shapes every stage and the
 report card read. Bootstraps are seeded, so the same scores give the same intervals.
@@ -30,6 +35,11 @@ import numpy as np
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 RESAMPLES = 10_000
 SEED = 0
+MIN_BOOTSTRAP_UNITS = 10
+
+
+def too_few(n: int) -> str:
+    return f"{n} units: too few for a bootstrap interval (at least {MIN_BOOTSTRAP_UNITS})"
 
 
 def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -81,10 +91,12 @@ def bootstrap_ratio(numerators: Sequence[float], denominators: Sequence[float] |
     """sum(numerators) / sum(denominators) over units (a mean when denominators is None) as a
     metric, with the percentile bootstrap 95% interval over units."""
     units = _as_units(numerators, denominators)
+    value = float(units[:, 0].sum() / units[:, 1].sum())
+    if len(units) < MIN_BOOTSTRAP_UNITS:
+        return {"value": value, "ci95": None, "n": len(units), "method": "bootstrap", "note": too_few(len(units))}
     sums = _resample_sums(units, resamples, seed)
     draws = sums[:, 0] / np.where(sums[:, 1] > 0, sums[:, 1], np.nan)
-    return {"value": float(units[:, 0].sum() / units[:, 1].sum()), "ci95": _percentile(draws[~np.isnan(draws)]),
-            "n": len(units), "method": "bootstrap"}
+    return {"value": value, "ci95": _percentile(draws[~np.isnan(draws)]), "n": len(units), "method": "bootstrap"}
 
 
 def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> float:
@@ -127,7 +139,12 @@ def compare_correct(a_name: str, a_correct: Sequence[bool], b_name: str, b_corre
 def compare_values(a_name: str, a: Sequence[float], b_name: str, b: Sequence[float],
                    denominators: Sequence[float] | None = None) -> dict[str, Any]:
     """Two models' per-unit values on the same units (pass@k per item, nats per document with the
-    documents' tokens as denominators): the difference (b - a), its paired bootstrap interval and p-value."""
+    documents' tokens as denominators): the difference (b - a), its paired bootstrap interval and
+    p-value; over fewer than MIN_BOOTSTRAP_UNITS units the difference alone, with a note."""
+    if len(a) < MIN_BOOTSTRAP_UNITS:
+        units = _as_units(np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64), denominators)
+        return {"a": a_name, "b": b_name, "diff": float(units[:, 0].sum() / units[:, 1].sum()), "ci95": None,
+                "p_value": None, "test": "paired_bootstrap", "n": len(a), "note": too_few(len(a))}
     diff, ci, p = paired_bootstrap(a, b, denominators)
     return {"a": a_name, "b": b_name, "diff": diff, "ci95": ci, "p_value": p, "test": "paired_bootstrap",
             "n": len(a)}
@@ -145,10 +162,13 @@ def t_interval(values: Sequence[float]) -> list[float]:
 
 
 def fmt(metric: dict[str, Any] | float | None, digits: int = 3, scale: float = 1.0) -> str:
-    """'0.480 [0.436, 0.524]' for a metric, the plain number for a number, 'n/a' for None."""
+    """'0.480 [0.436, 0.524]' for a metric ('6.135 (n 2)' without an interval), the plain number for
+    a number, 'n/a' for None."""
     if metric is None:
         return "n/a"
     if not isinstance(metric, dict):
         return f"{metric * scale:.{digits}f}"
+    if metric["ci95"] is None:
+        return f"{metric['value'] * scale:.{digits}f} (n {metric['n']})"
     low, high = metric["ci95"]
     return f"{metric['value'] * scale:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
