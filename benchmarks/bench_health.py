@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -128,7 +129,7 @@ def main() -> int:
         print(row, flush=True)
         rows.append(row)
     body = (f"Command: `python -m benchmarks.bench_health --tokenizer {args.tokenizer}`  \n"
-            f"Machine: {machine()}\n\n"
+            f"Machine: {machine()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end\n\n"
             f"`serve` on a random nano model (1,024-token context), 32 requests decoding 1,000 tokens, one more "
             f"arriving every 0.1 s, a 1 MB prompt posted every 0.1 s; {args.probes} /health probes per server, "
             f"one every 10 ms, from the load's client process (not the server's).\n\n"
