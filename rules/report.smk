@@ -1,12 +1,12 @@
-# The report card: the run on one page, {RUN}/report/index.html (pipeline/report_card.py), from the
+# The report card: the run on one page, {RUN}/report_card/index.html (pipeline/report_card.py), from the
 # manifests of the stages it shows (each artifact is checked against its manifest's sha256), plus
-# every stage's Markdown table as an HTML page under {RUN}/report/tables/. All go into
+# every stage's Markdown table as an HTML page under {RUN}/report_card/tables/. All go into
 # `snakemake --report`: the card as one self-contained HTML result (its plots embedded, so it works
 # in an .html report too, where Snakemake refuses a folder with `htmlindex`), the tables inline in
 # their stage's category. Included last: it reads every stage's outputs.
 from pipeline.report_card import table_page
 
-REPORT = f"{RUN}/report"
+REPORT = f"{RUN}/report_card"
 SIZES = config["pretrain"]["sizes"]
 
 

@@ -166,8 +166,8 @@ def run(tmp_path) -> dict[str, object]:
         "eval.json": eval_json, "eval.md": "# Eval: `tiny`\n\n| model | val loss |\n|---|---:|\n| base | 4.281 |\n",
         "eval.png": None})
     for name in ("throughput.png", "latency.png"):
-        png(run / "inference" / "tiny" / name, [91.4, 1234.5], name)
-    manifests["inference"] = stage(run / "inference" / "tiny", "inference_bench", {
+        png(run / "inference_bench" / "tiny" / name, [91.4, 1234.5], name)
+    manifests["inference"] = stage(run / "inference_bench" / "tiny", "inference_bench", {
         "bench.json": BENCH, "bench.md": "# Inference\n\n| system | out tok/s |\n|---|---:|\n| naive | 91.4 |\n",
         "throughput.png": None, "latency.png": None})
     for name in ("fit.png", "isoflop.png", "frontier.png"):
@@ -176,14 +176,14 @@ def run(tmp_path) -> dict[str, object]:
     manifests["scaling"] = stage(run / "scaling", "scaling_fit", {
         "fit.json": FIT, "fit.md": fit_md, "fit.png": None, "isoflop.png": None, "frontier.png": None})
     tables = [run / "data" / "drop_report.md", run / "tokenizer" / "compression.md", run / "pretrain" / "tiny" / "samples.md",
-              run / "sft" / "tiny" / "samples.md", run / "eval" / "tiny" / "eval.md", run / "inference" / "tiny" / "bench.md",
+              run / "sft" / "tiny" / "samples.md", run / "eval" / "tiny" / "eval.md", run / "inference_bench" / "tiny" / "bench.md",
               run / "scaling" / "fit.md"]
     return {"root": run, "manifests": manifests, "tables": tables}
 
 
 def card_args(run: dict, **drop) -> list[str]:
     """`python -m pipeline report-card` arguments for the run, less the stages in `drop`."""
-    out = run["root"] / "report"
+    out = run["root"] / "report_card"
     args = ["report-card", "--out", str(out)]
     for name, path in run["manifests"].items():
         if name != "sft" and name not in drop:
@@ -233,7 +233,7 @@ def eval_numbers() -> list[str]:
 
 def test_the_card_shows_every_section_with_intervals_and_names_each_artifact(run):
     assert main(card_args(run)) == 0
-    out = run["root"] / "report"
+    out = run["root"] / "report_card"
     page = (out / "index.html").read_text()
     text = text_of(page)
     for number in eval_numbers():
@@ -300,7 +300,7 @@ def test_fields_a_stage_does_not_write_say_not_available(run):
     stage(run["root"] / "scaling", "scaling_fit", {"fit.json": fit, "fit.md": "# fit\n"})
     run["tables"].remove(run["root"] / "scaling" / "fit.md")
     assert main(card_args(run, grpo=True, inference=True)) == 0
-    text = text_of((run["root"] / "report" / "index.html").read_text())
+    text = text_of((run["root"] / "report_card" / "index.html").read_text())
     assert "val loss (nats/token) 4.281 4.517 4.530" in text
     assert "Δ val loss vs base (forgetting) — +0.236 +0.249" in text  # computed from the two val losses
     assert "Δ val loss: web vs base (forgetting) — +0.116 +0.196" in text
@@ -318,7 +318,7 @@ def test_fields_a_stage_does_not_write_say_not_available(run):
     fit["bootstrap"]["params"]["A"] = [4.5e-5, None]
     stage(run["root"] / "scaling", "scaling_fit", {"fit.json": fit})
     assert main(card_args(run)) == 0
-    text = text_of((run["root"] / "report" / "index.html").read_text())
+    text = text_of((run["root"] / "report_card" / "index.html").read_text())
     assert "Not identified: alpha at its bound 2.0; A's interval unbounded" in text and "N* ∝" not in text
     assert "the best fit, for diagnosis only" in text and "A 120.5 [4.5e-05, unbounded]" in text
     assert "No prediction made: 2 budget(s): the held-out fit needs 2 besides the largest." in text
@@ -329,12 +329,12 @@ def test_a_changed_artifact_stops_the_card_naming_it(run):
     eval_json.write_text(eval_json.read_text().replace("4.281", "4.181"))
     with pytest.raises(ChangedInput, match=f"{eval_json}: sha256 differs from {eval_json.with_name('manifest.json')}"):
         main(card_args(run))
-    assert not (run["root"] / "report" / "index.html").exists()
+    assert not (run["root"] / "report_card" / "index.html").exists()
 
 
 def test_each_markdown_table_becomes_an_html_page(run):
     assert main(card_args(run)) == 0
-    out = run["root"] / "report"
+    out = run["root"] / "report_card"
     assert table_page(run["root"] / "eval" / "tiny" / "eval.md", out) == out / "tables" / "eval" / "tiny" / "eval.html"
     eval_page = (out / "tables" / "eval" / "tiny" / "eval.html").read_text()
     assert "<table>" in eval_page and "<td>base</td>" in eval_page and "eval/tiny/eval.md</code> sha256" in eval_page
@@ -352,7 +352,7 @@ def test_the_card_renders_in_chromium_with_the_eval_numbers_in_its_text(run, tmp
     from PIL import Image, ImageStat
 
     assert main(card_args(run)) == 0
-    url = (run["root"] / "report" / "index.html").as_uri()
+    url = (run["root"] / "report_card" / "index.html").as_uri()
     text = text_of(rendered_dom(url))
     for number in eval_numbers():
         assert number in text, number
@@ -376,7 +376,7 @@ def test_snakemake_report_holds_the_card_and_every_table(run, tmp_path):
               "--configfile", str(config)]
     result = subprocess.run(common, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = run["root"] / "report"
+    out = run["root"] / "report_card"
     assert (out / "index.html").exists() and (run["root"] / "logs" / "report_card.log").stat().st_size > 0
     report = tmp_path / "report.html"
     result = subprocess.run([*common, "--report", str(report)], cwd=ROOT, capture_output=True, text=True)
