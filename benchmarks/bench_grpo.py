@@ -1,7 +1,7 @@
 """GRPO's gain over SFT, measured paired: every GRPO run and the SFT model it started from answer
 the same fixed held-out items, and the gain is read item by item.
 
-It runs the real GRPO stage (`pipeline.train.grpo_stage.train`) from an SFT final.pt once per
+It runs the real GRPO stage (`pipeline.train.grpo.train`) from an SFT final.pt once per
 (loss type, seed), with the `grpo` and `tasks` sections of config.yaml (or --configfile), and
 scores the SFT model and each GRPO model with `held_out_accuracy`: greedy, exact answer, on the
 task's fixed held-out items (`tasks.<task>.held_out`, the items SFT's, GRPO's and eval's numbers
@@ -32,12 +32,12 @@ import numpy as np
 from benchmarks.common import machine, write_section
 from pipeline.artifacts import atomic_write_json
 from pipeline.config import load_config
-from pipeline.eval.stats import compare_correct, fmt, paired_bootstrap, t_interval
 from pipeline.model.gpt import load_final
+from pipeline.stats import compare_correct, fmt, paired_bootstrap, t_interval
 from pipeline.tasks import get_task, held_out_record
 from pipeline.tasks.evaluate import held_out_accuracy
 from pipeline.tokenizer import BPETokenizer
-from pipeline.train.grpo_stage import train
+from pipeline.train.grpo import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = [1337, 1338, 1339, 1340, 1341]

@@ -77,7 +77,7 @@ def score(model_path: Path, tokenizer_path: Path, n: int, config: dict) -> tuple
     from pipeline.tasks import get_task
     from pipeline.tasks.evaluate import greedy_accuracy
     from pipeline.tokenizer import BPETokenizer
-    from pipeline.train.grpo_stage import fitting_prompts
+    from pipeline.train.grpo import fitting_prompts
 
     cfg, tokenizer = section_config("grpo", config), BPETokenizer.load(tokenizer_path)
     model, meta = load_final(model_path)

@@ -26,8 +26,7 @@ from benchmarks.common import machine, write_section
 from pipeline.artifacts import write_manifest
 from pipeline.data.docs import DOC_COLUMNS, read_frame, write_docs
 from pipeline.data.ingest import ingest
-from pipeline.token_shards import index_path, write_shard
-from pipeline.train.data import TokenWindows, read_tokens_manifest, split_shards
+from pipeline.token_shards import TokenWindows, index_path, read_tokens_manifest, split_shards, write_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = next((ROOT / "resources" / "commoncrawl").glob("*.warc.wet.gz"))

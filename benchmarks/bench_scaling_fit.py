@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from pipeline.scaling import fit
+from pipeline.scaling import laws
 
 # the default sweep's final val losses (docs/scaling.md, "The default CPU sweep, measured")
 DEFAULT_SWEEP = {  # budgets 2.5e10, 5e10, 1e11, 2e11, 4e11 with 4, 3, 3, 4 and 5 sizes
@@ -36,7 +36,7 @@ def synthetic_sweep(budgets: int = 6, sizes: int = 5, noise: float = 0.002, seed
     C = np.repeat(np.logspace(17, 19.5, budgets), sizes)
     N = C ** 0.5 / math.sqrt(120) * np.tile(np.logspace(-0.6, 0.6, sizes), budgets)
     D = C / (6 * N)
-    loss = fit.predict(PLANTED, N, D) * np.exp(np.random.default_rng(seed).normal(0.0, noise, len(N)))
+    loss = laws.predict(PLANTED, N, D) * np.exp(np.random.default_rng(seed).normal(0.0, noise, len(N)))
     return {"N": N, "D": D, "loss": loss}
 
 
@@ -50,11 +50,11 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     for name, sweep in {"default 19-point": DEFAULT_SWEEP, "synthetic 30-point": synthetic_sweep()}.items():
         N, D, loss = (np.asarray(sweep[k], dtype=np.float64) for k in ("N", "D", "loss"))
-        for method in fit.METHODS:
-            found, wall, cpu = timed(lambda: fit.fit_loss(N, D, loss, method=method))
+        for method in laws.METHODS:
+            found, wall, cpu = timed(lambda: laws.fit_loss(N, D, loss, method=method))
             print(f"{name} | {method}: L-BFGS-B from {found['polished']} of {found['grid_starts']} starts "
                   f"({found['converged_starts']} converged) | {wall:.1f} s | {cpu:.1f} CPU-s | "
-                  f"{found['objective']:.6g} | " + ", ".join(f"{k} {found[k]:.4g}" for k in fit.PARAMS), flush=True)
+                  f"{found['objective']:.6g} | " + ", ".join(f"{k} {found[k]:.4g}" for k in laws.PARAMS), flush=True)
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ def part_micro_batch(ctx: Context, out: Results) -> None:
     """The largest micro batch of one pretraining step that fits (eager, no activation
     checkpointing): each candidate from the smallest, until one runs out of memory, exceeds the
     val split's windows or the time box."""
-    from pipeline.train.data import TokenWindows, read_tokens_manifest, split_shards
+    from pipeline.token_shards import TokenWindows, read_tokens_manifest, split_shards
 
     s = ctx.settings
     vocab_size = read_tokens_manifest(ctx.tokens)["vocab_size"]
@@ -573,9 +573,9 @@ def part_sft(ctx: Context, out: Results) -> None:
 
 
 def part_grpo(ctx: Context, out: Results) -> None:
-    """GRPO of the random base on GSM8K prompts through `grpo_stage.train`: its completions never
+    """GRPO of the random base on GSM8K prompts through `grpo.train`: its completions never
     stop early, so every rollout is max_completion_tokens long."""
-    from pipeline.train.grpo_stage import train
+    from pipeline.train.grpo import train
 
     cfg = grpo_config(ctx.settings)
     m, c, wall = post_training(ctx, "grpo", train, cfg)
@@ -598,7 +598,7 @@ def part_inference(ctx: Context, out: Results) -> None:
     time left, judging by the system's previous load, is skipped."""
     import torch
 
-    from pipeline.export import hf_model
+    from pipeline.hf import hf_model
     from pipeline.inference.bench import bench
     from pipeline.model.gpt import load_final
 

@@ -32,7 +32,7 @@ import yaml
 from pipeline.eval.mmlu import LETTERS, questions, select, summarize
 from pipeline.eval.mmlu_data import read_split
 from pipeline.eval.multiple_choice import evaluate
-from pipeline.export import export_hf
+from pipeline.export_hf import export_hf
 from pipeline.model.gpt import load_final
 from pipeline.tokenizer.bpe import BPETokenizer
 

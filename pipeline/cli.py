@@ -41,7 +41,3 @@ def json_arg(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text[:80]!r}") from e
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""

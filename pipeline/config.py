@@ -7,6 +7,8 @@ share (optimizer, compute, watchdog, ...) live once in `fragments/<name>.yaml`; 
 them under `fragments:` and may override a key's default or description. The Snakefile validates
 `config` with `validate_config` before building the DAG; stage code gets only its own slice.
 Checks that span keys (which a schema cannot say) run after the schema's, in `SECTION_CHECKS`.
+A training key marked `resume_safe: true` may change when a run resumes from its checkpoints: it
+says how the run is watched, saved or placed, not where its weights go (`resume_safe_keys`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from typing import Any
 import jsonschema
 import yaml
 
-from pipeline.cli import ConfigError
-
 WORKFLOW_DIR = Path(__file__).resolve().parent.parent  # the folder holding the Snakefile
 SCHEMA_DIR = WORKFLOW_DIR / "workflow" / "schemas"
 WET_SUFFIXES = (".warc.wet.gz", ".wet.gz", ".warc.gz", ".gz", ".wet")
 URL_SCHEMES = ("http://", "https://")
 WARC_SHARD_SUFFIX = ".warc"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
 
 
 def workflow_path(path: str | os.PathLike) -> str:
@@ -52,6 +56,12 @@ def section_schema(path: Path) -> dict[str, Any]:
     schema["properties"] = {key: {**shared.get(key, {}), **fields} for key, fields in own.items()} | {
         key: fields for key, fields in shared.items() if key not in own}
     return schema
+
+
+def resume_safe_keys(section: str) -> frozenset[str]:
+    """The keys of a training section that its schema marks `resume_safe`."""
+    properties = section_schema(SCHEMA_DIR / f"{section}.schema.yaml")["properties"]
+    return frozenset(key for key, fields in properties.items() if fields.get("resume_safe"))
 
 
 def load_schema(schema_dir: Path = SCHEMA_DIR) -> dict[str, Any]:

@@ -3,7 +3,7 @@
     python -m pipeline report-card --out results/sample/report \\
         --data results/sample/data/manifest.json --tokenizer results/sample/tokenizer/manifest.json \\
         --pretrain results/sample/pretrain/tiny/manifest.json --eval results/sample/eval/tiny/manifest.json \\
-        --grpo results/sample/grpo/tiny/manifest.json --inference results/sample/inference/tiny/manifest.json \\
+        --grpo results/sample/grpo/tiny/manifest.json --inference results/sample/inference_bench/tiny/manifest.json \\
         --scaling results/sample/scaling/manifest.json --tables results/sample/eval/tiny/eval.md ...
 
 Writes <out>/index.html: the data funnel with its drop reasons, tokenizer compression against

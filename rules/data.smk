@@ -30,13 +30,13 @@ def batch_input(sources, batches, download):
                               else sources[name] for name in batches[wildcards.shard]]
 
 
-wet_input = batch_input(WET, WET_BATCHES, f"{RUN}/downloads/{{name}}.warc.wet.gz")
-warc_input = batch_input(WARC, WARC_BATCHES, f"{RUN}/downloads/warc/{{name}}.gz")
+wet_input = batch_input(WET, WET_BATCHES, f"{RUN}/fetch/{{name}}.warc.wet.gz")
+warc_input = batch_input(WARC, WARC_BATCHES, f"{RUN}/fetch/warc/{{name}}.gz")
 
 
 # url_filter.lists: {name: path or URL}, and the local files the job reads (fetch_url_list downloads URLs)
 URL_LISTS = block_lists(config["url_filter"]["lists"], base=workflow.basedir)
-URL_LIST_FILES = {name: f"{RUN}/downloads/lists/{name}.txt" if path.startswith(("http://", "https://")) else path
+URL_LIST_FILES = {name: f"{RUN}/fetch/lists/{name}.txt" if path.startswith(("http://", "https://")) else path
                   for name, path in URL_LISTS.items()}
 
 
@@ -48,7 +48,7 @@ def entry_output(wildcards, kind):
 
 rule fetch_wet:  # one per WET file given as a URL (`shard`: that file's own name, not its batch's)
     output:
-        f"{RUN}/downloads/{{shard}}.warc.wet.gz",
+        f"{RUN}/fetch/{{shard}}.warc.wet.gz",
     log:
         f"{LOGS}/fetch_wet/{{shard}}.log",
     benchmark:
@@ -64,7 +64,7 @@ rule fetch_wet:  # one per WET file given as a URL (`shard`: that file's own nam
 
 rule fetch_warc:  # one per WARC file given as a URL (`shard`: that file's own name)
     output:
-        f"{RUN}/downloads/warc/{{shard}}.gz",
+        f"{RUN}/fetch/warc/{{shard}}.gz",
     log:
         f"{LOGS}/fetch_warc/{{shard}}.log",
     benchmark:
@@ -80,7 +80,7 @@ rule fetch_warc:  # one per WARC file given as a URL (`shard`: that file's own n
 
 rule fetch_url_list:
     output:
-        f"{RUN}/downloads/lists/{{name}}.txt",
+        f"{RUN}/fetch/lists/{{name}}.txt",
     log:
         f"{LOGS}/fetch_url_list/{{name}}.log",
     benchmark:

@@ -32,8 +32,8 @@ rule export_hf_model:
         tokenizer=rules.tokenizer.output.tokenizer,
         tokenizer_manifest=rules.tokenizer.output.manifest,
     output:
-        weights=f"{RUN}/export/{{stage}}/{{size}}/model.safetensors",
-        manifest=f"{RUN}/export/{{stage}}/{{size}}/manifest.json",
+        weights=f"{RUN}/export_hf/{{stage}}/{{size}}/model.safetensors",
+        manifest=f"{RUN}/export_hf/{{stage}}/{{size}}/manifest.json",
     log:
         f"{LOGS}/export_hf/{{stage}}/{{size}}.log",
     benchmark:
@@ -44,7 +44,7 @@ rule export_hf_model:
     resources:
         mem_mb=4000,
     params:
-        out=lambda wc: f"{RUN}/export/{wc.stage}/{wc.size}",
+        out=lambda wc: f"{RUN}/export_hf/{wc.stage}/{wc.size}",
     shell:
         stage("export-hf", "--model {input.model:q} --tokenizer {input.tokenizer:q} --out {params.out:q}",
               sections=())

@@ -11,7 +11,7 @@ INFERENCE_PARAMS = json.dumps({k: v for k, v in INFERENCE.items() if k != "sizes
 DRAFT = {"draft": f"{RUN}/pretrain/{INFERENCE['draft_size']}/final.pt",
          "draft_manifest": f"{RUN}/pretrain/{INFERENCE['draft_size']}/manifest.json"} if INFERENCE["draft_size"] else {}
 # the HF transformers peer runs on the export_hf rule's folder of the same model (rules/eval.smk)
-HF_PEER = {"hf": f"{RUN}/export/pretrain/{{size}}/manifest.json"} if "hf_generate" in INFERENCE["systems"] else {}
+HF_PEER = {"hf": f"{RUN}/export_hf/pretrain/{{size}}/manifest.json"} if "hf_generate" in INFERENCE["systems"] else {}
 
 
 rule inference_bench_size:
@@ -24,17 +24,17 @@ rule inference_bench_size:
         **DRAFT,
         **HF_PEER,
     output:
-        json=f"{RUN}/inference/{{size}}/bench.json",
-        md=f"{RUN}/inference/{{size}}/bench.md",  # in the Snakemake report as an HTML page (rules/report.smk)
-        throughput=report(f"{RUN}/inference/{{size}}/throughput.png", caption="../workflow/report/inference_throughput.rst",
-                          category="Inference", subcategory="{size}"),
-        latency=report(f"{RUN}/inference/{{size}}/latency.png", caption="../workflow/report/inference_latency.rst",
-                       category="Inference", subcategory="{size}"),
-        manifest=f"{RUN}/inference/{{size}}/manifest.json",
+        json=f"{RUN}/inference_bench/{{size}}/bench.json",
+        md=f"{RUN}/inference_bench/{{size}}/bench.md",  # in the Snakemake report as an HTML page (rules/report.smk)
+        throughput=report(f"{RUN}/inference_bench/{{size}}/throughput.png",
+                          caption="../workflow/report/inference_throughput.rst", category="Inference", subcategory="{size}"),
+        latency=report(f"{RUN}/inference_bench/{{size}}/latency.png",
+                       caption="../workflow/report/inference_latency.rst", category="Inference", subcategory="{size}"),
+        manifest=f"{RUN}/inference_bench/{{size}}/manifest.json",
     log:
-        f"{LOGS}/inference/{{size}}.log",
+        f"{LOGS}/inference_bench/{{size}}.log",
     benchmark:
-        f"{BENCH}/inference/{{size}}.tsv"
+        f"{BENCH}/inference_bench/{{size}}.tsv"
     wildcard_constraints:
         size="[A-Za-z0-9.-]+",
     threads: 2  # the engine and, for the http system, the server and its client side by side
@@ -45,7 +45,7 @@ rule inference_bench_size:
         tokens=TOKENS,
         draft=lambda wc, input: f"--draft {input.draft}" if "draft" in input.keys() else "",
         hf=lambda wc, input: f"--hf-model {os.path.dirname(input.hf)}" if "hf" in input.keys() else "",
-        out=lambda wc: f"{RUN}/inference/{wc.size}",
+        out=lambda wc: f"{RUN}/inference_bench/{wc.size}",
     shell:
         stage("inference-bench", "--model {input.model:q} {params.draft} {params.hf} --tokenizer {input.tokenizer:q}"
                                  " --tokens {params.tokens:q} --out {params.out:q}")

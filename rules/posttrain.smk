@@ -53,7 +53,7 @@ rule sft:
 
 
 # GRPO of every SFT model (rule grpo_size; `snakemake grpo`: every size): one process of
-# `python -m pipeline grpo` (GRPO runs in one process; see pipeline/train/grpo_stage.py);
+# `python -m pipeline grpo` (GRPO runs in one process; see pipeline/train/grpo.py);
 # checkpoints resume like SFT's. On SLURM: set grpo.device: cuda.
 
 GRPO = config["grpo"]

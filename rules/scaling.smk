@@ -1,10 +1,10 @@
-# The scaling sweep: one ordinary pretrain job per (budget, size) of the plan (pipeline/scaling/plan.py:
+# The scaling sweep: one ordinary pretrain job per (budget, size) of the plan (pipeline/scaling/sweep.py:
 # D = C / 6N tokens, rounded to whole optimizer steps), into {SCALING}/runs/{budget}/{size}/, then
 # one fit over the manifests the plan names. Like `pretrain`, each run resumes from its checkpoints
 # and, on SLURM, asks for scaling.pretrain's nproc GPUs; the runs fan out over the cluster.
 #
 #   python -m pipeline scaling-plan --configfile workflow/configs/cluster.yaml   # runs, GPU-hours
-from pipeline.scaling.plan import plan_sweep, run_config, sweep_pretrain, sweep_runs
+from pipeline.scaling.sweep import plan_sweep, run_config, sweep_pretrain, sweep_runs
 
 SCALING = f"{RUN}/scaling"
 SWEEP_PRETRAIN = sweep_pretrain(config)  # the pretrain section with scaling.pretrain's overrides

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from pipeline.__main__ import main
-from pipeline.artifacts import ChangedInput, atomic_path, atomic_write_text, check_file, read_checked, verify, write_manifest
-from pipeline.seal import seal
+from pipeline.artifacts import (ChangedInput, atomic_path, atomic_write_text, check_file, read_checked, seal, verify,
+                                write_manifest)
 
 
 def test_atomic_path_leaves_old_file_when_block_fails(tmp_path):

@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 from prometheus_client import generate_latest
+from test_inference_server import serve
 
 from conftest import ROOT
 from pipeline.__main__ import main
 from pipeline.eval.canary import CanaryError, ProbeMetrics, canary_items, read_baseline
-from pipeline.eval.stats import proportion, wilson_interval
 from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.stats import proportion, wilson_interval
 from pipeline.tasks import get_task, held_out_items, held_out_record
 from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS, BPETokenizer
-from test_inference_server import serve
 
 ITEMS = 10
 

@@ -9,8 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from pipeline.cli import ConfigError
-from pipeline.config import load_config, section_config, validate_config, wet_shards
+from pipeline.config import ConfigError, load_config, section_config, validate_config, wet_shards
 from pipeline.config_template import render, scalar
 
 

@@ -15,8 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, write_wet
-from pipeline.cli import ConfigError
-from pipeline.config import input_shards, wet_batches
+from pipeline.config import ConfigError, input_shards, wet_batches
 from pipeline.data.ingest import ingest
 
 GOOD = "A perfectly ordinary paragraph of English text about gardens.\n".encode() * 3
@@ -128,5 +127,5 @@ def test_a_batch_of_urls_is_fetched_file_by_file_into_one_ingest(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^fetch_wet\s+3$", result.stdout, re.M) and re.search(r"^ingest\s+2$", result.stdout, re.M)
-    downloads = tmp_path / "r" / "sample" / "downloads"
+    downloads = tmp_path / "r" / "sample" / "fetch"
     assert f"input: {downloads}/CC-0.warc.wet.gz, {downloads}/CC-1.warc.wet.gz\n" in result.stdout

@@ -163,7 +163,8 @@ def test_url_filter_and_extract_give_the_same_rows_in_small_batches(tmp_path, mo
 
     from conftest import SAMPLE_WARC
     from pipeline.data.extract import extract
-    from pipeline.data.url_filter import response_records, url_filter
+    from pipeline.data.url_filter import url_filter
+    from pipeline.data.warc import response_records
 
     responses = response_records(str(SAMPLE_WARC), Counter(), [])
     urls = [headers.get_header("WARC-Target-URI") for _, headers, *_ in responses]

@@ -13,13 +13,12 @@ import time
 import pytest
 import torch
 
-from pipeline.cli import ConfigError
-from pipeline.config import load_schema, section_config, validate_config
-from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.train.engine import setup_run, train_step
-from pipeline.train.lifecycle import LOCK_NAME, RunLock, RunLocked
-
 from conftest import ROOT
+from pipeline.config import ConfigError, load_schema, resume_safe_keys, section_config, validate_config
+from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS, BPETokenizer
+from pipeline.train.engine import check_tokenizer, setup_run, train_step, trajectory_config
+from pipeline.train.lifecycle import LOCK_NAME, RunLock, RunLocked
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +130,35 @@ def test_shared_fragments_are_merged_into_the_section_schema():
         assert "description" in schema["properties"][key] and "default" in schema["properties"][key]
     with pytest.raises(ConfigError, match="config key 'pretrain.nan_patience'"):
         section_config("pretrain", {"nan_patience": 0})
+
+
+def test_resume_safe_keys_come_from_the_schema():
+    """A checkpoint resumes across a change of cadence, placement or sampling keys, never of one
+    that moves the weights; GRPO's top_p samples its rollouts, so there it moves the weights."""
+    for stage in ("pretrain", "sft", "grpo"):
+        safe = resume_safe_keys(stage)
+        assert {"eval_every", "checkpoint_every", "keep", "log_every", "nproc", "compile", "samples"} <= safe
+        assert not {"lr", "seed", "max_steps", "warmup_steps", "micro_batch", "weight_decay"} & safe
+        cfg = section_config(stage, {})
+        assert trajectory_config(stage, {**cfg, "eval_every": 7}) == trajectory_config(stage, cfg)
+        assert trajectory_config(stage, {**cfg, "lr": 1.0}) != trajectory_config(stage, cfg)
+    assert "top_p" in resume_safe_keys("sft") and "top_p" not in resume_safe_keys("grpo")
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused_with_one_message(tmp_path, stories):
+    tokenizer = BPETokenizer.train(stories[:20], 300, special_tokens=CHAT_SPECIAL_TOKENS)
+    meta = {"vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id}
+    paths = {"tokenizer_path": tmp_path / "tokenizer.json", "model_path": tmp_path / "final.pt"}
+    check_tokenizer(tokenizer, meta, **paths, special_tokens=CHAT_SPECIAL_TOKENS)
+    with pytest.raises(ValueError, match=r"tokenizer\.json: vocab 300 and eos id \d+; .*final\.pt was pretrained "
+                                         r"with vocab 301 .*: not its tokenizer"):
+        check_tokenizer(tokenizer, {**meta, "vocab_size": 301}, **paths)
+    with pytest.raises(ValueError, match="eos id 7: not its tokenizer"):
+        check_tokenizer(tokenizer, {**meta, "eos_id": 7}, **paths)
+    plain = BPETokenizer.train(stories[:20], 300)
+    with pytest.raises(ValueError, match=r"special tokens \['<\|assistant_end\|>'\] missing .*: not its tokenizer"):
+        check_tokenizer(plain, {"vocab_size": plain.n_vocab, "eos_id": plain.eos_id}, **paths,
+                        special_tokens=[ASSISTANT_END])
 
 
 @pytest.mark.parametrize("pretrain", [

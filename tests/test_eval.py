@@ -11,21 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_export import save_final, tiny_gpt
 
 from conftest import RESOURCES, seal
 from pipeline.artifacts import verify, write_manifest
+from pipeline.config import section_config
 from pipeline.eval.loss import bits_per_byte, token_logprobs, val_document_scores, val_loss_bpb
 from pipeline.eval.mmlu import format_question, prompt, questions, summarize
 from pipeline.eval.mmlu_data import read_split
 from pipeline.eval.multiple_choice import Question, encode_pair, evaluate, loglikelihoods, pick, score
 from pipeline.eval.stage import run_eval
-from pipeline.eval.stats import fmt, proportion
 from pipeline.eval.tasks import pass_at_k, task_accuracy
-from pipeline.config import section_config
-from pipeline.token_shards import write_shard
+from pipeline.stats import fmt, proportion
 from pipeline.tasks import Example, Task, get_task, qa_example
+from pipeline.token_shards import write_shard
 from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS, BPETokenizer
-from test_export import save_final, tiny_gpt
 
 MMLU = RESOURCES / "mmlu"
 
@@ -51,7 +51,7 @@ def write_tokens(folder: Path, tokenizer: BPETokenizer, docs: list[str], more: d
     for name, texts in shards.items():
         write_shard(folder / "val" / f"{name}.bin", [tokenizer.encode(d) + [tokenizer.eos_id] for d in texts],
                     tokenizer.n_vocab)
-    write_manifest(folder / "manifest.json", stage="tokenize", config={}, inputs=[],
+    write_manifest(folder / "manifest.json", stage="tokens", config={}, inputs=[],
                    outputs={folder / "val" / f"{name}.{ext}": None for name in shards for ext in ("bin", "idx")},
                    metrics={"vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id})
     return folder
@@ -332,4 +332,4 @@ def test_default_dag_evaluates_and_exports_every_size(tmp_path):
     for rule in ("decontaminate", "eval_size", "export_hf_model"):
         assert f"rule {rule}:" in result.stdout, rule
     assert f"{tmp_path}/sample/eval/tiny/eval.md" in result.stdout
-    assert f"{tmp_path}/sample/export/pretrain/tiny/model.safetensors" in result.stdout
+    assert f"{tmp_path}/sample/export_hf/pretrain/tiny/model.safetensors" in result.stdout

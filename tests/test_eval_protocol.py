@@ -14,20 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_eval import always, write_tokens
 
 from conftest import RESOURCES, save_chat_model
 from pipeline.artifacts import write_manifest
-from pipeline.cli import ConfigError
-from pipeline.config import section_config
+from pipeline.config import ConfigError, section_config
 from pipeline.eval.stage import run_eval
-from pipeline.eval.stats import MIN_BOOTSTRAP_UNITS
 from pipeline.model.gpt import load_final
 from pipeline.report_card import Reader, eval_table
+from pipeline.stats import MIN_BOOTSTRAP_UNITS
 from pipeline.tasks import get_task, held_out_items, held_out_record
 from pipeline.tasks.evaluate import greedy_accuracy, held_out_accuracy
 from pipeline.tokenizer import BPETokenizer
-from pipeline.train import grpo_stage, sft
-from test_eval import always, write_tokens
+from pipeline.train import grpo, sft
 
 SEQ_LEN = 64
 TASKS_CONFIG = section_config("tasks", {"arithmetic": {
@@ -110,7 +109,7 @@ def test_sft_grpo_and_eval_report_the_same_accuracy_for_the_same_model(tmp_path,
     grpo_cfg = section_config("grpo", dict(prompts_per_step=2, group_size=2, max_completion_tokens=3, max_steps=2,
                                            lr=1e-6, warmup_steps=1, micro_batch=4, eval_every=2, eval_examples=4,
                                            checkpoint_every=2, samples=0, peak_flops=1e12, wandb_mode="disabled"))
-    grpo_stage.train(grpo_cfg, model_path=tmp_path / "sft" / "final.pt", tokenizer_path=tokenizer_path,
+    grpo.train(grpo_cfg, model_path=tmp_path / "sft" / "final.pt", tokenizer_path=tokenizer_path,
                      out=tmp_path / "grpo", tasks_config=TASKS_CONFIG)
     sft_m = json.loads((tmp_path / "sft" / "manifest.json").read_text())["metrics"]
     grpo_m = json.loads((tmp_path / "grpo" / "manifest.json").read_text())["metrics"]

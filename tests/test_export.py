@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tokenizer_bpe import VARIED_TEXTS, wet_texts
 
 from conftest import RESOURCES, seal
 from pipeline.artifacts import verify
-from pipeline.export import export_hf, hf_tokenizer, load_hf, tokenizer_from_hf
+from pipeline.export_hf import export_hf
+from pipeline.hf import hf_tokenizer, load_hf, tokenizer_from_hf
 from pipeline.inference import Engine, SamplingParams
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS, BPETokenizer
 from pipeline.tokenizer.chat import render_conversation, render_prompt
-from test_tokenizer_bpe import VARIED_TEXTS, wet_texts
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gpu_check import (CARRIED, GPU, INFERENCE_SYSTEMS, NOT_ON_GPU_IMAGE, PARTS, PRETRAIN_VARIANTS, SMOKE,
-                                   Context, check, grpo_config, inference_config, prepare, pretrain_config,
-                                   resume_config, sft_config)
+                                  Context, check, grpo_config, inference_config, prepare, pretrain_config,
+                                  resume_config, sft_config)
 from conftest import ROOT
-from pipeline.train.data import TokenWindows, read_tokens_manifest, split_shards, val_rounds
+from pipeline.token_shards import TokenWindows, read_tokens_manifest, split_shards
+from pipeline.train.data import val_rounds
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.inference.sampling import SamplingParams, mask_padding, sample
 from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.train.grpo import (PolicyLoss, Rollouts, batch_logprobs, completion_logprobs,
+from pipeline.train.rl import (PolicyLoss, Rollouts, batch_logprobs, completion_logprobs,
                                  equal_reward_groups, format_reward, group_advantages, loss_mask, loss_weight,
                                  micro_batches, mixed_seed, policy_loss, sample_completions, sequences,
                                  set_old_logprobs)

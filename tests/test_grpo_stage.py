@@ -16,12 +16,12 @@ import torch
 
 from conftest import save_chat_model
 from pipeline.artifacts import verify
-from pipeline.cli import ConfigError
-from pipeline.config import section_config
-from pipeline.model.gpt import GPT
+from pipeline.config import ConfigError, section_config
+from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tasks import get_task
-from pipeline.train import grpo_stage
-from pipeline.train.grpo_stage import engine_config, step_prompts, train
+from pipeline.train import grpo
+from pipeline.train.engine import lr_at, setup_run, skip_step, train_step
+from pipeline.train.grpo import step_prompts, train
 
 TASKS_CONFIG = section_config("tasks", {"arithmetic": {"train_problems": 200, "test_problems": 20}})
 TEST_CONFIG = dict(prompts_per_step=4, group_size=4, max_completion_tokens=6, max_steps=4, lr=0.003,
@@ -73,7 +73,7 @@ class VowelTask:
 def vowels(monkeypatch):
     """The stage's task replaced by VowelTask (a random model never answers arithmetic right, so
     every advantage would be 0 and nothing would move)."""
-    monkeypatch.setattr(grpo_stage, "get_task", lambda name, config: VowelTask(config))
+    monkeypatch.setattr(grpo, "get_task", lambda name, config: VowelTask(config))
 
 
 def test_a_learnable_reward_goes_up(sft_model, tmp_path, vowels):
@@ -135,11 +135,31 @@ def test_stop_and_resume_is_bit_identical(sft_model, tmp_path, vowels):
     assert [r["reward_mean"] for r in records] == [r["reward_mean"] for r in step_records(tmp_path / "whole")]
 
 
-def test_step_counts_are_rollout_batches():
-    cfg = section_config("grpo", {"num_iterations": 3, "max_steps": 10, "checkpoint_every": 5})
-    engine = engine_config(cfg)
-    assert engine["max_steps"] == 30 and engine["checkpoint_every"] == 15 and engine["warmup_steps"] == 3 * 2
-    assert engine["lr"] == cfg["lr"] and cfg["max_steps"] == 10
+def test_the_engine_counts_grpo_steps_and_schedules_over_updates(tmp_path, monkeypatch):
+    """With mu = 3 updates per step, the engine's step moves once per three updates (so the
+    config's step counts are GRPO steps, unconverted) while the learning rate follows the
+    schedule over updates, warmup and length times mu."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = section_config("grpo", {"num_iterations": 3, "max_steps": 10, "warmup_steps": 2, "lr": 1.0,
+                                  "wandb_mode": "disabled"})
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_size("nano", vocab_size=257, seq_len=16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    x = torch.randint(0, 257, (2, 16))
+    loss = lambda m, batch: (m(batch, batch, loss_reduction="sum")[1], batch.numel())  # noqa: E731
+    steps, lrs = [], []
+    with setup_run("grpo", cfg, out=tmp_path, identity={}, wandb_config={}, updates_per_step=3) as run:
+        for _ in range(7):
+            lrs.append(run.schedule_lr())
+            train_step(run, model, optimizer, [x], loss, lr=lrs[-1])
+            steps.append(run.step)
+        assert (run.step, run.updates) == (2, 7)
+        skip_step(run)
+        assert (run.step, run.updates) == (3, 10)
+        run.set_step(2)
+        assert (run.step, run.updates) == (2, 6)
+    assert steps == [0, 0, 1, 1, 1, 2, 2]
+    assert lrs == [lr_at(u, lr=1.0, warmup=6, max_steps=30, min_lr_ratio=cfg["min_lr_ratio"]) for u in range(7)]
 
 
 def test_step_prompts_are_distinct_and_seeded():

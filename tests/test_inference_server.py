@@ -32,7 +32,6 @@ from pipeline.tokenizer.chat import render_prompt
 from test_inference_engine import one_thread  # noqa: F401 (an autouse fixture: one torch thread)
 
 
-
 @pytest.fixture(scope="module")
 def tokenizer(stories) -> BPETokenizer:
     return BPETokenizer.train(stories[:20], vocab_size=300, special_tokens=CHAT_SPECIAL_TOKENS)
@@ -540,7 +539,7 @@ def test_serve_command_on_a_saved_model(model, tokenizer, tmp_path, source):
     """`python -m pipeline serve --model final.pt --tokenizer tokenizer.json --port N`, and
     `serve --model <export-hf folder>` alone, as a user runs them: both complete greedily as the
     engine on the model in memory (so as each other), and chat through the same template."""
-    from pipeline.export import export_hf
+    from pipeline.export_hf import export_hf
 
     args = save_final(model, tokenizer, tmp_path / "tiny")
     if source == "exported folder":

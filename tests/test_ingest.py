@@ -8,8 +8,9 @@ import polars as pl
 import pytest
 
 from conftest import write_wet
-from pipeline.data import ingest as ingest_module
-from pipeline.data.ingest import DamagedInput, NotWet, ingest
+from pipeline.data import warc
+from pipeline.data.ingest import DamagedInput, ingest
+from pipeline.data.warc import NotWet
 
 GOOD = "A perfectly ordinary paragraph of English text about gardens.\n".encode() * 3
 
@@ -219,7 +220,7 @@ def test_streamed_in_small_chunks_gives_the_same_bytes(tmp_path, sample_wet, mon
         if chunk == 7 and name == "sample":
             continue  # a byte-sized read of 2 MB is only slow
         run_ingest(tmp_path / f"{name}-whole", wet)
-        monkeypatch.setattr(ingest_module, "READ_CHUNK", chunk)
+        monkeypatch.setattr(warc, "READ_CHUNK", chunk)
         counts, _, _ = run_ingest(tmp_path / f"{name}-{chunk}", wet)
         monkeypatch.undo()
         assert name == "sample" or counts["dropped"] == {"length_mismatch": 1}  # not `truncated`: more follows

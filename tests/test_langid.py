@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from conftest import make_docs, write_stage_docs
-from pipeline.cli import ConfigError
+from pipeline.config import ConfigError
 from pipeline.data.docs import DOC_COLUMNS
 from pipeline.data.langid import langid, load_model, predict
 

@@ -12,8 +12,7 @@ import pytest
 
 from conftest import write_stage_docs
 from pipeline.__main__ import main
-from pipeline.cli import ConfigError
-from pipeline.config import load_schema, section_config
+from pipeline.config import ConfigError, load_schema, section_config
 from pipeline.data.docs import DOC_COLUMNS, LANG_COLUMNS, read_docs
 from pipeline.data.quality import (GROUPS, C4QualityFilter, build_filters, count_sentences, dup_ngram_chars,
                                    encode_words, judge, ngram_firsts, quality, split_words, top_ngram_chars)

@@ -166,8 +166,8 @@ def run(tmp_path) -> dict[str, object]:
         "eval.json": eval_json, "eval.md": "# Eval: `tiny`\n\n| model | val loss |\n|---|---:|\n| base | 4.281 |\n",
         "eval.png": None})
     for name in ("throughput.png", "latency.png"):
-        png(run / "inference" / "tiny" / name, [91.4, 1234.5], name)
-    manifests["inference"] = stage(run / "inference" / "tiny", "inference_bench", {
+        png(run / "inference_bench" / "tiny" / name, [91.4, 1234.5], name)
+    manifests["inference"] = stage(run / "inference_bench" / "tiny", "inference_bench", {
         "bench.json": BENCH, "bench.md": "# Inference\n\n| system | out tok/s |\n|---|---:|\n| naive | 91.4 |\n",
         "throughput.png": None, "latency.png": None})
     for name in ("fit.png", "isoflop.png", "frontier.png"):
@@ -176,7 +176,7 @@ def run(tmp_path) -> dict[str, object]:
     manifests["scaling"] = stage(run / "scaling", "scaling_fit", {
         "fit.json": FIT, "fit.md": fit_md, "fit.png": None, "isoflop.png": None, "frontier.png": None})
     tables = [run / "data" / "drop_report.md", run / "tokenizer" / "compression.md", run / "pretrain" / "tiny" / "samples.md",
-              run / "sft" / "tiny" / "samples.md", run / "eval" / "tiny" / "eval.md", run / "inference" / "tiny" / "bench.md",
+              run / "sft" / "tiny" / "samples.md", run / "eval" / "tiny" / "eval.md", run / "inference_bench" / "tiny" / "bench.md",
               run / "scaling" / "fit.md"]
     return {"root": run, "manifests": manifests, "tables": tables}
 

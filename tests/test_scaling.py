@@ -17,15 +17,15 @@ import yaml
 
 from conftest import ROOT
 from pipeline.artifacts import verify, write_manifest
-from pipeline.cli import ConfigError
-from pipeline.config import section_config, validate_config
+from pipeline.config import ConfigError, section_config, validate_config
 from pipeline.model.gpt import GPTConfig, size_shape
 from pipeline.report_card import report_card
-from pipeline.scaling import fit as fitmod
+from pipeline.scaling import laws
 from pipeline.scaling import plots
-from pipeline.scaling.fit import bootstrap, fit_loss, identification, isoflop_fit, isoflop_minimum
-from pipeline.scaling.fit_stage import fit_sweep, heldout_prediction, markdown, scaling_fit
-from pipeline.scaling.plan import budget_label, cost, load_with, plan_sweep, run_config, sweep_pretrain, sweep_runs
+from pipeline.scaling.laws import bootstrap, fit_loss, identification, isoflop_fit, isoflop_minimum
+from pipeline.scaling.fit import fit_sweep, heldout_prediction, markdown, scaling_fit
+from pipeline.scaling.plan import cost, load_with
+from pipeline.scaling.sweep import budget_label, plan_sweep, run_config, sweep_pretrain, sweep_runs
 
 PLANTED = {"E": 1.8, "A": 400.0, "B": 1200.0, "alpha": 0.34, "beta": 0.30}
 BUDGETS = [1e17, 1e18, 1e19]
@@ -38,7 +38,7 @@ def isoflop_points(noise: float, rng: np.random.Generator, params=PLANTED):
     C = np.repeat(BUDGETS, len(FACTORS))
     N = np.array([f * math.sqrt(c / 120) for c in BUDGETS for f in FACTORS])
     D = C / (6 * N)
-    L = fitmod.predict(params, N, D) * np.exp(rng.normal(0.0, noise, len(N)))
+    L = laws.predict(params, N, D) * np.exp(rng.normal(0.0, noise, len(N)))
     return C, N, D, L
 
 
@@ -54,8 +54,8 @@ def test_fit_loss_recovers_planted_parameters_from_noisy_points():
     assert abs(fit["alpha"] - PLANTED["alpha"]) < 0.03 and abs(fit["beta"] - PLANTED["beta"]) < 0.03, fit
     assert abs(fit["E"] / PLANTED["E"] - 1) < 0.05, fit
     assert 0.5 < fit["A"] / PLANTED["A"] < 2 and 0.5 < fit["B"] / PLANTED["B"] < 2, fit
-    ours = fitmod.compute_optimal(fit, 1e21)["N"]
-    assert abs(ours / fitmod.compute_optimal(PLANTED, 1e21)["N"] - 1) < 0.25
+    ours = laws.compute_optimal(fit, 1e21)["N"]
+    assert abs(ours / laws.compute_optimal(PLANTED, 1e21)["N"] - 1) < 0.25
     assert fit["solutions"][0]["theta"] == fit["theta"]
 
 
@@ -83,9 +83,9 @@ def test_objective_gradient_matches_finite_differences():
     args = (np.log(N), np.log(D), np.log(L), 1e-3)
     for theta in ([6.0, 7.0, 0.6, 0.34, 0.3], [5.9, 7.1, 0.55, 0.33, 0.31], [10.0, 2.0, -0.5, 1.0, 0.2]):
         theta = np.array(theta)
-        _, grad = fitmod._objective(theta, *args)
+        _, grad = laws._objective(theta, *args)
         step = 1e-6
-        numeric = [(fitmod._objective(theta + step * e, *args)[0] - fitmod._objective(theta - step * e, *args)[0])
+        numeric = [(laws._objective(theta + step * e, *args)[0] - laws._objective(theta - step * e, *args)[0])
                    / (2 * step) for e in np.eye(5)]
         assert np.allclose(grad, numeric, rtol=1e-4, atol=1e-9), (theta, grad, numeric)
 
@@ -104,7 +104,7 @@ def test_bootstrap_intervals_cover_the_planted_values_in_most_draws():
     (scipy's default tolerances on the unscaled objective) give intervals a hundred times too
     narrow, which miss nearly all."""
     rng = np.random.default_rng(1)
-    truth_n = fitmod.compute_optimal(PLANTED, 1e19)["N"]
+    truth_n = laws.compute_optimal(PLANTED, 1e19)["N"]
     covered = {"alpha": 0, "beta": 0, "N": 0}
     for draw in range(8):
         _, N, D, L = isoflop_points(0.002, rng)
@@ -145,9 +145,9 @@ def as_points(flops, N, D, loss):
 def planted_sweep(noise: float, rng: np.random.Generator, budgets=HELDOUT_BUDGETS, law=PLANTED):
     """An IsoFLOP sweep bracketing the law's own optimum: per budget, sizes 1/4 to 4 times N*(C)."""
     C = np.repeat(budgets, len(FACTORS))
-    N = np.array([f * float(fitmod.compute_optimal(law, c)["N"]) for c in budgets for f in FACTORS])
+    N = np.array([f * float(laws.compute_optimal(law, c)["N"]) for c in budgets for f in FACTORS])
     D = C / (6 * N)
-    return as_points(C, N, D, fitmod.predict(law, N, D) * np.exp(rng.normal(0.0, noise, len(N))))
+    return as_points(C, N, D, laws.predict(law, N, D) * np.exp(rng.normal(0.0, noise, len(N))))
 
 
 def fit_settings(resamples: int = 100) -> dict:
@@ -169,12 +169,12 @@ def test_a_planted_sweep_is_identified_and_predicts_its_held_out_budget():
     lo, hi = loss["predicted"]["ci95"]
     assert lo <= loss["measured"] <= hi and loss["inside"] is True
     held = [p for p in result["points"] if p["flops"] == HELDOUT_BUDGETS[-1]]
-    truth = min(float(fitmod.predict(PLANTED, p["N"], p["D"])) for p in held)
+    truth = min(float(laws.predict(PLANTED, p["N"], p["D"])) for p in held)
     assert abs(loss["predicted"]["value"] / truth - 1) < 0.01 and hi - lo < 0.05 * truth
     n_opt = pred["N_opt"]
     lo, hi = n_opt["predicted"]["ci95"]
     assert n_opt["inside"] is True and lo <= n_opt["measured"] <= hi
-    assert lo < float(fitmod.compute_optimal(PLANTED, HELDOUT_BUDGETS[-1])["N"]) < hi
+    assert lo < float(laws.compute_optimal(PLANTED, HELDOUT_BUDGETS[-1])["N"]) < hi
     md = markdown(result, fit_settings())
     assert "**Approach 3 is identified**" in md and "N* ∝ C^0.4" in md
     assert "## Prediction of the largest budget (held out)" in md and "not identified" not in md
@@ -209,7 +209,7 @@ def captured_figures(monkeypatch) -> dict:
         ax = fig.axes[0]
         figures[path.name] = {"title": ax.get_title(), "texts": [t.get_text() for t in ax.texts],
                               "lines": [line.get_label() for line in ax.get_lines()]}
-        plots.plt.close(fig)
+        plots.pyplot().close(fig)
 
     monkeypatch.setattr(plots, "save_figure", capture)
     return figures
@@ -368,7 +368,7 @@ def fake_sweep(root, scaling, pretrain, vocab_size, law, rng):
         out = root / r["budget"] / r["size"]
         out.mkdir(parents=True)
         (out / "final.pt").write_bytes(b"weights")
-        loss = float(fitmod.predict(law, r["params"], r["tokens"]) * math.exp(rng.normal(0, 0.002)))
+        loss = float(laws.predict(law, r["params"], r["tokens"]) * math.exp(rng.normal(0, 0.002)))
         write_manifest(out / "manifest.json", stage="pretrain", config={"size": r["size"], **run_config(pretrain, r)},
                        inputs=[], outputs={out / "final.pt": None}, counts={"steps": r["steps"], "tokens": r["tokens"]},
                        metrics={"params": r["params_total"], "params_non_embedding": r["params_non_embedding"],
@@ -377,8 +377,8 @@ def fake_sweep(root, scaling, pretrain, vocab_size, law, rng):
 
 def test_scaling_fit_stage_end_to_end(tmp_path, monkeypatch):
     # a coarser grid (2 values per axis): the whole grid is tested above
-    coarse = {k: v[[0, -1]] if k in ("a", "b") else v[[1, 2]] for k, v in fitmod.GRID.items()}
-    monkeypatch.setattr(fitmod, "GRID", coarse)
+    coarse = {k: v[[0, -1]] if k in ("a", "b") else v[[1, 2]] for k, v in laws.GRID.items()}
+    monkeypatch.setattr(laws, "GRID", coarse)
     config = validate_config({})
     scaling = {**config["scaling"], "bootstrap": {"resamples": 20, "seed": 0, "level": 0.9}, "exclude_highest": 1}
     pretrain = sweep_pretrain(config)

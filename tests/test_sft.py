@@ -17,14 +17,13 @@ import yaml
 
 from conftest import save_chat_model, save_chat_tokens
 from pipeline.artifacts import ChangedInput, verify, write_manifest
-from pipeline.cli import ConfigError
-from pipeline.config import SCHEMA_DIR, section_config
+from pipeline.config import SCHEMA_DIR, ConfigError, section_config
 from pipeline.model.gpt import GPT, load_final
 from pipeline.tasks import TASKS
 from pipeline.tokenizer import BPETokenizer
 from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS
-from pipeline.train.engine import setup_run, train_step
-from pipeline.train.sft import token_loss, train
+from pipeline.train.engine import setup_run, token_loss, train_step
+from pipeline.train.sft import train
 from pipeline.train.sft_data import REPLAY, Mixture, ReplayRows, SFTLoader, load_split
 
 TASKS_CONFIG = section_config("tasks", {"arithmetic": {"train_problems": 300, "test_problems": 40}})

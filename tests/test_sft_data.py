@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from conftest import save_chat_tokens
-from pipeline.cli import ConfigError
+from pipeline.config import ConfigError
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tasks import get_task, qa_example
 from pipeline.tasks.evaluate import greedy_accuracy, greedy_complete
 from pipeline.tokenizer import BPETokenizer
 from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS
 from pipeline.tokenizer.chat import render_conversation, render_prompt
-from pipeline.train.sft import token_loss
+from pipeline.train.engine import token_loss
 from pipeline.train.sft_data import (REPLAY, Mixture, ReplayRows, SFTLoader, collate, load_split, micro_batches,
                                      val_batches)
 

@@ -11,8 +11,7 @@ from conftest import RESOURCES, make_docs, save_chat_model, write_stage_docs
 from pipeline.__main__ import main
 from pipeline.artifacts import ChangedInput, write_manifest
 from pipeline.data.docs import DOC_COLUMNS, LANG_COLUMNS
-from pipeline.token_shards import write_shard
-from pipeline.train.data import split_shards
+from pipeline.token_shards import split_shards, write_shard
 
 GPT2 = [str(RESOURCES / "gpt2" / "encoder.json"), str(RESOURCES / "gpt2" / "vocab.bpe")]
 

@@ -1,4 +1,4 @@
-"""pipeline/eval/stats.py against known values: scipy's Wilson interval, binomial test and t
+"""pipeline/stats.py against known values: scipy's Wilson interval, binomial test and t
 interval, hand-counted McNemar tables, and bootstraps whose answer is known."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest, t
 
-from pipeline.eval.stats import (bootstrap_ratio, compare_correct, compare_values, fmt, mcnemar_exact,
-                                 paired_bootstrap, proportion, t_interval, wilson_interval)
+from pipeline.stats import (bootstrap_ratio, compare_correct, compare_values, fmt, mcnemar_exact, paired_bootstrap,
+                            proportion, t_interval, wilson_interval)
 
 
 @pytest.mark.parametrize("correct,n", [(0, 20), (1, 20), (7, 20), (20, 20), (240, 500), (81, 263), (3, 1000)])

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from conftest import RESOURCES
-from pipeline.cli import ConfigError
+from pipeline.config import ConfigError
 from pipeline.tasks import Example, get_task
 from pipeline.tasks.answers import extract_answer, numeric_reward
 from pipeline.tasks.arithmetic import is_test

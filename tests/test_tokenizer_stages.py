@@ -17,16 +17,15 @@ from hypothesis import strategies as st
 from conftest import RESOURCES, write_stage_docs
 from pipeline.__main__ import main
 from pipeline.artifacts import verify
-from pipeline.cli import ConfigError
-from pipeline.config import section_config
+from pipeline.config import ConfigError, section_config
 from pipeline.data.docs import DOC_COLUMNS, LANG_COLUMNS
+from pipeline.records import unit_hash
 from pipeline.token_shards import read_shard, write_shard
 from pipeline.tokenizer import BPETokenizer
 from pipeline.tokenizer.bpe import CHAT_SPECIAL_TOKENS
-from pipeline.tokenizer.sources import (Source, copies, is_val, read_documents, smallest_until, text_sources,
-                                        unit_hash)
-from pipeline.tokenizer.tokenize_stage import split_texts
-from pipeline.tokenizer.train_stage import keyed_train_documents
+from pipeline.tokenizer.sources import Source, copies, is_val, read_documents, smallest_until, text_sources
+from pipeline.tokenizer.tokenize import split_texts
+from pipeline.tokenizer.stage import keyed_train_documents
 
 TINYSTORIES = RESOURCES / "tinystories" / "TinyStories-valid.head1.5M.txt.gz"
 GPT2 = [str(RESOURCES / "gpt2" / "encoder.json"), str(RESOURCES / "gpt2" / "vocab.bpe")]

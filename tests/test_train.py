@@ -23,20 +23,17 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import RESOURCES, ROOT
 from pipeline.artifacts import sha256_file, verify, write_manifest
-from pipeline.cli import ConfigError
-from pipeline.config import section_config
+from pipeline.config import ConfigError, section_config
 from pipeline.model.gpt import load_final
-from pipeline.token_shards import write_shard
-from pipeline.train.data import (TokenWindows, TrainLoader, read_tokens_manifest, split_shards,
-                                 unigram_entropy, val_batches)
+from pipeline.token_shards import TokenWindows, read_tokens_manifest, split_shards, write_shard
 from pipeline.train.checkpoint import IdentityMismatch
+from pipeline.train.data import TrainLoader, unigram_entropy, val_batches
 from pipeline.train.engine import lr_at
 from pipeline.train.lifecycle import LOCK_NAME, RunLock
 from pipeline.train.pretrain import train
 from pipeline.train.watchdog import OK, RESTORE, SKIP, TrainingDiverged, Watchdog
-
-from conftest import RESOURCES, ROOT
 
 VOCAB, EOS = 257, 256
 TEST_CONFIG = dict(seq_len=32, micro_batch=4, global_batch_tokens=256, max_steps=8, lr=0.01, warmup_steps=2,
@@ -59,7 +56,7 @@ def byte_tokens(tmp_path_factory) -> Path:
     write_shard(out / "val" / "part-0.bin", docs[:40], VOCAB)
     write_shard(out / "train" / "part-0.bin", docs[40:190], VOCAB)
     write_shard(out / "train" / "part-1.bin", docs[190:340], VOCAB)
-    write_manifest(out / "manifest.json", stage="tokenize", config={}, inputs=[],
+    write_manifest(out / "manifest.json", stage="tokens", config={}, inputs=[],
                    outputs={p: None for p in sorted(out.rglob("*.[bi][id][nx]"))}, metrics={"vocab_size": VOCAB, "eos_id": EOS})
     return out
 
@@ -293,7 +290,7 @@ def test_samples_come_from_train_text_when_val_has_too_few_documents(byte_tokens
     text = gzip.open(RESOURCES / "tinystories" / "TinyStories-valid.head1.5M.txt.gz", "rt", encoding="utf-8").read()
     long_doc = max(text.split("<|endoftext|>"), key=len)
     write_shard(tokens / "val" / "part-0.bin", [list(long_doc.strip().encode("utf-8")) + [EOS]], VOCAB)
-    write_manifest(tokens / "manifest.json", stage="tokenize", config={}, inputs=[],
+    write_manifest(tokens / "manifest.json", stage="tokens", config={}, inputs=[],
                    outputs={p: None for p in sorted(tokens.rglob("*.[bi][id][nx]"))}, metrics={"vocab_size": VOCAB, "eos_id": EOS})
     assert run(tokens, tmp_path / "out", max_steps=2, eval_every=2, samples=4)["finished"]
     samples = (tmp_path / "out" / "samples.md").read_text()

@@ -9,8 +9,7 @@ import polars as pl
 import pytest
 
 from conftest import ROOT, SAMPLE_WARC, write_warc
-from pipeline.cli import ConfigError
-from pipeline.config import input_shards, warc_shards, wet_shards
+from pipeline.config import ConfigError, input_shards, warc_shards, wet_shards
 from pipeline.data.url_filter import UrlFilter, block_lists, read_list, url_filter
 
 TEST_LIST = ROOT / "tests" / "data" / "url_blocklist.txt"

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import SAMPLE_WARC, WARC_SAMPLES, write_warc, write_wet
 from pipeline.data.extract import EXTRACTOR, decode_html, extract
-from pipeline.data.ingest import stream_records
-from pipeline.data.url_filter import NotWarc, url_filter
+from pipeline.data.url_filter import url_filter
+from pipeline.data.warc import NotWarc, stream_records
 
 HTML = [("Content-Type", "text/html; charset=utf-8")]
 MENU = ["Home", "Products", "Pricing", "About us", "Contact", "Careers", "Press room"]

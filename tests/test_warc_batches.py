@@ -14,8 +14,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, write_warc
-from pipeline.cli import ConfigError
-from pipeline.config import input_shards, warc_batches, wet_batches
+from pipeline.config import ConfigError, input_shards, warc_batches, wet_batches
 from pipeline.data.extract import extract
 from pipeline.data.url_filter import url_filter
 
@@ -136,5 +135,5 @@ def test_a_batch_of_warc_urls_is_fetched_file_by_file_into_one_url_filter(tmp_pa
     urls = [f"https://data.commoncrawl.org/x/CC-{i}.warc.gz" for i in range(3)]
     out = dry_run(tmp_path, {"warc": urls, "warc_batch_size": 2})
     assert jobs(out, "fetch_warc") == 3 and jobs(out, "url_filter") == 2 and jobs(out, "extract") == 2
-    downloads = tmp_path / "r" / "sample" / "downloads" / "warc"
+    downloads = tmp_path / "r" / "sample" / "fetch" / "warc"
     assert f"input: {downloads}/CC-0.warc.gz, {downloads}/CC-1.warc.gz" in out

@@ -50,9 +50,8 @@ from warcio.statusandheaders import StatusAndHeaders, StatusAndHeadersParser
 from pipeline.artifacts import read_manifest, upstream_manifest
 from pipeline.config import section_config
 from pipeline.data.docs import DOC_COLUMNS, REMOVED_COLUMNS, Doc, iter_docs, parquet_rows
-from pipeline.data.ingest import REMOVED_PREVIEW_BYTES, digest_matches
 from pipeline.data.steps import Funnel, add_stage_arguments, require_files, write_stage_outputs
-from pipeline.data.url_filter import batch_paths, response_records
+from pipeline.data.warc import REMOVED_PREVIEW_BYTES, batch_paths, digest_matches, response_records
 
 log = logging.getLogger(__name__)
 

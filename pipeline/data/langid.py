@@ -21,8 +21,7 @@ from typing import Any
 
 import fasttext
 
-from pipeline.cli import ConfigError
-from pipeline.config import section_config, workflow_path
+from pipeline.config import ConfigError, section_config, workflow_path
 from pipeline.data.docs import LANG_COLUMNS, REMOVED_COLUMNS, Doc
 from pipeline.data.steps import Decision, add_stage_arguments, run_doc_stage
 

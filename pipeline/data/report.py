@@ -16,12 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text, read_manifest, write_manifest  # noqa: E402
+from pipeline.artifacts import atomic_write_json, atomic_write_text, read_manifest, write_manifest
+from pipeline.figures import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +130,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_figure(fig: plt.Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-
-
 def plot_funnel(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
     rows = report["stages"]
     firsts = [r for i, r in enumerate(rows) if r["entry"] != "shared" and (i == 0 or rows[i - 1]["entry"] != r["entry"])]
     labels = [f"{r['entry'].upper()} records" for r in firsts] + [f"after {r['name']}" for r in rows]
@@ -157,6 +148,7 @@ def plot_funnel(report: dict[str, Any], path: Path) -> None:
 
 
 def plot_reasons(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
     items = [(f"{r['name']}: {reason}", n) for r in report["stages"] for reason, n in r["dropped"].items()]
     items.sort(key=lambda kv: kv[1])
     fig, ax = plt.subplots(figsize=(8, 0.35 * max(len(items), 3) + 1))
@@ -169,6 +161,7 @@ def plot_reasons(report: dict[str, Any], path: Path) -> None:
 
 
 def plot_languages(report: dict[str, Any], path: Path, top: int = 15) -> None:
+    plt = pyplot()
     items = list(report["languages_in"].items())[:top][::-1]
     fig, ax = plt.subplots(figsize=(7, 0.3 * max(len(items), 3) + 1))
     if items:

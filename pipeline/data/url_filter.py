@@ -27,13 +27,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import polars as pl
-from warcio.statusandheaders import StatusAndHeaders
 
-from pipeline.cli import ConfigError, json_arg
-from pipeline.config import URL_SCHEMES, section_config, warc_shard_name
+from pipeline.cli import json_arg
+from pipeline.config import URL_SCHEMES, ConfigError, section_config
 from pipeline.data.docs import REMOVED_COLUMNS, Doc
-from pipeline.data.ingest import NotWet, stream_records
 from pipeline.data.steps import Funnel, add_stage_arguments, require_files, write_stage_outputs
+from pipeline.data.warc import batch_paths, response_records
 
 log = logging.getLogger(__name__)
 
@@ -41,40 +40,6 @@ PASSED_COLUMNS: dict[str, pl.DataType] = {
     "record": pl.Int64, "id": pl.String, "url": pl.String, "date": pl.String, "source": pl.String,
 }
 URL_REMOVED_COLUMNS: dict[str, pl.DataType] = {**REMOVED_COLUMNS, "match": pl.String}
-
-
-class NotWarc(NotWet):
-    """An input under inputs.warc that holds no `response` records."""
-
-
-# ---------------------------------------------------------------------------------------------
-# reading a WARC file's responses (extract reads them the same way)
-
-def response_records(path: str, stats: Counter,
-                     errors: list[dict[str, Any]]) -> Iterator[tuple[int, StatusAndHeaders, int, bytes, str | None]]:
-    """(place among responses, WARC headers, Content-Length, block, framing problem or None) for
-    each `response` record, framed as ingest frames WET records. Other record types are counted
-    in `stats`; a read error ends the file and is listed in `errors`."""
-    read_errors: list[str] = []
-    first, head, stream = stream_records(path, read_errors)
-    if first is None or head[:first].strip():
-        found = f"it begins {head[:60]!r}" if head else "it is empty"
-        raise NotWarc(f"{path}: not a WARC file: no WARC/1.0 record header at its start ({found})")
-    responses = 0
-    for headers, length, block, problem in stream:
-        kind = headers.get_header("WARC-Type") or "unknown"
-        stats[f"records_{kind}"] += 1
-        if kind == "response":
-            yield responses, headers, length, block, problem
-            responses += 1
-    if responses == 0:
-        types = ", ".join(f"{k.removeprefix('records_')}: {n}" for k, n in sorted(stats.items()))
-        hint = "; a WET file of `conversion` records: list it under inputs.wet" if stats["records_conversion"] else ""
-        raise NotWarc(f"{path}: not a WARC file of responses: no `response` record (found {types}){hint}")
-    if read_errors:
-        error = read_errors[0]
-        errors.append({"file": path, "error": error, "records_before": responses})
-        log.warning("%s: stream damaged after %d responses (%s); keeping those", path, responses, error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,16 +117,6 @@ def load_filter(config: dict[str, Any], paths: dict[str, str]) -> UrlFilter:
 
 # ---------------------------------------------------------------------------------------------
 # the stage
-
-def batch_paths(warc_path: str | Sequence[str]) -> dict[str, str]:
-    """{shard name: path} of one WARC file or a batch of them, in order; two files of one name
-    (the same stem in two folders) cannot be told apart in the passed list, so they fail."""
-    paths: dict[str, str] = {}
-    for path in [warc_path] if isinstance(warc_path, str) else warc_path:
-        if (shard := warc_shard_name(path)) in paths:
-            raise ValueError(f"WARC files {paths[shard]} and {path} both make source {shard!r}; rename one")
-        paths[shard] = path
-    return paths
 
 
 def url_filter(warc_path: str | Sequence[str], *, output: str, removed: str, manifest: str, config: dict[str, Any],

@@ -40,8 +40,9 @@ import openai
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from pipeline.artifacts import atomic_write_json
-from pipeline.cli import ConfigError, json_arg
-from pipeline.eval.stats import wilson_interval
+from pipeline.cli import json_arg
+from pipeline.config import ConfigError
+from pipeline.stats import wilson_interval
 from pipeline.tasks import Example, Task, get_task, held_out_items, held_out_record
 
 log = logging.getLogger(__name__)

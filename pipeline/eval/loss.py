@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.eval.stats import bootstrap_ratio
-from pipeline.token_shards import read_shard
+from pipeline.stats import bootstrap_ratio
+from pipeline.token_shards import TokenWindows, read_shard, read_tokens_manifest, split_shards
 from pipeline.tokenizer.bpe import BPETokenizer
-from pipeline.train.data import TokenWindows, read_tokens_manifest, split_shards
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.eval.mmlu_data import read_split
 from pipeline.eval.multiple_choice import Question, evaluate
-from pipeline.eval.stats import proportion
+from pipeline.stats import proportion
 from pipeline.tokenizer.bpe import BPETokenizer
 
 LETTERS = ("A", "B", "C", "D")

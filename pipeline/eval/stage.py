@@ -27,14 +27,15 @@ from typing import Any
 
 import torch
 
-from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text, check_inputs, write_manifest
+from pipeline.artifacts import atomic_write_json, atomic_write_text, check_inputs, write_manifest
 from pipeline.cli import json_arg
 from pipeline.config import section_config, workflow_path
 from pipeline.eval.loss import DocumentScores, val_document_scores
 from pipeline.eval.mmlu import evaluate_mmlu
-from pipeline.eval.stats import MIN_BOOTSTRAP_UNITS, compare_correct, compare_values, fmt
 from pipeline.eval.tasks import task_accuracy
+from pipeline.figures import pyplot, save_figure
 from pipeline.model.gpt import load_final
+from pipeline.stats import MIN_BOOTSTRAP_UNITS, compare_correct, compare_values, fmt
 from pipeline.tasks import get_task, held_out_record
 from pipeline.tokenizer.bpe import BPETokenizer
 
@@ -199,9 +200,7 @@ def table_md(results: dict[str, dict], comparisons: list[dict], items: dict[str,
 def plot(results: dict[str, dict], path: Path, size: str) -> None:
     """Bars with 95% error bars: val loss and bpb per source, MMLU acc per shot (chance dashed),
     each task's pass@1 and pass@k; a task at 0 for every model says so instead of empty bars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     first = next(iter(results.values()))
@@ -242,9 +241,7 @@ def plot(results: dict[str, dict], path: Path, size: str) -> None:
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{size}: {' vs '.join(names)} (bars: 95% intervals)")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def run_eval(models: dict[str, Path], *, tokens: Path, tokenizer_path: Path, out: Path, size: str,

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from pipeline.eval.stats import bootstrap_ratio
 from pipeline.inference import Engine, SamplingParams
+from pipeline.stats import bootstrap_ratio
 from pipeline.tasks import Task, held_out_items
 from pipeline.tasks.evaluate import fit_context, held_out_accuracy
 from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer

@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.report import plt, save_figure
-from pipeline.scaling.fit import PUBLISHED, compute_optimal, predict
+from pipeline.figures import pyplot, save_figure
+from pipeline.scaling.laws import PUBLISHED, compute_optimal, predict
 
 
 def _colors(budgets: list[float]) -> dict[float, Any]:
+    plt = pyplot()
     cmap = plt.get_cmap("viridis")
     return {c: cmap(i / max(1, len(budgets) - 1)) for i, c in enumerate(budgets)}
 
@@ -20,6 +21,7 @@ def _colors(budgets: list[float]) -> dict[float, Any]:
 def plot_isoflop(points: list[dict[str, Any]], isoflop: dict[str, Any], path: Path) -> None:
     """Final loss against N per budget, each budget's parabola in log N, and its minimum (approach 2):
     a filled star inside the sizes trained, a hollow one outside them (extrapolated)."""
+    plt = pyplot()
     budgets = sorted({p["flops"] for p in points if p["flops"] is not None})
     colors = _colors(budgets)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -43,6 +45,7 @@ def plot_fit(points: list[dict[str, Any]], result: dict[str, Any], path: Path) -
     """Final loss against N per budget with approach 3's L(N, D = C / 6N) curves when it is
     identified (excluded points hollow), and the held-out prediction: the largest budget's best
     loss as predicted by the fit without it (interval as error bar) beside its runs."""
+    plt = pyplot()
     params = result["approach3"]
     budgets = sorted({p["flops"] for p in points if p["flops"] is not None})
     colors = _colors(budgets)
@@ -85,6 +88,7 @@ def plot_frontier(result: dict[str, Any], points: list[dict[str, Any]], path: Pa
     """N*(C): approach 3 with its bootstrap band and approach 2's power law, each only when
     identified; approach 2's minima inside the sizes trained; the held-out prediction of N* (error
     bar) beside the measured vertex; the runs; and Chinchilla's published frontier for scale."""
+    plt = pyplot()
     boot, isoflop = result["bootstrap"], result["approach2"] or {"minima": [], "N_opt": None}
     C = np.array(boot["budgets"])
     grid = np.geomspace(C.min() / 3, C.max() * 3, 100)

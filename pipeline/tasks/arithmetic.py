@@ -20,9 +20,9 @@ import operator
 import random
 from typing import Any
 
-from pipeline.cli import ConfigError
+from pipeline.config import ConfigError
+from pipeline.records import unit_hash
 from pipeline.tasks import Example, Task, check_split, qa_example
-from pipeline.tokenizer.sources import unit_hash
 
 OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 MAX_DRAWS_PER_PROBLEM = 50  # a small problem space runs out of distinct problems; stop and say so

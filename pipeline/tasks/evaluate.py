@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from pipeline.eval.stats import compare_correct, fmt, proportion
 from pipeline.inference import Engine, SamplingParams
+from pipeline.stats import compare_correct, fmt, proportion
 from pipeline.tasks import Example, Task, held_out_items
 from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
 from pipeline.tokenizer.chat import render_prompt

@@ -14,9 +14,9 @@ import re
 from typing import Any
 
 from pipeline.config import workflow_path
+from pipeline.records import read_jsonl
 from pipeline.tasks import Example, Task, check_split, qa_example
 from pipeline.tasks.answers import NUMBER, normalise
-from pipeline.tokenizer.sources import read_jsonl
 
 ANNOTATION = re.compile(r"<<[^<>]*>>")
 

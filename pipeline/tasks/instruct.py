@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import workflow_path
+from pipeline.records import read_jsonl, unit_hash
 from pipeline.tasks import Example, Task, check_split, qa_example
-from pipeline.tokenizer.sources import read_jsonl, unit_hash
 
 
 def parse_record(record: dict[str, Any], where: str) -> list[Example]:

@@ -17,10 +17,7 @@ corpus (its position in the file), and three seeded, order-free decisions hang o
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import heapq
-import io
 import json
 import math
 import os
@@ -29,7 +26,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.cli import ConfigError
+from pipeline.config import ConfigError
+from pipeline.records import open_text, read_jsonl, unit_hash
 from pipeline.tokenizer.bpe import ENDOFTEXT
 
 
@@ -79,16 +77,9 @@ def text_sources(specs: list[dict[str, Any]], base: str | os.PathLike = ".",
 
 # --- reading ---------------------------------------------------------------------------------------
 
-def open_text(path: str) -> io.TextIOBase:
-    """A UTF-8 text file, gunzipped when its name ends in .gz; newlines kept as they are."""
-    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
-
-
 def _read_parquet(path: str) -> Iterator[tuple[str, str]]:
     """(id, text) of a clean shard, checked against the dedup manifest, a row group at a time."""
-    # polars only here: the tasks import this module for read_jsonl and unit_hash, and a GPU
-    # machine running SFT or GRPO need not carry polars (docs/gpu.md)
+    # polars only here: a GPU machine running SFT or GRPO need not carry polars (docs/gpu.md)
     import polars as pl
 
     from pipeline.data.docs import iter_docs
@@ -135,23 +126,6 @@ def _split_text(source: Source) -> Iterator[str]:
     yield "".join(lines).strip()
 
 
-def read_jsonl(path: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """(line index, "<path> line <n>", record) for every non-blank line of a jsonl file (.gz too);
-    a line that is not a JSON object stops with an error naming the file and line."""
-    with open_text(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            where = f"{path} line {i + 1}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: not a JSON object")
-            yield i, where, record
-
-
 def _read_jsonl(source: Source) -> Iterator[tuple[str, str]]:
     for i, where, record in read_jsonl(source.path):
         if not isinstance(record.get(source.field), str):
@@ -160,11 +134,6 @@ def _read_jsonl(source: Source) -> Iterator[tuple[str, str]]:
 
 
 # --- seeded decisions ------------------------------------------------------------------------------
-
-def unit_hash(key: str) -> float:
-    """sha256 of `key`, first 8 bytes as a big-endian integer, scaled to [0, 1)."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
-
 
 def is_val(doc_id: str, val_fraction: float) -> bool:
     return unit_hash(doc_id) < val_fraction

@@ -20,7 +20,10 @@ so that the update is d(sum of all losses) / (total weight) over the whole globa
 neither gradient accumulation nor the number of processes changes the gradient (not a mean of
 per-micro-batch means, which weighs a micro batch with few trained tokens like a full one).
 
-Config keys in errors are named `<stage>.<key>` (`sft.lr`, not `pretrain.lr`).
+Config keys in errors are named `<stage>.<key>` (`sft.lr`, not `pretrain.lr`). Steps are the stage's own:
+a step is `updates_per_step` optimizer updates (GRPO's num_iterations updates on one rollout batch, one
+elsewhere), so step counts in the config (max_steps, warmup, cadences) and in checkpoints, metrics and
+`--stop-at` mean the same thing; the learning-rate schedule alone runs over updates.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +43,11 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pipeline.artifacts import atomic_path, atomic_write_text, config_hash, write_manifest
-from pipeline.cli import ConfigError
+from pipeline.config import ConfigError, resume_safe_keys
 from pipeline.train import checkpoint
 from pipeline.train.lifecycle import RunLock, StopSignals, watch_parent
-from pipeline.train.parallel import (Dist, all_reduce_sum, autocast, init_distributed, peak_memory_bytes,
-                                     resolve_dtype, set_grad_sync)
+from pipeline.train.parallel import (Dist, all_reduce_sum, autocast, init_distributed, peak_memory_bytes, resolve_dtype,
+                                     set_grad_sync)
 from pipeline.train.report import Metrics, finite_or_none, init_wandb, plot_losses, write_samples
 from pipeline.train.watchdog import OK, Watchdog
 
@@ -91,7 +94,9 @@ class Run:
     wandb_run: Any
     lock: RunLock | None  # rank 0 only
     signals: StopSignals
-    step: int = 0
+    step: int = 0  # steps done, in the stage's unit
+    updates_per_step: int = 1
+    updates: int = 0  # optimizer updates done: the learning-rate schedule's position
     best_val: float = float("inf")
     first_step: int = 0  # the step this invocation started from (its first step warms up)
     started: float = field(default_factory=time.perf_counter)
@@ -115,14 +120,39 @@ class Run:
         self.signals.restore()
 
     def schedule_lr(self) -> float:
-        """The learning rate of the next update: the schedule times the watchdog's backoff."""
-        cfg = self.cfg
-        return lr_at(self.step, lr=cfg["lr"], warmup=cfg["warmup_steps"], max_steps=cfg["max_steps"],
+        """The learning rate of the next update: the schedule, over updates, times the watchdog's backoff."""
+        cfg, k = self.cfg, self.updates_per_step
+        return lr_at(self.updates, lr=cfg["lr"], warmup=cfg["warmup_steps"] * k, max_steps=cfg["max_steps"] * k,
                      min_lr_ratio=cfg["min_lr_ratio"]) * self.watchdog.lr_scale
+
+    def set_step(self, step: int) -> None:
+        """Go to the start of `step` (a checkpoint's), where its updates begin."""
+        self.step, self.updates = step, step * self.updates_per_step
+
+
+def trajectory_config(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a stage's config that a checkpoint must match to be resumed: every key but those
+    its schema marks `resume_safe` (cadences, placement, samples)."""
+    safe = resume_safe_keys(stage)
+    return {key: value for key, value in sorted(cfg.items()) if key not in safe}
+
+
+def check_tokenizer(tokenizer: Any, meta: dict[str, Any], *, tokenizer_path: Path, model_path: Path,
+                    special_tokens: Sequence[str] = ()) -> None:
+    """The tokenizer must be the one the model in `model_path` (its final.pt `meta`) was trained
+    with: the same vocabulary size and end-of-text id, and each of `special_tokens` inside the
+    model's embedding (the chat tokens are reserved before pretraining, never added after)."""
+    vocab_size, eos_id = meta["vocab_size"], meta["eos_id"]
+    outside = [s for s in special_tokens if not 0 <= tokenizer.special_tokens.get(s, -1) < vocab_size]
+    if tokenizer.n_vocab != vocab_size or tokenizer.eos_id != eos_id or outside:
+        raise ValueError(f"{tokenizer_path}: vocab {tokenizer.n_vocab} and eos id {tokenizer.eos_id}"
+                         + (f", special tokens {outside} missing or past the embedding" if outside else "")
+                         + f"; {model_path} was pretrained with vocab {vocab_size} and eos id {eos_id}: "
+                           "not its tokenizer")
 
 
 def setup_run(stage: str, cfg: dict[str, Any], *, out: Path, identity: dict[str, Any],
-              wandb_config: dict[str, Any]) -> Run:
+              wandb_config: dict[str, Any], updates_per_step: int = 1) -> Run:
     """Everything before the model: stops on SIGTERM/SIGINT and when its parent dies, joins the
     process group, picks dtype and autocast, takes the output folder's lock (rank 0), claims the
     checkpoint folder for `identity`, opens the metrics history and W&B."""
@@ -149,7 +179,8 @@ def setup_run(stage: str, cfg: dict[str, Any], *, out: Path, identity: dict[str,
         raise
     watchdog = Watchdog(stage, cfg["nan_patience"], cfg["nan_lr_backoff"], cfg["nan_max_restores"])
     return Run(stage, cfg, d, dtype, autocast(d.device, dtype, cfg["parallel"]), out, identity, watchdog,
-               Metrics(out / "checkpoints" / "metrics.jsonl", wandb_run), wandb_run, lock, signals)
+               Metrics(out / "checkpoints" / "metrics.jsonl", wandb_run), wandb_run, lock, signals,
+               updates_per_step=updates_per_step)
 
 
 def resume(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
@@ -159,7 +190,8 @@ def resume(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     folder = checkpoint.find_resumable(run.ckpt_root)
     extra = checkpoint.load(folder, model, optimizer, run.d.rank, run.identity) if folder else None
     if extra is not None:
-        run.step, run.best_val = extra["step"], extra["best_val"]
+        run.set_step(extra["step"])
+        run.best_val = extra["best_val"]
         run.watchdog.load_state_dict(extra["watchdog"])
     run.first_step = run.step
     if run.d.is_main:
@@ -193,7 +225,9 @@ def train_step(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimize
     they were; the caller handles RESTORE (see `restore`)."""
     t0 = time.perf_counter()
     d = run.d
-    run.step += 1
+    run.updates += 1
+    if run.updates % run.updates_per_step == 0:
+        run.step += 1
     for group in optimizer.param_groups:
         group["lr"] = lr
     sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # (loss sum, weight) of this rank
@@ -233,6 +267,38 @@ def train_step(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimize
     return StepResult(loss_value, grad_norm, weight_total, action, lr, time.perf_counter() - t0)
 
 
+def token_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the token cross-entropies in fp32, number of target tokens); targets -1 are ignored."""
+    x, y = batch
+    _, loss = model(x, y, loss_reduction="sum")
+    return loss, (y != -1).sum()
+
+
+@torch.no_grad()
+def evaluate(run: Run, model: torch.nn.Module,
+             parts: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, float]:
+    """Mean loss per target token of each part's held-out batches and of all of them together
+    (`all`), summed over every rank's share of the batches."""
+    model.eval()
+    sums = torch.zeros(len(parts), 2, dtype=torch.float64, device=run.d.device)
+    for k, batches in enumerate(parts.values()):
+        for batch in batches:
+            with run.amp:
+                loss, count = token_loss(model, batch)
+            sums[k] += torch.stack([loss.double(), count.double()])
+    model.train()
+    sums = all_reduce_sum(sums, run.d)
+    total = sums.sum(dim=0)
+    return {**{name: (s[0] / s[1]).item() for name, s in zip(parts, sums)}, "all": (total[0] / total[1]).item()}
+
+
+def skip_step(run: Run) -> None:
+    """A step with nothing to train on (GRPO: every completion masked out): it counts, and the
+    schedule moves past its updates, but the weights stay as they are."""
+    run.updates += run.updates_per_step
+    run.step += 1
+
+
 def restore(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """The watchdog's RESTORE: weights, optimizer, RNG and step come back from the newest good
     checkpoint; the watchdog's state (its lower lr) and the stage's data position do not, so the
@@ -248,7 +314,7 @@ def restore(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
         run.metrics.write({"step": run.step, "event": "restore", "checkpoint": folder.name,
                            "to_step": extra["step"], "lr_scale": run.watchdog.lr_scale,
                            "restores": run.watchdog.restores})
-    run.step = extra["step"]
+    run.set_step(extra["step"])
 
 
 def log_step(run: Run, result: StepResult, *, step_tokens: int, flops_per_token: float, peak: float | None,
@@ -396,12 +462,13 @@ def export(run: Run, model: torch.nn.Module, *, final: dict[str, Any], config: d
         return {}
     out = run.out
     with atomic_path(out / "final.pt") as tmp:
-        torch.save({**final, "model": full_state, "step": run.step}, tmp)
+        torch.save({**final, "model": full_state, "step": run.updates}, tmp)  # the updates the weights had
     run.metrics.export(out / "metrics.jsonl")
     plot_losses(run.metrics.records, out / "loss.png", plot_title, plot_baseline, **(plot_labels or {}))
     write_samples_safely(out / "samples.md", lambda: make_samples(full_state), decode, samples_header)
     summary = {**metrics, **step_summary(run), "best_val_loss": run.best_val}
-    counts = {"steps": run.step, "skipped_steps": run.watchdog.skipped, "restores": run.watchdog.restores,
+    counts = {"steps": run.step, "updates": run.updates, "skipped_steps": run.watchdog.skipped,
+              "restores": run.watchdog.restores,
               "world_size": run.d.world_size, **counts}
     write_manifest(out / "manifest.json", stage=run.stage, config=config,
                    inputs=inputs,

@@ -1,328 +1,308 @@
-"""GRPO's pure pieces, read top to bottom: rollouts (group sampling by the inference engine,
-log-probs of completions) -> rewards -> group-relative advantages -> the clipped policy loss and its
-accumulation weight.
+"""GRPO, the stage, read top to bottom: the SFT model trained on a verifiable task's rewards, on
+the training engine. The algorithm's pieces are in `pipeline/train/rl.py`; the command line is
+`pipeline/train/grpo_cli.py`.
 
-The objective is DeepSeekMath's GRPO (Shao et al., 2024, https://arxiv.org/abs/2402.03300) with
-the later corrections as options: Dr. GRPO (Liu et al., 2025, https://arxiv.org/abs/2503.20783)
-drops the std scaling of advantages and the per-completion length normalisation; DAPO (Yu et al.,
-2025, https://arxiv.org/abs/2503.14476) normalises by the batch's token count and clips
-asymmetrically (eps_low, eps_high). The KL penalty to a frozen reference is the k3 estimator
-(Schulman, http://joschu.net/blog/kl-approx.html), as DeepSeekMath.
+Sections in order: inputs (the SFT model, its tokenizer, the task's prompts; all checked before
+anything trains) -> run setup (engine) -> model, reference, optimizer -> resume -> the loop ->
+outputs (held-out accuracy of the input and the trained model, final.pt, metrics, plots, samples).
 
-Shapes: a step has P prompts x G completions = B rows, consecutive rows sharing a prompt. Token
-tensors (`logp`, `old_logp`, `ref_logp`, `mask`) are [B, T], T the longest completion in the
-(micro) batch; `mask` is 1 on the completion tokens that count.
+A GRPO step is one rollout batch (prompts_per_step prompts x group_size completions) followed by
+num_iterations (mu) optimizer updates on it: the engine's step unit (`updates_per_step`), so
+`max_steps`, `warmup_steps`, the cadences, checkpoints and `--stop-at` all count GRPO steps, and
+checkpoints fall on rollout-batch boundaries only. Rollouts run on the inference
+engine (`pipeline.inference.Engine`, continuous batching over a paged KV cache). A step's prompts
+and each completion's sampling generator are seeded by (seed, step, prompt, completion): resuming
+at a step boundary replays exactly what an uninterrupted run does, with no RNG state to save.
+
+One process only (`parallel: none`): the engine decodes each sequence for as long as it needs, so a
+sharded (FSDP) model could not gather in step across ranks; DDP would work with the unwrapped
+module for rollouts and a rank's share of the prompts, but is not built or tested yet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pipeline.inference import Engine, SamplingParams
-from pipeline.model.gpt import GPT
-from pipeline.tasks.answers import extract_answer
+from pipeline.artifacts import check_inputs, sha256_file
+from pipeline.config import ConfigError
+from pipeline.figures import pyplot, save_figure
+from pipeline.model.gpt import GPT, GPTConfig, load_final
+from pipeline.stats import fmt
+from pipeline.tasks import Example, get_task, held_out_items, held_out_record
+from pipeline.tasks.evaluate import held_out_accuracy, held_out_metrics, held_out_sentence
+from pipeline.tokenizer import BPETokenizer
+from pipeline.tokenizer.bpe import ASSISTANT_END
+from pipeline.tokenizer.chat import render_prompt
+from pipeline.train.engine import (build_optimizer, check_tokenizer, eval_and_checkpoint, export, finish, log_step,
+                                   restore, resume, setup_run, skip_step, train_step, trajectory_config)
+from pipeline.train.parallel import parallelize, peak_flops
+from pipeline.train.rl import (PolicyLoss, Rollouts, batch_logprobs, equal_reward_groups, group_advantages, loss_mask,
+                               micro_batches, mixed_seed, sample_completions, score_completions, set_old_logprobs)
+from pipeline.train.watchdog import RESTORE
 
-# --- rollouts ---------------------------------------------------------------------------------------
+log = logging.getLogger(__name__)
 
-@dataclass
-class Rollouts:
-    """G sampled completions of each of P prompts, B = P x G rows, a prompt's rows consecutive."""
-    prompts: list[list[int]]  # the P prompts' token ids (each ends with <|assistant_start|>)
-    ids: torch.Tensor         # [B, L] completion ids; after the stop token, padding (the stop id)
-    mask: torch.Tensor        # [B, L] bool: the sampled tokens, the stop token included
-    truncated: torch.Tensor   # [B] bool: cut at max_completion_tokens without the stop token
-    logprobs: torch.Tensor    # [B, L] float32: each sampled token's log-probability under the sampling model, 0 after
-
-    @property
-    def group_size(self) -> int:
-        return self.ids.size(0) // len(self.prompts)
-
-
-def sample_completions(model: GPT, prompts_ids: Sequence[Sequence[int]], group_size: int,
-                       max_completion_tokens: int, temperature: float, top_k: int | None, top_p: float,
-                       stop_token: int, seed: Sequence[int]) -> Rollouts:
-    """G = group_size completions of each prompt from `model`, decoded together by the inference
-    engine: all P x G requests in one continuous batch, each prompt's full KV blocks computed once
-    and shared by its group (prefix caching). Completion j of prompt i draws with its own
-    generator, seeded by (*seed, i, j), so the draws depend on the seed alone, not on the batch. A
-    completion stops at `stop_token` (<|assistant_end|>, kept as its last token) or after
-    max_completion_tokens tokens (truncated)."""
-    L, seq_len = max_completion_tokens, model.config.seq_len
-    for p, prompt in enumerate(prompts_ids):
-        if not 0 < len(prompt) <= seq_len - L:
-            raise ValueError(f"prompt {p}: {len(prompt)} tokens + max_completion_tokens {L} do not fit "
-                             f"the model's context of {seq_len} tokens")
-    n = len(prompts_ids) * group_size
-    engine = Engine.for_prompts(model, prompts_ids, L, max_batch_size=n)
-    params = [SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=top_p, max_tokens=L,
-                             stop_token_ids=[stop_token], seed=mixed_seed(*seed, i, j))
-              for i in range(len(prompts_ids)) for j in range(group_size)]
-    completions = engine.generate([p for p in prompts_ids for _ in range(group_size)], params)
-    device = next(model.parameters()).device
-    ids = torch.full((n, L), stop_token, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    logprobs = torch.zeros(n, L, device=device)
-    for row, c in enumerate(completions):
-        ids[row, :len(c.token_ids)] = torch.tensor(c.token_ids, device=device)
-        mask[row, :len(c.token_ids)] = True
-        logprobs[row, :len(c.token_ids)] = torch.tensor(c.logprobs, device=device)
-    truncated = torch.tensor([c.finish_reason != "stop" for c in completions], device=device)
-    return Rollouts(prompts=[list(p) for p in prompts_ids], ids=ids, mask=mask, truncated=truncated, logprobs=logprobs)
+# Config keys that may change between a run and its resume: they do not change what the weights become.
+PLOTTED = (("reward_mean", "reward (mean; band: mean std within the batch)"), ("accuracy", "task accuracy"),
+           ("kl", "KL to the reference (k3)"), ("clip_frac", "clip fraction"), ("entropy", "entropy (nats/token)"),
+           ("completion_tokens", "completion length (tokens)"), ("zero_adv_groups", "groups with equal rewards"),
+           ("rollout_tokens_per_s", "rollout tokens/s"))
 
 
-def mixed_seed(*keys: int) -> int:
-    """A seed from a tuple of ints (SeedSequence mixes them: nearby tuples, unrelated streams)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+def run_identity(cfg: dict[str, Any], tasks_config: dict[str, Any], model: Path, tokenizer: Path) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the input model, the tokenizer, the tasks and
+    the trajectory-setting config."""
+    return {"stage": "grpo", "model_sha256": sha256_file(model), "tokenizer_sha256": sha256_file(tokenizer),
+            "tasks": tasks_config, "grpo": trajectory_config("grpo", cfg)}
 
 
-def loss_mask(rollouts: Rollouts, mask_truncated: bool) -> torch.Tensor:
-    """The completion tokens the loss counts [B, L]: all sampled ones, or with `mask_truncated`
-    none of a completion cut at the length limit (DAPO's overlong filtering: a cut answer's
-    reward says little about its tokens). Its reward still counts in its group's advantages."""
-    return rollouts.mask & ~rollouts.truncated[:, None] if mask_truncated else rollouts.mask
+def step_prompts(n: int, count: int, seed: int, step: int) -> list[int]:
+    """Indices of the `count` train prompts of GRPO step `step` (0-based): distinct within a step."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mixed_seed(seed, step)))[:count].tolist()
 
 
-def sequences(rollouts: Rollouts, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Model inputs for the completions in `rows`: idx [b, S] (prompt + completion but its last
-    token, right-padded), targets [b, S] (the completion's tokens where they are predicted, -1
-    elsewhere) and positions [b, L] (where completion token j is predicted: len(prompt) - 1 + j)."""
-    G, L = rollouts.group_size, rollouts.ids.size(1)
-    ids = rollouts.ids[rows]
-    row_prompts = [rollouts.prompts[r // G] for r in range(rollouts.ids.size(0))][rows]
-    lengths = torch.tensor([len(p) for p in row_prompts], device=ids.device)
-    S = int(lengths.max()) + L - 1
-    idx = torch.zeros(ids.size(0), S, dtype=torch.long, device=ids.device)
-    positions = lengths[:, None] - 1 + torch.arange(L, device=ids.device)  # [b, L]
-    for i, prompt in enumerate(row_prompts):
-        idx[i, :len(prompt)] = torch.tensor(prompt, device=ids.device)
-    idx.scatter_(1, positions[:, 1:], ids[:, :-1])  # token j of the completion sits at len(prompt) + j
-    targets = torch.full_like(idx, -1)
-    targets.scatter_(1, positions, torch.where(rollouts.mask[rows], ids, -1))
-    return idx, targets, positions
+def fitting_prompts(tokenizer: BPETokenizer, examples: Sequence[Example], seq_len: int,
+                    max_completion_tokens: int) -> tuple[list[tuple[list[int], Example]], int]:
+    """(prompt ids, example) of the examples whose prompt leaves room for a whole completion in
+    the context (see `sample_completions`), and how many were dropped as too long."""
+    rendered = [(render_prompt(tokenizer, e.prompt), e) for e in examples]
+    kept = [(ids, e) for ids, e in rendered if len(ids) + max_completion_tokens <= seq_len]
+    return kept, len(rendered) - len(kept)
 
 
-def completion_logprobs(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(completion token j | prompt, tokens < j) under `model`, [b, L]: one forward over the
-    whole sequences with per-token losses (loss_reduction="none"), read at the completion's
-    positions (0 where masked). With `with_entropy`, also the model's entropy (nats) at each of
-    those positions, over the real vocabulary; for logging, so without gradient."""
-    logits, losses = model(idx, targets, loss_reduction="none")
-    logp = -losses.gather(1, positions)
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():
-        at = logits.gather(1, positions[:, :, None].expand(-1, -1, logits.size(-1)))[..., :model.config.vocab_size]
-        log_probs = F.log_softmax(at.float(), dim=-1)
-        entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-    return logp, entropy
+@contextmanager
+def one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """One intra-op thread for token-by-token sampling on CPU: a decode step's forward (one token
+    for each of the P x G rows of the tiny model) is too small to split, and threads that wait on
+    each other lose badly on a busy machine with 2 shared cores."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
-# --- rewards ----------------------------------------------------------------------------------------
-
-def format_reward(text: str, ended: bool) -> float:
-    """1.0 when the completion closed its turn itself (sampled <|assistant_end|> before the length
-    limit) and has an answer the verifiers can read (`extract_answer`: the number after "####",
-    else the last number), else 0.0. It rewards the shape of an answer whatever its value, so
-    early on, when few answers are right, groups still differ."""
-    return float(ended and extract_answer(text) is not None)
-
-
-def score_completions(task: Any, texts: Sequence[str], answers: Sequence[str], ended: Sequence[bool],
-                      format_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of B completions: the task's verifier `task.reward(text, answer)` plus
-    `format_weight` x `format_reward`. Returns (rewards, task_rewards), both float32 [B]; the
-    mean of task_rewards is the accuracy for a 0/1 verifier."""
-    if not len(texts) == len(answers) == len(ended):
-        raise ValueError(f"{len(texts)} completions, {len(answers)} answers, {len(ended)} ended flags")
-    task_rewards = torch.tensor([float(task.reward(t, a)) for t, a in zip(texts, answers)], dtype=torch.float32)
-    formats = torch.tensor([format_reward(t, e) for t, e in zip(texts, ended)], dtype=torch.float32)
-    return task_rewards + format_weight * formats, task_rewards
+def rollout(model: GPT, prompts: Sequence[Sequence[int]], cfg: dict[str, Any], stop: int, step: int,
+            group_size: int | None = None, temperature: float | None = None) -> Rollouts:
+    """G completions of each prompt, completion j of prompt i sampled with its own generator seeded
+    by (seed, step, i, j), so the draws are a function of the step alone (a resumed run replays them)."""
+    with one_thread_on_cpu(model.wte.weight.device):
+        return sample_completions(model, prompts, group_size or cfg["group_size"], cfg["max_completion_tokens"],
+                                  cfg["temperature"] if temperature is None else temperature, cfg["top_k"],
+                                  cfg["top_p"], stop, seed=(cfg["seed"], step))
 
 
-# --- advantages -------------------------------------------------------------------------------------
-
-SCALES = ("group", "batch", "none")
-STD_EPS = 1e-4  # DeepSeekMath / TRL: keeps a group whose rewards are all equal at advantage 0
-
-
-def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """rewards [P * G] -> [P, G], checked."""
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D (P * G values), got shape {tuple(rewards.shape)}")
-    if group_size < 2 or rewards.numel() % group_size:
-        raise ValueError(f"group_size {group_size} must be >= 2 and divide the {rewards.numel()} rewards")
-    return rewards.float().view(-1, group_size)
+def completion_texts(tokenizer: BPETokenizer, rollouts: Rollouts, stop: int) -> list[str]:
+    """Each completion's text: its sampled tokens without the stop token."""
+    return [tokenizer.decode([t for t in ids.tolist() if t != stop][:int(m.sum())])
+            for ids, m in zip(rollouts.ids, rollouts.mask)]
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
-    """Each completion's reward relative to its group (the G completions of one prompt).
+def plot_rewards(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """One panel per logged rollout statistic against GRPO step; a statistic that is 0 at every
+    step (KL with beta 0, the clip fraction with one update per batch) is named, not drawn."""
+    plt = pyplot()
 
-    scale "group": (r - group mean) / (group std + 1e-4), GRPO; "none": r - group mean, Dr. GRPO
-    (the std division up-weights prompts that are nearly always right or nearly always wrong);
-    "batch": (r - group mean) / (std of the whole batch's rewards + 1e-4), as TRL's
-    `scale_rewards="batch"`. The std is the sample std (Bessel-corrected), as TRL."""
-    if scale not in SCALES:
-        raise ValueError(f"scale {scale!r} is not one of {SCALES}")
-    groups = _groups(rewards, group_size)
-    # exactly 0 for a group of equal rewards: in float32 eight 0.3s have a mean 3e-8 off, which
-    # the group scale's 1 / (0 + 1e-4) would blow up to a spurious advantage of 3e-4
-    equal = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)
-    centred = torch.where(equal, 0.0, groups - groups.mean(dim=1, keepdim=True))
-    if scale == "none":
-        return centred.view(-1)
-    std = groups.std(dim=1, keepdim=True) if scale == "group" else groups.std()
-    return (centred / (std + STD_EPS)).view(-1)
-
-
-def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> int:
-    """How many groups got the same reward on every completion: their advantages are all 0, so
-    they teach nothing this step (DAPO's dynamic sampling would resample them; we count them)."""
-    groups = _groups(rewards, group_size)
-    return int((groups.amax(dim=1) == groups.amin(dim=1)).sum())
-
-
-# --- the loss ---------------------------------------------------------------------------------------
-
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+    steps = {r["grpo_step"]: r for r in records if "reward_mean" in r}  # a restored step: its last run
+    xs = sorted(steps)
+    drawn = [(key, label) for key, label in PLOTTED if any(steps[s][key] for s in xs)]
+    zero = [label for key, label in PLOTTED if (key, label) not in drawn]
+    cols = min(4, max(1, len(drawn)))
+    rows = max(1, -(-len(drawn) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows + 0.4), sharex=True, squeeze=False)
+    for ax in axes.flat[len(drawn):]:
+        ax.axis("off")
+    for ax, (key, label) in zip(axes.flat, drawn):
+        ys = np.array([steps[s][key] for s in xs], dtype=float)
+        ax.plot(xs, ys, lw=1.2)
+        if key == "reward_mean":
+            sd = np.array([steps[s]["reward_std"] for s in xs], dtype=float)
+            ax.fill_between(xs, ys - sd, ys + sd, alpha=0.2)
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("GRPO step (rollout batch)")
+    fig.suptitle(title + (f"\n0 at every step, not drawn: {', '.join(zero)}" if zero else ""), fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
-def loss_weight(mask: torch.Tensor, loss_type: str, max_completion_tokens: int | None = None) -> float:
-    """The denominator of `policy_loss` for this (micro) batch. Under gradient accumulation each
-    micro batch contributes loss x weight and the gradient is divided by the weights' global
-    sum, so the result equals one big batch's: dapo, masked tokens (DAPO's token-level mean over
-    the global batch); grpo, completions with at least one masked token (each is one term of the
-    mean over completions); dr_grpo, completions x max_completion_tokens (a constant per row)."""
-    if loss_type == "dapo":
-        return float(mask.sum())
-    if loss_type == "grpo":
-        return float((mask.sum(dim=1) > 0).sum())
-    if loss_type == "dr_grpo":
-        if max_completion_tokens is None:
-            raise ValueError("loss_type 'dr_grpo' needs max_completion_tokens (its constant denominator)")
-        return float(mask.size(0) * max_completion_tokens)
-    raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
+def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: Path, tasks_config: dict[str, Any],
+          stop_at: int | None = None) -> dict[str, Any]:
+    """GRPO on `cfg["task"]` from the model in `model_path` (SFT's final.pt), writing into `out`;
+    return a summary. `cfg` is the validated `grpo` section, `tasks_config` the `tasks` one.
+    `stop_at` (a GRPO step) ends this invocation after that step's checkpoint, as a preempted job would."""
+    model_path, tokenizer_path, out = Path(model_path), Path(tokenizer_path), Path(out)
+    if cfg["parallel"] != "none":
+        raise ConfigError(f"config key 'grpo.parallel' = {cfg['parallel']!r}: GRPO runs in one process "
+                          "(parallel: none); see pipeline/train/grpo.py")
+    mu, P, G, L = cfg["num_iterations"], cfg["prompts_per_step"], cfg["group_size"], cfg["max_completion_tokens"]
 
+    # --- inputs: the model, its tokenizer, the task's prompts; checked before the first step -----------
+    check_inputs(model_path, tokenizer_path)  # against the manifests of the stages that wrote them
+    policy, meta = load_final(model_path)
+    model_config = GPTConfig(**meta["model_config"])
+    tokenizer = BPETokenizer.load(tokenizer_path)
+    check_tokenizer(tokenizer, meta, tokenizer_path=tokenizer_path, model_path=model_path,
+                    special_tokens=[ASSISTANT_END])
+    stop = tokenizer.special_tokens[ASSISTANT_END]
+    task = get_task(cfg["task"], tasks_config)
+    train_prompts, dropped = fitting_prompts(tokenizer, task.examples("train"), model_config.seq_len, L)
+    if len(train_prompts) < P:
+        raise ValueError(f"task {task.name}: {len(train_prompts)} train prompts fit the context with "
+                         f"max_completion_tokens {L} ({dropped} dropped); grpo.prompts_per_step is {P}")
+    held_out = held_out_items(task)  # the fixed items eval scores too; samples.md shows the first ones
+    eval_n = min(cfg["eval_examples"], len(held_out))
+    accuracy_record = held_out_record(task, cfg["accuracy_examples"]) if cfg["accuracy_examples"] != 0 else None
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
-                eps_high: float = 0.2, loss_type: str = "dapo",
-                max_completion_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped surrogate loss (negative objective) of a (micro) batch, and its stats.
+    with setup_run("grpo", cfg, out=out,
+                   identity=run_identity(cfg, tasks_config, model_path, tokenizer_path),
+                   wandb_config={"model": str(model_path), **cfg}, updates_per_step=mu) as run:
+        d = run.d
+        flops_per_token = policy.flops_per_token()
+        peak, peak_source = peak_flops(d.device, cfg["peak_flops"], "grpo")
+        if d.is_main:
+            log.info("model %s: %s, %s parameters, step %d", model_path, model_config.to_dict(),
+                     f"{policy.num_params():,}", meta["step"])
+            log.info("task %s: %d train prompts (%d too long for %d completion tokens dropped), %d held out",
+                     task.name, len(train_prompts), dropped, L, len(held_out))
+            log.info("step: %d prompts x %d completions, %d update(s) of micro batches of %d; %d steps; "
+                     "loss %s, advantages scaled by %s, beta %g; compute %s, %s", P, G, mu, cfg["micro_batch"],
+                     cfg["max_steps"], cfg["loss_type"], cfg["advantage_scale"], cfg["beta"], d.device,
+                     str(run.dtype).removeprefix("torch."))
 
-    Per token: ratio = exp(logp - old_logp); objective = min(ratio A, clip(ratio, 1 - eps_low,
-    1 + eps_high) A), minus beta x k3 when beta > 0, k3 = exp(ref - logp) - (ref - logp) - 1 >= 0.
-    Reduced by `loss_type` (see `loss_weight` for each denominator): grpo, mean over each
-    completion's tokens then over completions; dr_grpo, sum / (B x max_completion_tokens); dapo,
-    sum / masked tokens. Stats: `clip_frac` (masked tokens whose clipped term is the one taken,
-    so they pass no gradient), `kl` (mean k3 over masked tokens; 0 without a reference),
-    `tokens` (masked tokens) and `weight` (`loss_weight`)."""
-    if logp.dim() != 2 or not logp.shape == old_logp.shape == mask.shape:
-        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask {tuple(mask.shape)} "
-                         "must be the same [B, T]")
-    if advantages.shape != logp.shape[:1]:
-        raise ValueError(f"advantages {tuple(advantages.shape)} must be [B] = [{logp.size(0)}]")
-    if beta > 0 and ref_logp is None:
-        raise ValueError(f"beta = {beta} > 0 needs ref_logp (the frozen reference's log-probs)")
-    if ref_logp is not None and ref_logp.shape != logp.shape:
-        raise ValueError(f"ref_logp {tuple(ref_logp.shape)} must be [B, T] = {tuple(logp.shape)}")
-    weight = loss_weight(mask, loss_type, max_completion_tokens)
-    keep = mask.bool()
-    tokens = keep.sum()
+        # --- model, frozen reference (only with a KL term), optimizer ---------------------------------------
+        policy = policy.to(d.device).train()
+        model = parallelize(policy, mode="none", dist_info=d, compile=cfg["compile"], param_dtype=run.dtype)
+        reference = load_final(model_path, d.device)[0].requires_grad_(False) if cfg["beta"] > 0 else None
+        optimizer = build_optimizer(model, cfg, d.device)
+        loss_fn = PolicyLoss(loss_type=cfg["loss_type"], eps_low=cfg["eps_low"], eps_high=cfg["eps_high"],
+                             beta=cfg["beta"], max_completion_tokens=L)
 
-    def masked(x: torch.Tensor) -> torch.Tensor:
-        # where, before exp(): a padding position may hold anything (an inf ratio), and both
-        # inf * 0 and the gradient of exp() at inf are nan
-        return torch.where(keep, x, torch.zeros_like(x))
+        # --- resume at a rollout-batch boundary -------------------------------------------------------------
+        resume(run, model, optimizer)
 
-    def token_mean(x: torch.Tensor) -> float:
-        return float(masked(x).sum() / tokens.clamp(min=1))
+        def evaluate() -> float:  # the engine keeps the best checkpoint by this "loss": the error rate
+            accuracy = held_out_accuracy(policy, tokenizer, task, eval_n)["accuracy"]["value"]
+            run.metrics.write({"step": run.step, "grpo_step": run.step, "held_out_accuracy": accuracy})
+            return 1.0 - accuracy
 
-    A = advantages.to(logp.dtype).unsqueeze(1)  # [B, 1]: one advantage for all of a completion's tokens
-    ratio = torch.exp(masked(logp - old_logp))
-    objective = torch.minimum(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
-    clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
-    kl = 0.0
-    if ref_logp is not None:
-        log_ratio = masked(ref_logp - logp)
-        k3 = torch.exp(log_ratio) - log_ratio - 1
-        kl = token_mean(k3.detach())
-        if beta > 0:
-            objective = objective - beta * k3
-    objective = masked(objective)
-    if loss_type == "grpo":
-        total = (objective.sum(dim=1) / keep.sum(dim=1).clamp(min=1)).sum()
-    else:
-        total = objective.sum()
-    loss = -total / max(weight, 1.0)  # an all-masked batch: loss 0, weight 0
-    stats = {"clip_frac": token_mean(clipped.to(logp.dtype)), "kl": kl, "tokens": float(tokens), "weight": weight}
-    return loss, stats
+        # --- the loop: rollouts, rewards, advantages, then mu updates ------------------------------------------
+        while run.step < cfg["max_steps"] and (stop_at is None or run.step < stop_at):
+            step = run.step  # the GRPO step about to run, 0-based
+            t0 = time.perf_counter()
+            chosen = [train_prompts[i] for i in step_prompts(len(train_prompts), P, cfg["seed"], step)]
+            rollouts = rollout(policy, [p for p, _ in chosen], cfg, stop, step)
+            rollout_s = time.perf_counter() - t0
+            texts = completion_texts(tokenizer, rollouts, stop)
+            answers = [example.answer for _, example in chosen for _ in range(G)]
+            rewards, task_rewards = score_completions(task, texts, answers, (~rollouts.truncated).tolist(),
+                                                      cfg["format_weight"])
+            advantages = group_advantages(rewards, G, cfg["advantage_scale"])
+            mask = loss_mask(rollouts, cfg["mask_truncated"])
+            batches = micro_batches(rollouts, mask, advantages.to(d.device), cfg["micro_batch"])
+            if reference is not None:
+                ref_logp = batch_logprobs(reference, batches)
+                batches = micro_batches(rollouts, mask, advantages.to(d.device), cfg["micro_batch"], ref_logp=ref_logp)
+            if mu > 1:
+                set_old_logprobs(policy, batches)
 
+            if mask.sum() == 0:  # every completion truncated and masked out: no update, the step still counts
+                result = None
+                skip_step(run)
+            for _ in range(mu if mask.sum() > 0 else 0):
+                result = train_step(run, model, optimizer, batches, loss_fn, lr=run.schedule_lr())
+                if result.action == RESTORE:
+                    break
+            if result is not None and result.action == RESTORE:
+                restore(run, model, optimizer)
+                continue
+            lengths = rollouts.mask.sum(dim=1).float()
+            rollout_stats = {
+                "grpo_step": step + 1, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                "accuracy": float(task_rewards.mean()), **loss_fn.stats(),
+                "completion_tokens": float(lengths.mean()), "truncated_frac": float(rollouts.truncated.float().mean()),
+                "zero_adv_groups": equal_reward_groups(rewards, G), "rollout_tokens_per_s": float(lengths.sum()) / rollout_s,
+                "rollout_s": rollout_s}
+            if result is not None:
+                # tokens/s of the last update (result.dt is its time), so one pass over the batch
+                log_step(run, result, step_tokens=sum(b["idx"].numel() for b in batches),
+                         flops_per_token=flops_per_token, peak=peak, **rollout_stats)
+            else:
+                run.metrics.write({"step": run.step, "event": "all_masked", **rollout_stats})
+            if d.is_main and (step + 1) % cfg["log_every"] == 0:
+                log.info("grpo step %d/%d | reward %.3f | accuracy %.3f | kl %.4f | clip %.3f | len %.1f | "
+                         "zero-adv groups %d/%d | rollout %.0f tok/s", step + 1, cfg["max_steps"],
+                         rollout_stats["reward_mean"], rollout_stats["accuracy"], rollout_stats["kl"],
+                         rollout_stats["clip_frac"], rollout_stats["completion_tokens"],
+                         rollout_stats["zero_adv_groups"], P, rollout_stats["rollout_tokens_per_s"])
+            if eval_and_checkpoint(run, model, optimizer, evaluate=evaluate if eval_n else None,
+                                   state=lambda: {"grpo_step": run.step}, stop_at=stop_at):
+                break
 
-# --- a step's micro batches and the engine's loss_fn ------------------------------------------------
+        if run.step < cfg["max_steps"]:  # stopped (--stop-at or a signal): rerun to resume
+            finish(run)
+            return {"step": run.step, "finished": False, "signal": run.signals.requested}
 
-def micro_batches(rollouts: Rollouts, mask: torch.Tensor, advantages: torch.Tensor, micro_batch: int,
-                  ref_logp: torch.Tensor | None = None) -> list[dict[str, Any]]:
-    """A step's rollouts as micro batches of `micro_batch` completions, each with its model
-    inputs (see `sequences`), loss mask, advantages and, when there is a reference, ref_logp.
-    `old_logp` is None until `set_old_logprobs` fills it (only needed for mu > 1)."""
-    out = []
-    for start in range(0, rollouts.ids.size(0), micro_batch):
-        rows = slice(start, start + micro_batch)
-        idx, targets, positions = sequences(rollouts, rows)
-        out.append({"idx": idx, "targets": targets, "positions": positions, "mask": mask[rows],
-                    "advantages": advantages[rows], "old_logp": None,
-                    "ref_logp": None if ref_logp is None else ref_logp[rows]})
-    return out
+        # --- outputs: held-out accuracy of the input and the trained model, then the files ---------------------
+        accuracy: dict[str, Any] = {}
+        if accuracy_record is not None:
+            n = accuracy_record["items"]
+            before = held_out_accuracy(load_final(model_path, d.device)[0], tokenizer, task, n)
+            after = held_out_accuracy(policy, tokenizer, task, n)
+            accuracy = held_out_metrics(task.name, "grpo", before, after, accuracy_record)
+            log.info("held-out %s accuracy (greedy, exact answer, %d problems): input %s -> GRPO %s (p = %.3g)",
+                     task.name, n, fmt(before["accuracy"]), fmt(after["accuracy"]),
+                     accuracy[f"{task.name}_comparison"]["p_value"])
+        steps = [r for r in run.metrics.records if "grpo_step" in r and "reward_mean" in r]
+        title = f"GRPO {out.name} on {task.name}: {cfg['loss_type']}, {P} x {G} per step"
+        plot_rewards(run.metrics.records, out / "rewards.png", title)
+        header = (f"`{out.name}` after {run.step} GRPO steps: held-out {task.name} prompts, answered greedily "
+                  f"and sampled at temperature {cfg['temperature']} (top-p {cfg['top_p']}), up to {ASSISTANT_END}.")
+        if accuracy:
+            header += " " + held_out_sentence(task.name, "input", "GRPO", accuracy)
 
+        def make_samples(weights: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+            fitting, _ = fitting_prompts(tokenizer, held_out, model_config.seq_len, cfg["sample_tokens"])
+            prompts = [p for p, _ in fitting[:cfg["samples"]]]
+            if not prompts:
+                return []
+            sample_cfg = {**cfg, "max_completion_tokens": cfg["sample_tokens"]}
+            after = cfg["max_steps"]  # a step number no rollout batch used: its own draws
+            greedy = rollout(policy, prompts, sample_cfg, stop, after, group_size=1, temperature=0.0)
+            drawn = rollout(policy, prompts, sample_cfg, stop, after, group_size=1)
+            return [{"prompt": p, "greedy": g[m].tolist(), "top_p": s[n].tolist()}
+                    for p, g, m, s, n in zip(prompts, greedy.ids, greedy.mask, drawn.ids, drawn.mask)]
 
-@torch.no_grad()
-def batch_logprobs(model: torch.nn.Module, batches: Sequence[dict[str, Any]]) -> torch.Tensor:
-    """log-probs [B, L] of every completion of `batches` under `model` (the frozen reference, or
-    the policy before its mu updates)."""
-    return torch.cat([completion_logprobs(model, b["idx"], b["targets"], b["positions"])[0] for b in batches])
-
-
-def set_old_logprobs(model: torch.nn.Module, batches: list[dict[str, Any]]) -> None:
-    """Fill each micro batch's old_logp from `model`, once, before mu > 1 updates on the same
-    rollouts. With mu = 1 leave them None: the policy then is the one that sampled, and
-    `PolicyLoss` uses the forward's own log-probs, detached (ratio exactly 1), saving a forward."""
-    for b in batches:
-        b["old_logp"] = batch_logprobs(model, [b])
-
-
-class PolicyLoss:
-    """The engine's `loss_fn(model, batch) -> (loss_sum, weight)` for GRPO: `policy_loss` of a
-    micro batch times its `loss_weight`, so the engine's division by the global weight gives the
-    whole batch's loss. Keeps token-weighted sums of clip fraction, KL and entropy for `stats()`."""
-
-    def __init__(self, *, loss_type: str, eps_low: float, eps_high: float, beta: float,
-                 max_completion_tokens: int) -> None:
-        self.kw = dict(loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, beta=beta,
-                       max_completion_tokens=max_completion_tokens)
-        self.sums = {"clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
-
-    def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
-        logp, entropy = completion_logprobs(model, batch["idx"], batch["targets"], batch["positions"],
-                                            with_entropy=True)
-        old = logp.detach() if batch["old_logp"] is None else batch["old_logp"]
-        loss, stats = policy_loss(logp, old, batch["advantages"], batch["mask"], ref_logp=batch["ref_logp"],
-                                  **self.kw)
-        self.sums["clip_frac"] += stats["clip_frac"] * stats["tokens"]
-        self.sums["kl"] += stats["kl"] * stats["tokens"]
-        self.sums["entropy"] += float(entropy[batch["mask"]].sum())
-        self.sums["tokens"] += stats["tokens"]
-        return loss * stats["weight"], stats["weight"]
-
-    def stats(self) -> dict[str, float]:
-        """Token-weighted means since the last call (over every micro batch and update), then reset."""
-        n = max(self.sums["tokens"], 1.0)
-        out = {k: v / n for k, v in self.sums.items() if k != "tokens"}
-        self.sums = dict.fromkeys(self.sums, 0.0)
-        return out
+        summary = export(
+            run, model, final={"model_config": model_config.to_dict(), "vocab_size": meta["vocab_size"],
+                               "eos_id": meta["eos_id"]},
+            config={"grpo": cfg, "tasks": tasks_config},
+            inputs=[model_path, model_path.with_name("manifest.json"), tokenizer_path],
+            counts={"grpo_steps": run.step, "rollouts": run.step * P * G,
+                    "train_prompts": len(train_prompts), "dropped_too_long": dropped},
+            metrics={"final_reward_mean": steps[-1]["reward_mean"] if steps else None,
+                     "final_train_accuracy": steps[-1]["accuracy"] if steps else None,
+                     "rollout_tokens_per_s": float(np.median([r["rollout_tokens_per_s"] for r in steps])) if steps else None,
+                     "zero_adv_groups_total": sum(r["zero_adv_groups"] for r in steps),
+                     "flops_per_token": flops_per_token, "peak_flops": peak, "peak_flops_source": peak_source,
+                     **accuracy},
+            plot_title=title, plot_baseline=None,
+            plot_labels={"loss_label": f"clipped surrogate loss ({cfg['loss_type']}): -objective, not a cross-entropy",
+                         "val_label": f"held-out error: 1 - greedy accuracy, first {eval_n} fixed items"},
+            make_samples=make_samples,
+            decode=tokenizer.decode, samples_header=header, extra_outputs=("rewards.png",))
+        if d.is_main:
+            log.info("done: %d GRPO steps; outputs in %s", run.step, out)
+        finish(run)
+        return {"step": run.step, "finished": True, **summary}

@@ -1,6 +1,6 @@
 """grpo: reinforcement learning of the SFT model on a verifiable task (GRPO / Dr. GRPO / DAPO).
 
-The command line of `pipeline/train/grpo_stage.py` (kept apart so that --help imports no torch).
+The command line of `pipeline/train/grpo.py` (kept apart so that --help imports no torch).
 
 Reads --model (SFT's final.pt, checked against its manifest) and --tokenizer, renders the task's
 train prompts with the chat template, and writes into <out>: final.pt (loadable like SFT's),
@@ -40,5 +40,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.train.grpo_stage import train  # torch is imported only when a run starts, not for --help
+    from pipeline.train.grpo import train  # torch is imported only when a run starts, not for --help
     return run_post_training("grpo", args, FLAGS, train)

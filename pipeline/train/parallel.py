@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pipeline.cli import ConfigError
+from pipeline.config import ConfigError
 
 # Dense bf16 tensor-core peak FLOP/s by device name (vendor datasheets; the sparse figures are
 # twice these). Checked in order, so the more specific names come first.

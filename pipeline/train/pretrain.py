@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 
 from pipeline.artifacts import sha256_file
-from pipeline.cli import ConfigError
+from pipeline.config import ConfigError
 from pipeline.inference import Engine, SamplingParams
 from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.train.data import (TokenWindows, TrainLoader, read_tokens_manifest, split_shards, to_device,
-                                 unigram_entropy, val_batches, val_rounds)
-from pipeline.train.engine import (Run, build_optimizer, eval_and_checkpoint, export, finish, log_step,
-                                   profile_steps, restore, resume, setup_run, train_step)
-from pipeline.train.parallel import all_reduce_sum, parallelize, peak_flops, state_bytes
+from pipeline.token_shards import TokenWindows, read_tokens_manifest, split_shards
+from pipeline.train.data import TrainLoader, to_device, unigram_entropy, val_batches, val_rounds
+from pipeline.train.engine import (build_optimizer, eval_and_checkpoint, evaluate, export, finish, log_step,
+                                   profile_steps, restore, resume, setup_run, token_loss, train_step, trajectory_config)
+from pipeline.train.parallel import parallelize, peak_flops, state_bytes
 from pipeline.train.report import load_decoder
 from pipeline.train.watchdog import OK, RESTORE
 
@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 
 # Config keys that may change between a run and its resume: they do not change what the weights
 # become (`parallel`, `nproc` and `nodes` change only the summation order). Any other change starts fresh.
-RESUME_FREE_KEYS = ("sizes", "nproc", "nodes", "parallel", "device", "compile", "activation_checkpointing",
-                    "eval_every", "eval_tokens", "checkpoint_every", "keep", "log_every", "peak_flops", "wandb_project", "wandb_mode",
-                    "samples", "sample_tokens", "top_p")
 PROMPT_TOKENS = 8  # a sample's prompt: the opening tokens of a document
 PROMPT_SCAN_TOKENS = 200_000  # how far into each shard to look for document openings
 
@@ -46,34 +43,13 @@ PROMPT_SCAN_TOKENS = 200_000  # how far into each shard to look for document ope
 def run_identity(cfg: dict[str, Any], size: str, tokens_manifest: Path) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the size, the trajectory-setting config, the data."""
     return {"stage": "pretrain", "size": size, "tokens_manifest_sha256": sha256_file(tokens_manifest),
-            "pretrain": {k: v for k, v in sorted(cfg.items()) if k not in RESUME_FREE_KEYS}}
-
-
-def token_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the token cross-entropies in fp32, number of target tokens); targets -1 are ignored."""
-    x, y = batch
-    _, loss = model(x, y, loss_reduction="sum")
-    return loss, (y != -1).sum()
+            "pretrain": trajectory_config("pretrain", cfg)}
 
 
 def nan_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """token_loss made NaN: fault injection for the watchdog tests."""
     loss, count = token_loss(model, batch)
     return loss * float("nan"), count
-
-
-@torch.no_grad()
-def evaluate(run: Run, model: torch.nn.Module, windows: TokenWindows) -> float:
-    """Mean token loss over the first eval_tokens of the val split, shared out over the ranks."""
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=run.d.device)
-    for batch in val_batches(windows, run.cfg["eval_tokens"], run.cfg["micro_batch"], run.d.rank, run.d.world_size):
-        with run.amp:
-            loss, count = token_loss(model, to_device(batch, run.d.device))
-        sums += torch.stack([loss.double(), count.double()])
-    model.train()
-    loss, count = all_reduce_sum(sums, run.d).tolist()
-    return loss / count
 
 
 def sample_prompts(splits: Iterable[TokenWindows], eos_id: int, n: int) -> list[list[int]]:
@@ -136,6 +112,11 @@ def train(cfg: dict[str, Any], *, data: Path, out: Path, size: str, stop_at: int
         val_rounds(val_windows, cfg["eval_tokens"], B, d.world_size)  # fail now, not at the first eval
         loader = TrainLoader(train_windows, B, d.rank, d.world_size, cfg["seed"])
 
+        def held_out_loss() -> float:
+            """Mean token loss over the first eval_tokens of the val split, shared out over the ranks."""
+            batches = val_batches(val_windows, cfg["eval_tokens"], B, d.rank, d.world_size)
+            return evaluate(run, model, {"val": (to_device(batch, d.device) for batch in batches)})["all"]
+
         # --- model: the same initial weights on every rank -------------------------------------------
         torch.manual_seed(cfg["seed"])
         model = GPT(model_config).to(d.device)
@@ -192,7 +173,7 @@ def train(cfg: dict[str, Any], *, data: Path, out: Path, size: str, stop_at: int
                         dist.all_gather_object(rank_bytes, state_bytes(model, optimizer))
                 log_step(run, result, step_tokens=cfg["global_batch_tokens"], flops_per_token=flops_per_token,
                          peak=peak, tokens=loader.position * T)
-                if eval_and_checkpoint(run, model, optimizer, evaluate=lambda: evaluate(run, model, val_windows),
+                if eval_and_checkpoint(run, model, optimizer, evaluate=held_out_loss,
                                        state=lambda: {"data": loader.state_dict()}, stop_at=stop_at):
                     break
                 profiled_step()

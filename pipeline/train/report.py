@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_path, atomic_write_text
+from pipeline.artifacts import atomic_write_text
+from pipeline.figures import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,7 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str,
     """Train loss (raw and smoothed) and val loss against step, with a (value, label) baseline
     line such as the unigram entropy. `loss_label` names the y axis; a `val_label` says the val
     series is another quantity (GRPO's held-out error rate) and draws it on its own right axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     # after a watchdog restore some steps ran twice: plot the last run of each
     train = {r["step"]: r["loss"] for r in records if r.get("loss") is not None}
@@ -115,9 +114,7 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str,
     more = val_ax.get_legend_handles_labels() if val_ax is not ax else ([], [])
     ax.legend(handles[0] + more[0], handles[1] + more[1])
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --- decoding and samples --------------------------------------------------------------------------------

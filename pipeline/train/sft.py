@@ -27,20 +27,19 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pipeline.artifacts import check_inputs, sha256_file
-from pipeline.cli import ConfigError
-from pipeline.eval.stats import fmt
+from pipeline.config import ConfigError
 from pipeline.inference import Engine, SamplingParams
 from pipeline.model.gpt import GPT, GPTConfig, load_final
+from pipeline.stats import fmt
 from pipeline.tasks import get_task, held_out_record
 from pipeline.tasks.evaluate import greedy_complete, held_out_accuracy, held_out_metrics, held_out_sentence
+from pipeline.token_shards import read_tokens_manifest
 from pipeline.tokenizer import BPETokenizer
 from pipeline.tokenizer.bpe import ASSISTANT_END, CHAT_SPECIAL_TOKENS
 from pipeline.tokenizer.chat import render_prompt
-from pipeline.train.data import read_tokens_manifest
-from pipeline.train.engine import (Run, build_optimizer, eval_and_checkpoint, export, finish, log_step, restore,
-                                   resume, setup_run, train_step)
+from pipeline.train.engine import (build_optimizer, check_tokenizer, eval_and_checkpoint, evaluate, export, finish,
+                                   log_step, restore, resume, setup_run, token_loss, train_step, trajectory_config)
 from pipeline.train.parallel import all_reduce_sum, parallelize, peak_flops
-from pipeline.train.pretrain import token_loss
 from pipeline.train.sft_data import REPLAY, Mixture, ReplayRows, SFTLoader, load_split, val_batches
 from pipeline.train.watchdog import RESTORE
 
@@ -48,9 +47,6 @@ log = logging.getLogger(__name__)
 
 # Config keys that may change between a run and its resume: they do not change what the weights
 # become (`parallel` and `nproc` change only the summation order). Any other change starts fresh.
-RESUME_FREE_KEYS = ("nproc", "parallel", "device", "compile", "eval_every", "eval_examples", "checkpoint_every",
-                    "keep", "log_every", "peak_flops", "wandb_project", "wandb_mode", "samples", "sample_tokens",
-                    "top_p", "accuracy_examples")
 ACCURACY_TASK = "arithmetic"  # the held-out task answered greedily at the end (it has a verifier)
 SAMPLE_TASKS = ("arithmetic", "instruct")  # held-out prompts shown in samples.md
 
@@ -61,19 +57,7 @@ def run_identity(cfg: dict[str, Any], tasks_config: dict[str, Any], base: Path, 
     replayed tokens (when replay is in the mixture) and the trajectory-setting config."""
     return {"stage": "sft", "base_sha256": sha256_file(base), "tokenizer_sha256": sha256_file(tokenizer),
             "tokens_manifest_sha256": sha256_file(tokens / "manifest.json") if tokens else None,
-            "tasks": tasks_config, "sft": {k: v for k, v in sorted(cfg.items()) if k not in RESUME_FREE_KEYS}}
-
-
-def check_tokenizer(tokenizer: BPETokenizer, meta: dict[str, Any], model_path: Path, tokenizer_path: Path) -> None:
-    """The tokenizer must be the model's: the same vocabulary size and end-of-text id, and the
-    chat tokens inside the pretrained embedding (they were reserved at pretraining, never added)."""
-    if tokenizer.n_vocab != meta["vocab_size"] or tokenizer.eos_id != meta["eos_id"]:
-        raise ValueError(f"{tokenizer_path}: vocab {tokenizer.n_vocab} and eos id {tokenizer.eos_id}, but {model_path} "
-                         f"was pretrained with vocab {meta['vocab_size']} and eos id {meta['eos_id']}: not its tokenizer")
-    missing = [s for s in CHAT_SPECIAL_TOKENS if not 0 <= tokenizer.special_tokens.get(s, -1) < meta["vocab_size"]]
-    if missing:
-        raise ValueError(f"{tokenizer_path}: the chat tokens {missing} are missing or outside the model's embedding "
-                         f"of {meta['vocab_size']} ids (tokenizer.special_tokens must list them before pretraining)")
+            "tasks": tasks_config, "sft": trajectory_config("sft", cfg)}
 
 
 def replay_rows(tokens: Path | None, tokenizer: BPETokenizer, tokenizer_path: Path, cfg: dict[str, Any],
@@ -96,25 +80,6 @@ def replay_rows(tokens: Path | None, tokenizer: BPETokenizer, tokenizer_path: Pa
                          f"but {tokenizer_path} has {tokenizer.n_vocab} and {tokenizer.eos_id}")
     return (ReplayRows(tokens, "train", meta["vocab_size"], cfg["replay_tokens"]),
             ReplayRows(tokens, "val", meta["vocab_size"], cfg["replay_tokens"]))
-
-
-@torch.no_grad()
-def evaluate(run: Run, model: torch.nn.Module,
-             batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, float]:
-    """Mean loss per trained token of each part's held-out rows (`tasks`: the conversations, on
-    their assistant tokens; `replay`: val windows, on every token) and of all of them together
-    (`all`), over all ranks."""
-    model.eval()
-    sums = torch.zeros(len(batches), 2, dtype=torch.float64, device=run.d.device)
-    for k, part in enumerate(batches.values()):
-        for x, y in part:
-            with run.amp:
-                loss, count = token_loss(model, (x, y))
-            sums[k] += torch.stack([loss.double(), count.double()])
-    model.train()
-    sums = all_reduce_sum(sums, run.d)
-    total = sums.sum(dim=0)
-    return {**{name: (s[0] / s[1]).item() for name, s in zip(batches, sums)}, "all": (total[0] / total[1]).item()}
 
 
 def plain_model(model_config: GPTConfig, state: dict[str, torch.Tensor], device: torch.device) -> GPT:
@@ -159,7 +124,8 @@ def train(cfg: dict[str, Any], *, model_path: Path, tokenizer_path: Path, out: P
     base, meta = load_final(model_path)
     model_config = GPTConfig(**meta["model_config"])
     tokenizer = BPETokenizer.load(tokenizer_path)
-    check_tokenizer(tokenizer, meta, model_path, tokenizer_path)
+    check_tokenizer(tokenizer, meta, tokenizer_path=tokenizer_path, model_path=model_path,
+                    special_tokens=CHAT_SPECIAL_TOKENS)
     T = model_config.seq_len
     names = [name for name, weight in cfg["mixture"].items() if weight > 0 and name != REPLAY]
     train_rows, dropped = load_split(tokenizer, tasks_config, names, "train", T)

@@ -35,12 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cli import ConfigError
+from pipeline.config import ConfigError
 from pipeline.tasks import Example, get_task
+from pipeline.token_shards import TokenWindows, index_path, split_shards
 from pipeline.tokenizer.bpe import BPETokenizer
-from pipeline.token_shards import index_path
 from pipeline.tokenizer.chat import render_conversation
-from pipeline.train.data import TokenWindows, split_shards
 
 Rendered = tuple[list[int], list[int]]  # (ids, mask) of one row: a conversation or a replay window
 REPLAY = "replay"  # the mixture's part that is pretraining text, not a task

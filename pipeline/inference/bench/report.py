@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts import atomic_path
+from pipeline.figures import pyplot, save_figure
 
 BASELINES = ("naive", "hf_generate")  # what the batching engines are compared against
 BATCHING = ("continuous", "paged_prefix")
@@ -70,9 +70,7 @@ def plot(report: dict[str, Any], out: Path) -> None:
     """throughput.png: output tokens/s of each system, a group of bars per request rate (the
     systems and the rates are categories, so no line joins them); latency.png: TTFT, TPOT and E2E
     p50 and p99 per system at the heaviest load."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     results, rates = report["results"], [str(r) for r in report["config"]["rates"]]
     systems = list(results)
@@ -89,9 +87,7 @@ def plot(report: dict[str, Any], out: Path) -> None:
     ax.grid(alpha=0.3, which="both", axis="y")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    with atomic_path(out / "throughput.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "throughput.png")
 
     heaviest = rates[-1]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
@@ -104,6 +100,4 @@ def plot(report: dict[str, Any], out: Path) -> None:
         ax.set_title(f"{title} (ms, log), {rate_label(heaviest)}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(out / "latency.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "latency.png")

@@ -51,8 +51,7 @@ def data_tokens(tokens_dir: Path | None, vocab_size: int, limit: int = 1_000_000
     """The first `limit` tokens of the val split (empty without a tokens folder: random prompts)."""
     if tokens_dir is None:
         return np.zeros(0, dtype=np.int64)
-    from pipeline.token_shards import read_shard
-    from pipeline.train.data import split_shards
+    from pipeline.token_shards import read_shard, split_shards
 
     parts, total = [], 0
     for path in split_shards(tokens_dir, "val"):

@@ -22,9 +22,9 @@ from typing import Any
 from pipeline.artifacts import atomic_write_json, atomic_write_text, sha256_file, write_manifest
 from pipeline.cli import json_arg
 from pipeline.config import section_config
+from pipeline.records import unit_hash
 from pipeline.tokenizer.bpe import BPETokenizer
-from pipeline.tokenizer.sources import (Source, copies, is_val, read_documents, smallest_until, unit_hash,
-                                        web_source)
+from pipeline.tokenizer.sources import Source, copies, is_val, read_documents, smallest_until, web_source
 
 log = logging.getLogger(__name__)
 

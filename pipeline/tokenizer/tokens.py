@@ -13,8 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_write_json, check_file, read_manifest, sha256_file
-from pipeline.seal import seal
+from pipeline.artifacts import atomic_write_json, check_file, read_manifest, seal, sha256_file
 from pipeline.token_shards import read_shard, token_dtype
 from pipeline.tokenizer.bpe import BPETokenizer
 
@@ -37,6 +36,7 @@ def gather(output: str, source_manifests: list[str], tokenizer_path: str) -> dic
             if entry["path"].endswith(".bin"):
                 read_shard(Path(path).parent / entry["path"], tokenizer.n_vocab)  # raises if the index disagrees
     manifest = seal(output, source_manifests)
+    manifest["stage"] = "tokens"  # the gathered folder is this stage's output; each source's stays `tokenize`
     manifest["metrics"].update(vocab_size=tokenizer.n_vocab, eos_id=tokenizer.eos_id,
                                dtype=token_dtype(tokenizer.n_vocab).name, tokenizer_sha256=tokenizer_sha,
                                special_tokens=tokenizer.special_tokens)
