@@ -232,7 +232,7 @@ def models(stories, tmp_path_factory) -> dict[str, Path]:
     try:
         base, tokenizer = save_chat_model(root / "pretrain", stories, SEQ_LEN, stage="pretrain")
         sft = section_config("sft", dict(
-            mixture={"arithmetic": 1, "gsm8k": 0, "instruct": 0}, global_batch=64, micro_batch=16, max_steps=500,
+            mixture={"arithmetic": 1, "gsm8k": 0, "instruct": 0, "replay": 0}, global_batch=64, micro_batch=16, max_steps=500,
             lr=0.02, warmup_steps=20, eval_every=500, eval_examples=16, checkpoint_every=500, keep=1, samples=0,
             peak_flops=1e12, wandb_mode="disabled"))
         train(sft, model_path=base, tokenizer_path=tokenizer, out=root / "sft", tasks_config=TASKS_CONFIG)
