@@ -60,11 +60,11 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                480.0, 960.0, 1920.0, 7680.0)
 
 # The request fields each endpoint honours (OpenAI's, and vLLM's extras top_k, min_p,
-# repetition_penalty, ignore_eos, stop_token_ids). `user` is OpenAI's end-user id: it is logged
-# with the request's failures.
+# repetition_penalty, ignore_eos, stop_token_ids, return_token_ids). `user` is OpenAI's end-user id:
+# it is logged with the request's failures.
 SAMPLING_FIELDS = {"model", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p",
                    "repetition_penalty", "max_tokens", "max_completion_tokens", "seed", "ignore_eos",
-                   "stop_token_ids", "user"}
+                   "stop_token_ids", "return_token_ids", "user"}
 FIELDS = {"completions": SAMPLING_FIELDS | {"prompt"}, "chat": SAMPLING_FIELDS | {"messages"}}
 # Fields not built (yet), with the values that ask for nothing, which clients send as defaults;
 # any other value is refused with a 400 naming the field.
@@ -573,24 +573,28 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_
         obj = "chat.completion" if chat else "text_completion"
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
 
-        def choice(text: str, reason: str | None, delta: bool) -> dict:
+        return_token_ids = _field(body, "return_token_ids", bool, False)
+
+        def choice(text: str, reason: str | None, delta: bool, ids: list[int]) -> dict:
             if not chat:
-                return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-            message = {"content": text} if delta else {"role": "assistant", "content": text}
-            return {"index": 0, ("delta" if delta else "message"): message, "finish_reason": reason}
+                c = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+            else:
+                message = {"content": text} if delta else {"role": "assistant", "content": text}
+                c = {"index": 0, ("delta" if delta else "message"): message, "finish_reason": reason}
+            return {**c, "token_ids": ids} if return_token_ids else c  # vLLM's: the (new) tokens' ids
 
         def usage(completion: int) -> dict:
             return {"prompt_tokens": len(prompt), "completion_tokens": completion,
                     "total_tokens": len(prompt) + completion}
 
         if not streaming:
-            text, n, reason = "", 0, None
+            text, ids, reason = "", [], None
             async for out in outputs(stream, watcher):
                 text += text_of(out, decoder)
-                n += len(out.new_token_ids)
+                ids += out.new_token_ids
                 reason = out.finish_reason
             return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
-                    "choices": [choice(text, reason, delta=False)], "usage": usage(n)}
+                    "choices": [choice(text, reason, delta=False, ids=ids)], "usage": usage(len(ids))}
 
         async def events() -> AsyncIterator[str]:
             def chunk(choices: list[dict], extra: dict | None = None) -> str:
@@ -603,7 +607,7 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_
             try:
                 async for out in outputs(stream, watcher):
                     n += len(out.new_token_ids)
-                    yield chunk([choice(text_of(out, decoder), out.finish_reason, delta=True)])
+                    yield chunk([choice(text_of(out, decoder), out.finish_reason, delta=True, ids=out.new_token_ids)])
             except Exception as e:  # the status line has gone: the error is an event, as vLLM sends it
                 if not isinstance(e, APIError):  # a bug
                     log.exception("streaming a reply failed")

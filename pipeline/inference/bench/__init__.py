@@ -6,9 +6,11 @@ several ways of serving the same model, at several request rates.
 percentiles), manifest.json.
 
 The parts: workload.py (the seeded requests), systems.py (the ways of serving),
-metrics.py (the delivery stamps and vLLM's figures), report.py (bench.md and the plots), and
-http_client.py (the http system's client, a process of its own). This file runs every system at
-every rate (`bench`) and is the `python -m pipeline inference-bench` command.
+metrics.py (the delivery stamps and vLLM's figures), report.py (bench.md and the plots),
+http_client.py (the servers' client, a process of its own), and peers.py (our server against
+vLLM's CPU build, interleaved, on an exported folder: benchmarks/bench_inference.py --vllm).
+This file runs every system at every rate (`bench`) and is the `python -m pipeline
+inference-bench` command.
 """
 
 from __future__ import annotations

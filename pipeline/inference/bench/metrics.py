@@ -1,7 +1,7 @@
 """The benchmark's metrics, vLLM bench serve's definitions, from each request's delivery stamps.
 
 TTFT (arrival to first token), TPOT (time per output token after the first, per request), ITL
-(gaps between successive token deliveries), E2E latency; mean, median and p99 of each; output
+(gaps between successive token deliveries), E2E latency; mean, median, p90 and p99 of each; output
 tokens/s and requests/s over the run's wall time; goodput, the requests/s that met the SLO (TTFT
 and TPOT both within it).
 """
@@ -22,6 +22,7 @@ class Record:
     output_len: int
     times: list[float] = field(default_factory=list)  # one per delivery (a delivery may carry several tokens)
     tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # where the system reports them (greedy-match checks)
 
     def deliver(self, t: float, n: int) -> None:
         if n:
@@ -55,8 +56,8 @@ def summarize(records: list[Record], slo: dict[str, float]) -> dict[str, Any]:
 
     def stats(x: np.ndarray) -> dict[str, float]:
         x = x * 1000.0
-        return {"mean": float(x.mean()), "median": float(np.median(x)), "p99": float(np.percentile(x, 99))} \
-            if x.size else {"mean": None, "median": None, "p99": None}
+        return {"mean": float(x.mean()), "median": float(np.median(x)), "p90": float(np.percentile(x, 90)),
+                "p99": float(np.percentile(x, 99))} if x.size else {"mean": None, "median": None, "p90": None, "p99": None}
 
     return {"requests": len(records), "output_tokens": int(n_out.sum()), "duration_s": duration,
             "output_tokens_per_s": float(n_out.sum() / duration), "requests_per_s": len(records) / duration,

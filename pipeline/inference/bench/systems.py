@@ -56,20 +56,26 @@ def engine_for(system: str, model: GPT, draft: GPT | None, cfg: dict[str, Any], 
     return Engine(model, **common, **paged)  # paged_prefix and http
 
 
-def run_engine(engine: Engine, workload: list[BenchRequest]) -> list[Record]:
-    """Replay the workload against an engine: add each request when it arrives, step while
-    there is work, stamp every delivery."""
-    clock, pending, records = Clock(), deque(enumerate(workload)), {}
+def run_engine(engine: Engine, workload: list[BenchRequest], max_concurrency: int | None = None) -> list[Record]:
+    """Replay the workload against an engine: add each request when it arrives (and, with
+    `max_concurrency`, when fewer are in flight: its latencies then count from then, as the
+    http client's do), step while there is work, stamp every delivery."""
+    clock, pending, in_flight = Clock(), deque(enumerate(workload)), {}
     out = [Record(r.arrival, r.output_len) for r in workload]
     while pending or engine.has_work():
-        while pending and pending[0][1].arrival <= clock.now():
+        while pending and pending[0][1].arrival <= clock.now() and len(in_flight) < (max_concurrency or len(workload)):
             i, r = pending.popleft()
-            records[engine.add_request(r.prompt, greedy(r.output_len))] = out[i]
+            if max_concurrency:
+                out[i].arrival = clock.now()
+            in_flight[engine.add_request(r.prompt, greedy(r.output_len))] = out[i]
         if engine.has_work():
             outputs = engine.step()
             t = clock.now()
             for o in outputs:
-                records[o.request_id].deliver(t, len(o.new_token_ids))
+                in_flight[o.request_id].deliver(t, len(o.new_token_ids))
+                in_flight[o.request_id].token_ids += o.new_token_ids
+                if o.finished:
+                    del in_flight[o.request_id]
         else:
             clock.wait_until(pending[0][1].arrival)
     return out
@@ -161,9 +167,23 @@ def run_hf(hf_model: Any, workload: list[BenchRequest], batch_size: int, pad_id:
     return out
 
 
+def drive(url: str, model: str, workload: list[BenchRequest], max_concurrency: int | None = None,
+          token_ids: bool = False) -> list[Record]:
+    """Send the workload's streamed completions to the server at `url` at their arrival times
+    (at most `max_concurrency` in flight) from `http_client.py`, a process of its own; each
+    request's latencies count from when it was sent."""
+    job = {"url": url, "model": model, "requests": [[r.arrival, r.prompt, r.output_len] for r in workload],
+           "max_concurrency": max_concurrency, "token_ids": token_ids}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("http_client.py"))], input=json.dumps(job),
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the http benchmark client failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return [Record(d["sent"], r.output_len, times=d["times"], tokens=d["tokens"], token_ids=d["token_ids"])
+            for r, d in zip(workload, json.loads(done.stdout))]
+
+
 def run_http(engine: Engine, tokenizer: Any, workload: list[BenchRequest]) -> list[Record]:
-    """The engine behind the server on loopback, in a thread of this process; the streamed
-    completions are sent at their arrival times by `http_client.py`, a process of its own."""
+    """The engine behind the server on loopback, in a thread of this process, driven by `drive`."""
     import uvicorn
 
     from pipeline.inference.server import create_app
@@ -178,15 +198,8 @@ def run_http(engine: Engine, tokenizer: Any, workload: list[BenchRequest]) -> li
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    job = {"url": f"http://127.0.0.1:{port}", "model": "bench",
-           "requests": [[r.arrival, r.prompt, r.output_len] for r in workload]}
     try:
-        done = subprocess.run([sys.executable, str(Path(__file__).with_name("http_client.py"))], input=json.dumps(job),
-                              capture_output=True, text=True, check=False)
+        return drive(f"http://127.0.0.1:{port}", "bench", workload)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-    if done.returncode != 0:
-        raise RuntimeError(f"the http benchmark client failed (exit {done.returncode}): {done.stderr[-2000:]}")
-    return [Record(r.arrival, r.output_len, times=d["times"], tokens=d["tokens"])
-            for r, d in zip(workload, json.loads(done.stdout))]
