@@ -91,7 +91,8 @@ def run(args) -> int:
     if tokenizer.n_vocab != model.config.vocab_size:
         raise ValueError(f"{args.tokenizer or args.model}: {tokenizer.n_vocab} ids, but {args.model} was trained on "
                          f"{model.config.vocab_size}: not this model's tokenizer")
-    stop = [] if meta["eos_id"] is None else [int(meta["eos_id"])]  # an export without eos_token_id stops at max_tokens
+    # an HF folder's generation_config.json eos ids; else the final.pt's <|endoftext|> (none: stop at max_tokens)
+    stop = meta.get("eos_ids") or ([] if meta["eos_id"] is None else [int(meta["eos_id"])])
     engine = Engine(model, max_batch_size=args.max_batch_size, block_size=args.block_size, num_blocks=args.num_blocks,
                     draft_model=draft, num_speculative_tokens=args.num_speculative_tokens,
                     chunked_prefill=args.chunked_prefill, stop_token_ids=stop)

@@ -1,16 +1,22 @@
-"""A GPT-2 language model in one file, read top to bottom.
+"""A GPT language model in one file, read top to bottom: GPT-2 by default, the Llama family
+(Llama 2/3, Qwen2) through config options.
 
 Notable features:
-- token + learned position embeddings, or rotary position embeddings (RoPE) with `rope=True`;
-- pre-LayerNorm blocks: x + attn(ln(x)), then x + mlp(ln(x)), and a final LayerNorm;
+- token + learned position embeddings, or rotary position embeddings (RoPE) with `rope=True`, with
+  a configurable base (`rope_theta`) and Llama 3's frequency scaling (`rope_scaling`);
+- pre-norm blocks: x + attn(ln(x)), then x + mlp(ln(x)), and a final norm: LayerNorm (GPT-2) or
+  RMSNorm (`norm="rmsnorm"`, Llama);
+- grouped-query attention: `n_kv_head` K/V heads, each serving n_head / n_kv_head query heads;
 - causal self-attention through `F.scaled_dot_product_attention`, which runs the flash kernel on
   a CUDA GPU in bf16 and a fused CPU kernel here;
 - one forward for training and decoding: each block hands its q, k, v to an attention backend
   (pipeline/model/attention.py): plain causal attention (training), the contiguous KV cache
   (`GPT.new_kv_cache`), or the paged KV cache of the inference engine (`GPT.new_paged_kv_cache`),
   which also says at which positions the tokens sit;
-- a GELU MLP four times as wide as the model;
-- the output projection shares its weight with the token embedding (tied, as GPT-2);
+- a GELU MLP four times as wide as the model, or Llama's SwiGLU MLP (`mlp="swiglu"`);
+- the output projection shares its weight with the token embedding (tied, as GPT-2), or has its
+  own (`tie_embeddings=False`, Llama);
+- biases in every Linear and LayerNorm (`bias`, GPT-2), or on q, k, v alone (`qkv_bias`, Qwen2);
 - the vocabulary is padded to a multiple of 64 (see `GPTConfig.padded_vocab_size`);
 - fp32 cross-entropy with targets of -1 ignored (prompt and padding positions), reduced to the
   mean, the sum (for token-weighted losses over micro-batches) or per-token losses ("none");
@@ -20,7 +26,9 @@ Notable features:
   (`pipeline.inference.Engine`), which calls this forward.
 
 Sizes are named in `MODEL_SIZES` or generated as `d<depth>w<width>` (`size_shape`);
-`GPTConfig.from_size("tiny", vocab_size=..., seq_len=...)`.
+`GPTConfig.from_size("tiny", vocab_size=..., seq_len=...)`. `ARCHITECTURES` names the options that
+make a Llama of a size (`GPTConfig.from_size("tiny", architecture="llama", ...)`). Every option's
+default is GPT-2's, so a final.pt written before an option existed loads as it was trained.
 """
 
 from __future__ import annotations
@@ -52,6 +60,15 @@ VOCAB_MULTIPLE = 64
 LOSS_REDUCTIONS = ("mean", "sum", "none")
 FINAL_KEYS = ("model_config", "model", "step", "vocab_size", "eos_id")  # what pretrain writes to final.pt
 
+# the options that make each architecture; the rest (n_kv_head, rope_theta, ...) stay free
+ARCHITECTURES: dict[str, dict] = {
+    "gpt2": dict(rope=False, norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
+    "llama": dict(rope=True, norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+}
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+LLAMA3_ROPE_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
 GENERATED_SIZE = re.compile(r"d(\d+)w(\d+)")  # "d<depth>w<width>", e.g. d12w768 (= gpt2-124m's shape)
 
 
@@ -82,6 +99,43 @@ class GPTConfig:
     rope: bool = False  # rotary position embeddings instead of a learned position table
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    qkv_bias: bool | None = None  # biases on q, k, v (Qwen2: True with bias False); None: as `bias`
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # "gelu" (GPT-2) or "swiglu" (Llama)
+    mlp_width: int | None = None  # the MLP's hidden width; None: 4 x n_embd, or 8/3 x n_embd for swiglu
+    n_kv_head: int | None = None  # K/V heads (grouped-query attention); None: n_head
+    rope_theta: float = 10000.0  # the RoPE base
+    rope_scaling: dict | None = None  # Llama 3's: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    tie_embeddings: bool = True  # the output projection is the token embedding (GPT-2)
+
+    def __post_init__(self):
+        if self.norm not in NORMS or self.mlp not in MLPS:
+            raise ValueError(f"norm {self.norm!r}, mlp {self.mlp!r}: norm is one of {NORMS}, mlp one of {MLPS}")
+        if self.n_embd % self.n_head or self.n_head % self.kv_head_count:
+            raise ValueError(f"n_embd {self.n_embd}, n_head {self.n_head}, n_kv_head {self.n_kv_head}: n_embd must "
+                             "divide into n_head heads and n_head into n_kv_head groups")
+        if self.rope_scaling is not None:
+            missing = [k for k in LLAMA3_ROPE_SCALING if k not in self.rope_scaling]
+            if not self.rope or missing:
+                raise ValueError(f"rope_scaling {self.rope_scaling}: Llama 3's scaling needs rope: true and the keys "
+                                 f"{', '.join(LLAMA3_ROPE_SCALING)}")
+
+    @property
+    def kv_head_count(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: `mlp_width`, else GPT-2's 4 x n_embd, or for SwiGLU (three
+        matrices, not two) 8/3 x n_embd rounded up to a multiple of 64, the same parameters."""
+        if self.mlp_width is not None:
+            return self.mlp_width
+        return 4 * self.n_embd if self.mlp == "gelu" else math.ceil(8 * self.n_embd / 3 / 64) * 64
 
     @property
     def padded_vocab_size(self) -> int:
@@ -92,8 +146,10 @@ class GPTConfig:
         return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     @classmethod
-    def from_size(cls, size: str, **overrides) -> GPTConfig:
-        return cls(**{**size_shape(size), **overrides})
+    def from_size(cls, size: str, architecture: str = "gpt2", **overrides) -> GPTConfig:
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+        return cls(**{**size_shape(size), **ARCHITECTURES[architecture], **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,11 +157,31 @@ class GPTConfig:
 
 # --- rotary position embeddings (Su et al., 2021, https://arxiv.org/abs/2104.09864) -------------
 
-def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (seq_len, head_dim / 2): pair i of a head turns by angle t * base^(-2i/d)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (seq_len, head_dim / 2): pair i of a head turns by angle t * base^(-2i/d),
+    computed as transformers does (so its Llama gives the same angles to the last bit), with Llama
+    3's scaling of the low frequencies when `scaling` is given."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_scaled(inv_freq, **{k: scaling[k] for k in LLAMA3_ROPE_SCALING})
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def llama3_scaled(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                  original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama 3.1's context extension: wavelengths longer than the original context / low_freq_factor
+    are slowed by `factor`, those shorter than context / high_freq_factor kept, and the band between
+    interpolated smoothly (transformers' `_compute_llama3_parameters`)."""
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -124,20 +200,23 @@ Backend = KVCache | PagedBatch | None
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, f"n_embd {config.n_embd} not divisible by n_head {config.n_head}"
         self.layer = layer  # this layer's slot in a KV cache
-        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_head_count, config.head_dim
+        self.n_embd, self.dropout = config.n_embd, config.dropout
+        kv_width = self.n_kv_head * self.head_dim
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=qkv_bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv_cache: Backend = None) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        hs, kv_width = self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, n_kv_head, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is None:
@@ -149,23 +228,36 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's: c_proj(gelu(c_fc(x))). SwiGLU (Shazeer, 2020, https://arxiv.org/abs/2002.05202; Llama's):
+    c_fc computes the gate and the up projection in one matmul, then c_proj(silu(gate) * up)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.swiglu, hidden = config.mlp == "swiglu", config.mlp_hidden
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.dropout(self.c_proj(F.silu(gate) * up))
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+def norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
         self.activation_checkpointing = False  # set by pipeline.train.parallel.parallelize
 
@@ -195,11 +287,12 @@ class GPT(nn.Module):
         self.wpe = None if config.rope else nn.Embedding(config.seq_len, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: one matrix reads tokens in and writes logits out
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # tied: one matrix reads tokens in and writes logits out
         if config.rope:
-            cos, sin = rope_tables(config.seq_len, config.n_embd // config.n_head)
+            cos, sin = rope_tables(config.seq_len, config.head_dim, config.rope_theta, config.rope_scaling)
             # not persistent: derived from the config, so checkpoints hold only learned weights
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
@@ -288,7 +381,7 @@ class GPT(nn.Module):
 
     def kv_heads(self) -> tuple[int, int]:
         """(K/V heads, head size): what a cache stores per token and layer."""
-        return self.config.n_head, self.config.n_embd // self.config.n_head
+        return self.config.kv_head_count, self.config.head_dim
 
     def _cache_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         if dtype is not None:
@@ -299,8 +392,8 @@ class GPT(nn.Module):
     # --- accounting ----------------------------------------------------------------------------
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, the tied matrix counted once. `non_embedding=True` drops the token and
-        position tables: Kaplan et al. (2020) fit scaling laws on that N."""
+        """Parameters, a tied matrix counted once. `non_embedding=True` drops the token and
+        position tables (an untied output head stays): Kaplan et al. (2020) fit scaling laws on that N."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
         if non_embedding:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
@@ -310,10 +403,11 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), PaLM appendix B
         (https://arxiv.org/abs/2204.02311): 6 per weight that takes part in a matmul, plus
         12 * n_layer * n_embd * seq_len for the attention scores and their weighted sum. The
-        matmul weights are the non-embedding ones plus the (tied) output projection; the
-        embedding lookups are not matmuls. The causal mask's saved half is not subtracted, as PaLM."""
+        matmul weights are the non-embedding ones plus a tied output projection (an untied one is
+        among the non-embedding ones); the embedding lookups are not matmuls. The causal mask's
+        saved half is not subtracted, as PaLM."""
         c = self.config
-        matmul_params = self.num_params(non_embedding=True) + c.padded_vocab_size * c.n_embd
+        matmul_params = self.num_params(non_embedding=True) + c.tie_embeddings * c.padded_vocab_size * c.n_embd
         return 6 * matmul_params + 12 * c.n_layer * c.n_embd * c.seq_len
 
 
