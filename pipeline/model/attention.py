@@ -188,8 +188,9 @@ class PagedBatch:
         (one copy; the rest are views)."""
         if table.size(1) == 1:  # one block per sequence (the engine's contiguous layout): only the filled slots
             return store[:, :length][table[:, 0]].transpose(1, 2)
-        G, nb = table.shape
-        return store[table].view(G, nb * self.block_size, *store.shape[2:])[:, :length].transpose(1, 2)
+        G, nb = table.shape  # index_select copies whole blocks (indexing with `table` copies element by element)
+        blocks = store.index_select(0, table.flatten())
+        return blocks.view(G, nb * self.block_size, *store.shape[2:])[:, :length].transpose(1, 2)
 
     def advance(self, T: int) -> None:
         """Nothing: the block manager, not the cache, knows how far each sequence has come."""
