@@ -151,6 +151,15 @@ class GPTConfig:
             raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
         return cls(**{**size_shape(size), **ARCHITECTURES[architecture], **overrides})
 
+    @classmethod
+    def for_pretrain(cls, size: str, cfg: dict, vocab_size: int) -> GPTConfig:
+        """The model pretrain trains at `size` under its config section (workflow/schemas/pretrain):
+        the `architecture`'s options (gpt2 takes `rope` as set; llama is always rotary),
+        `n_kv_head`, `seq_len` and `dropout`."""
+        rope = {"rope": cfg["rope"]} if cfg["architecture"] == "gpt2" else {}
+        return cls.from_size(size, cfg["architecture"], vocab_size=vocab_size, seq_len=cfg["seq_len"],
+                             n_kv_head=cfg["n_kv_head"], dropout=cfg["dropout"], **rope)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
