@@ -22,10 +22,18 @@ from pipeline.tokenizer.hf_tokenizer import load_hf_tokenizer
 from tests.test_hf_models import random_hf
 from tests.test_inference_server import serve_process
 
-LLAMA3_TEMPLATE = (
-    "{{- bos_token }}{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+# Llama 3's template, written with block tags on their own lines: trim_blocks and lstrip_blocks shape its text
+LLAMA3_TEMPLATE = """{{ bos_token }}
+{% for message in messages %}
+    {% if loop.first and message['role'] == 'system' %}
+{{ '<|start_header_id|>system<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+    {% else %}
+{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{% endif %}"""
 QWEN2_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
     {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
 {%- else %}
@@ -154,3 +162,22 @@ def test_serve_answers_the_openai_client_as_transformers_generates(folder, tmp_p
         assert (reply.choices[0].message.content, reply.usage.completion_tokens) == (text, n)
     log = (tmp_path / "serve.log").read_text()
     assert f"tokenizer backend {'wetstone-bpe' if kind == 'llama' else 'tokenizers'}" in log
+
+
+def test_what_the_tokenizer_loader_cannot_serve_is_named(folder, tmp_path):
+    """No chat template: chat is refused naming the folder. A SentencePiece-style (Metaspace)
+    decoder, whose text is not its tokens' bytes side by side: refused naming the file. Special
+    token strings read as text when asked, on either backend."""
+    kind, _, tokenizer, path = folder
+    ours = load_hf_tokenizer(path)
+    plain = ours.encode("<|im_end|><|eot_id|>", allowed_special=(), add_special_tokens=False)
+    assert plain == tokenizer.encode("<|im_end|><|eot_id|>", split_special_tokens=True, add_special_tokens=False)
+    assert not set(plain) & set(ours.special_tokens.values())
+    ours.chat_template = None
+    with pytest.raises(ValueError, match=f"{path} has no chat template"):
+        chat_prompt_ids(ours, [{"role": "user", "content": "hi"}])
+    data = json.loads((path / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**data, "decoder": {"type": "Metaspace", "replacement": "▁",
+                                                                               "prepend_scheme": "always", "split": True}}))
+    with pytest.raises(ValueError, match="tokenizer.json: decoder 'Metaspace'"):
+        load_hf_tokenizer(tmp_path)

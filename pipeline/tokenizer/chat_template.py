@@ -1,7 +1,8 @@
 """A conversation -> the prompt ids the model continues: through the folder's Jinja chat template
-where the tokenizer has one (an HF folder's tokenizer_config.json), rendered as transformers'
-`apply_chat_template(messages, add_generation_prompt=True)` renders it; else our own template
-(pipeline/tokenizer/chat.py's `render_prompt`).
+of an HF folder's tokenizer (tokenizer_config.json's or chat_template.jinja), rendered as
+transformers' `apply_chat_template(messages, add_generation_prompt=True)` renders it (a folder
+without one has no chat: a ValueError, which the server answers with a 400); for our own
+BPETokenizer, our template (pipeline/tokenizer/chat.py's `render_prompt`).
 
 The Jinja environment is transformers': sandboxed, `trim_blocks` and `lstrip_blocks`, loop
 controls, its `tojson` (no HTML escaping), `raise_exception` and `strftime_now`; the template sees
@@ -57,8 +58,11 @@ def render_chat_text(template: str, messages: list[dict], tokens: dict[str, str 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The prompt ids of a conversation ending with a user turn, ready for the assistant's reply."""
-    template = getattr(tokenizer, "chat_template", None)
-    if template is None:
+    if not hasattr(tokenizer, "chat_template"):  # our BPETokenizer: our own template
         return render_prompt(tokenizer, messages)
+    template = tokenizer.chat_template
+    if template is None:
+        raise ValueError(f"{tokenizer.path.parent} has no chat template (tokenizer_config.json's chat_template or "
+                         "chat_template.jinja): the model has no chat format; use /v1/completions")
     text = render_chat_text(template, messages, tokenizer.template_tokens)
     return tokenizer.encode(text, allowed_special="all", add_special_tokens=False)

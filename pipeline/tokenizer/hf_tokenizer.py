@@ -49,25 +49,31 @@ class HFTokenizer:
         self.backend = "wetstone-bpe" if self.bpe is not None else "tokenizers"
         self.prefix = prefix  # ids the post-processor puts before a text (BPE backend)
         if self.bpe is not None:
-            self.vocab, self.special_tokens = self.bpe.vocab, dict(self.bpe.special_tokens)
-            self._added: dict[int, bytes] = {}
+            self.special_tokens = dict(self.bpe.special_tokens)
+            by_id = dict(enumerate(self.bpe.vocab)) | {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
         else:
-            added = {t.content: i for i, t in self.library.get_added_tokens_decoder().items()}
-            pieces = sorted((i, s) for s, i in self.library.get_vocab(with_added_tokens=False).items())
-            self.vocab = [str_to_token(s, f"{path} model.vocab[{i}]") for i, s in pieces]
-            self.special_tokens = {t.content: i for i, t in self.library.get_added_tokens_decoder().items() if t.special}
-            self._added = {i: s.encode("utf-8") for s, i in added.items()}
-            self._by_id = {i: token for (i, _), token in zip(pieces, self.vocab)}
+            from tokenizers import Tokenizer
+
+            # a second instance that reads special-token strings as text: one setting per instance,
+            # never flipped while another thread encodes
+            self._plain = Tokenizer.from_str(self.library.to_str())
+            self._plain.encode_special_tokens = True
+            added = self.library.get_added_tokens_decoder()
+            self.special_tokens = {t.content: i for i, t in added.items() if t.special}
+            by_id = {i: str_to_token(s, f"{path} model.vocab[{i}]")
+                     for s, i in self.library.get_vocab(with_added_tokens=False).items()}
+            by_id |= {i: t.content.encode("utf-8") for i, t in added.items()}
+        self._by_id = by_id
+        # every id's bytes (a special token's as its text), in id order: the server bounds a
+        # prompt's tokens by its characters with the longest
+        self.vocab = [by_id[i] for i in sorted(by_id)]
         self.chat_template: str | None = config.get("chat_template")
         self.template_tokens = {name: _content(config.get(name)) for name in
                                 ("bos_token", "eos_token", "unk_token", "pad_token")}
-        self.bos_token, self.eos_token = self.template_tokens["bos_token"], self.template_tokens["eos_token"]
 
     @property
     def n_vocab(self) -> int:
-        if self.bpe is not None:
-            return self.bpe.n_vocab
-        return max([*self._by_id, *self._added], default=-1) + 1
+        return max(self._by_id, default=-1) + 1
 
     def encode(self, text: str, allowed_special: Collection[str] | Literal["all"] = "all",
                add_special_tokens: bool = True) -> list[int]:
@@ -78,20 +84,17 @@ class HFTokenizer:
             return self.prefix + ids if add_special_tokens else ids
         if allowed_special not in ("all", ()):
             raise ValueError("the tokenizers backend parses all special tokens or none (allowed_special 'all' or ())")
-        self.library.encode_special_tokens = allowed_special == ()
-        try:
-            return self.library.encode(text, add_special_tokens=add_special_tokens).ids
-        finally:
-            self.library.encode_special_tokens = False
+        library = self.library if allowed_special == "all" else self._plain
+        return library.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         if self.bpe is not None:
             return self.bpe.decode_bytes(ids)
         ids = list(ids)
         try:
-            return b"".join(self._added[i] if i in self._added else self._by_id[i] for i in ids)
+            return b"".join(self._by_id[i] for i in ids)
         except (KeyError, TypeError):
-            bad = next(i for i in ids if i not in self._added and i not in self._by_id)
+            bad = next(i for i in ids if i not in self._by_id)
             raise ValueError(f"token id {bad!r} is not in {self.path} (n_vocab {self.n_vocab})") from None
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -123,6 +126,20 @@ def _prefix(post_processor: dict | None, ids: dict[str, int]) -> list[int] | Non
             return None  # something after the text: leave it to the library
         return prefix
     return None
+
+
+def _merges_follow_ranks(model: dict) -> bool:
+    """Whether the BPE's merge list is in the order of the ids of the tokens each merge makes, so
+    that merging by list position (the library) and by the merged token's rank (ours, tiktoken's)
+    pick the same pair."""
+    vocab, last = model.get("vocab") or {}, -1
+    for merge in model.get("merges") or []:
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        made = vocab.get(a + b)
+        if made is None or made < last:
+            return False
+        last = made
+    return True
 
 
 def load_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizer:
@@ -172,6 +189,8 @@ def load_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizer:
         why = f"normalizer {data['normalizer'].get('type')}"
     elif any(not t.get("special") for t in added):
         why = "added tokens that are not special"
+    if why is None and not _merges_follow_ranks(data.get("model") or {}):
+        why = "merges not in the order of the tokens they make (the library merges by list order, ours by rank)"
     prefix = _prefix(data.get("post_processor"), {t["content"]: t["id"] for t in added})
     if why is None and prefix is None:
         why = f"post-processor {data['post_processor'].get('type')}"
