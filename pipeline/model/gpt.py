@@ -169,7 +169,7 @@ class GPTConfig:
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (seq_len, head_dim / 2): pair i of a head turns by angle t * base^(-2i/d),
-    computed as transformers does (so its Llama gives the same angles to the last bit), with Llama
+    computed in the order transformers computes them (so a Llama folder gets its angles), with Llama
     3's scaling of the low frequencies when `scaling` is given."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling is not None:
