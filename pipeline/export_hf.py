@@ -3,7 +3,8 @@
     python -m pipeline export-hf --model results/sample/pretrain/tiny/final.pt \\
         --tokenizer results/sample/tokenizer/tokenizer.json --out results/sample/export_hf/pretrain/tiny
 
-writes into <out>: model.safetensors and config.json (`GPT2LMHeadModel`), generation_config.json
+writes into <out>: model.safetensors and config.json (`GPT2LMHeadModel` for the GPT-2 shape,
+`LlamaForCausalLM` for a model pretrained with `architecture: llama`), generation_config.json
 (`generate` stops at <|assistant_end|>, the end of a chat reply, and at <|endoftext|>), tokenizer.json,
 tokenizer_config.json (the chat template when the tokenizer has the chat tokens; model_max_length
 the context length, so `truncation=True` cuts to what the model can read) and
@@ -22,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.artifacts import check_inputs, write_manifest
-from pipeline.hf import hf_model, hf_tokenizer
+from pipeline.hf import hf_architecture, hf_model, hf_tokenizer
 from pipeline.model.gpt import load_final
 from pipeline.tokenizer.bpe import ASSISTANT_END, ENDOFTEXT, BPETokenizer
 
@@ -56,13 +57,14 @@ def export_hf(model_path: str | os.PathLike, tokenizer_path: str | os.PathLike, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p for p in out.iterdir() if p.is_file() and p.name != "manifest.json")
-    metrics = {"architecture": "GPT2LMHeadModel", "vocab_size": vocab_size,
+    architecture = hf_architecture(model.config)
+    metrics = {"architecture": architecture, "vocab_size": vocab_size,
                "padded_rows_dropped": model.config.padded_vocab_size - vocab_size,
                "params": sum(p.numel() for p in hf.parameters()), "step": checkpoint.get("step"),
                "chat_template": hf_tok.chat_template is not None}
     write_manifest(out / "manifest.json", stage="export_hf", config={"model_config": model.config.to_dict()},
                    inputs=[model_path, tokenizer_path], outputs={p: None for p in files}, metrics=metrics)
-    log.info("exported %s as GPT2LMHeadModel (%d params, vocab %d) to %s", model_path, metrics["params"],
+    log.info("exported %s as %s (%d params, vocab %d) to %s", model_path, architecture, metrics["params"],
              vocab_size, out)
     return metrics
 

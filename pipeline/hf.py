@@ -1,34 +1,40 @@
-"""Our GPT and tokenizer as a Hugging Face `GPT2LMHeadModel` and fast tokenizer, and back: what
-the export_hf stage writes and what `serve --model <exported folder>` reads.
+"""Our GPT and tokenizer as a Hugging Face model and fast tokenizer, and transformers folders back
+into our GPT: what the export_hf stage writes and what `serve --model <folder>` reads.
 
-The mapping to GPT-2's layout:
-- our blocks are GPT-2's: same names (wte, wpe, h.i.{ln_1, attn.c_attn, attn.c_proj, ln_2,
-  mlp.c_fc, mlp.c_proj}, ln_f), the tanh GELU (`gelu_new`), LayerNorm eps 1e-5, 1/sqrt(head dim)
-  attention scaling, and the tied output head;
-- GPT-2's `Conv1D` keeps its weight as (in, out), our `nn.Linear` as (out, in): each is transposed;
-- the padded vocabulary rows (ids >= vocab_size; never a target, masked by `generate`) are cut, so
-  `vocab_size` is the tokenizer's and HF's `generate` can never pick an id the tokenizer lacks. Our
-  eval scores over the same real ids (`pipeline.eval.loss.token_logprobs`), so log-probabilities
-  match the exported model's exactly, not only its logits;
-- a model without biases (`bias: false`) exports zero biases, which computes the same function;
-- a rotary model is refused: GPT-2 has only learned positions, and no exact mapping to another
-  transformers architecture is written yet (GPT-NeoX's `rotate_half` rotary with
-  `use_parallel_residual=False` is the likely one).
+Architectures, one per set of our model's options (`hf_architecture`):
+- `GPT2LMHeadModel`, the GPT-2 shape: same module names (wte, wpe, h.i.{ln_1, attn.c_attn,
+  attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_f), the tanh GELU (`gelu_new`), LayerNorm eps
+  1e-5, the tied output head; GPT-2's `Conv1D` keeps its weight as (in, out), our `nn.Linear` as
+  (out, in): each is transposed; a model without biases (`bias: false`) exports zero biases,
+  which computes the same function;
+- `LlamaForCausalLM`, the Llama options (RMSNorm, SwiGLU, RoPE with Llama 3's scaling if any, GQA,
+  tied or untied head, no biases), and `Qwen2ForCausalLM`, the same with q, k, v biases: our fused
+  c_attn is their q, k, v projections side by side and our c_fc their gate and up projections;
+- the padded vocabulary rows (ids >= vocab_size; never a target, masked by `generate`) are cut,
+  so `vocab_size` is the tokenizer's and HF's `generate` can never pick an id the tokenizer lacks.
+  Our eval scores over the same real ids (`pipeline.eval.loss.token_logprobs`), so
+  log-probabilities match the exported model's exactly, not only its logits;
+- anything else (rotary with LayerNorm, say) is refused, naming what does not fit.
 
 The tokenizer is converted by transformers' own `TikTokenConverter` from our ranks written as a
 tiktoken file (our tokenizer encodes exactly as tiktoken does): same regex, byte-level BPE with
 `ignore_merges` (a whole piece that is a token is taken as is, tiktoken's rule), and merges for
 every split of each token, so the fast tokenizer gives our ids.
 
-Back (`load_hf`, `tokenizer_from_hf`: `python -m pipeline serve --model <exported folder>`): the
-same name map read the other way, the weights through `safetensors` (no pickle), Conv1D weights
-transposed back, the vocabulary padded again to a multiple of 64 with zero rows (padding ids are
-masked wherever we sample or score, so their values never matter), biases kept even when all
-zero (a `bias: false` model comes back as `bias: true` with zero biases: the same function). The
-tokenizer comes back from tokenizer.json: byte-level tokens in id order are our ranks, each token
-past the 256 bytes is the merge of the two older tokens tiktoken's rule splits it into, the regex
-is ours again (the atomic groups back to possessive repeats), the added special tokens keep their
-ids. Tested: the round trip gives back our tokenizer file and our logits exactly.
+Back (`load_hf`: `python -m pipeline serve --model <folder>`): a folder of any of the three
+architectures, single or sharded safetensors (no pickle), read through the same name map the other
+way, Conv1D weights transposed back, the vocabulary padded again to a multiple of 64 with zero rows
+(padding ids are masked wherever we sample or score, so their values never matter), fp32. The
+config is checked: an architecture, a feature (sliding window, experts, other RoPE
+types, ...) or a tensor shape our model does not compute is an error naming it, never silently
+different logits. GPT-2 biases are kept even when all zero (a `bias: false` model comes back as
+`bias: true` with zero biases: the same function). `tokenizer_from_hf` reads a tokenizer.json back
+into our BPETokenizer where it has our form: byte-level tokens in id order are our ranks, each
+token past the 256 bytes is the merge of the two older tokens tiktoken's rule splits it into, the
+regex is ours again (the atomic groups back to possessive repeats), the added special tokens keep
+their ids (pipeline/tokenizer/hf_tokenizer.py decides when that is exact, else uses the
+`tokenizers` library). Tested: the round trip gives back our tokenizer file and our logits
+exactly; Llama and Qwen2 folders give transformers' logits (tests/test_hf_models.py).
 """
 
 from __future__ import annotations

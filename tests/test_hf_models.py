@@ -16,15 +16,7 @@ from pipeline.inference import Engine, SamplingParams
 from pipeline.model.gpt import GPT, GPTConfig
 
 VOCAB = 320
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread (a second one spin-waits on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matmuls: one thread
 
 
 def random_hf(kind: str, seed: int = 0, **overrides):

@@ -397,6 +397,26 @@ def test_val_loss_falls_well_below_the_unigram_entropy(byte_tokens, tmp_path):
     assert metrics["final_val_loss"] < 0.9 * metrics["unigram_entropy"], metrics
 
 
+def test_the_llama_shape_trains_and_exports_as_llama(byte_tokens, tmp_path):
+    """architecture: llama (RMSNorm, SwiGLU, RoPE, untied head) with n_kv_head 1 (grouped-query
+    attention) learns as the GPT-2 shape does, and its final.pt is a LlamaForCausalLM with our logits."""
+    from pipeline.hf import hf_model
+
+    summary = run(byte_tokens, tmp_path, architecture="llama", n_kv_head=1, max_steps=300, micro_batch=16,
+                  global_batch_tokens=512, warmup_steps=10, eval_every=300, eval_tokens=8192, checkpoint_every=300,
+                  samples=0)
+    assert summary["metrics"]["final_val_loss"] < 0.9 * summary["metrics"]["unigram_entropy"], summary["metrics"]
+    model, _ = load_final(tmp_path / "final.pt")
+    config = model.config
+    assert (config.norm, config.mlp, config.rope, config.tie_embeddings, config.kv_head_count) == \
+        ("rmsnorm", "swiglu", True, False, 1)
+    hf = hf_model(model, VOCAB, EOS, [EOS])
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    idx = torch.randint(0, VOCAB, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[..., :VOCAB], hf(idx).logits, atol=1e-4, rtol=0)
+
+
 # --- DDP and FSDP2 under torchrun ---------------------------------------------------------------------------
 
 def torchrun(tokens: Path, out: Path, parallel: str, *extra: str) -> None:

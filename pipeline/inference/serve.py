@@ -1,8 +1,10 @@
 """serve: the OpenAI-compatible HTTP server (`pipeline/inference/server.py`) over one model.
 
 `python -m pipeline serve --model <final.pt> --tokenizer <tokenizer.json>`, or `--model <folder>`
-alone for a folder written by export-hf (its safetensors weights and tokenizer.json read back by
-pipeline/hf.py's `load_hf` and `tokenizer_from_hf`). SIGTERM or Ctrl-C lets the requests in flight
+alone for a transformers folder of GPT2LMHeadModel (what export-hf writes), LlamaForCausalLM or
+Qwen2ForCausalLM: its safetensors weights read by pipeline/hf.py's `load_hf`, its tokenizer.json
+and chat template by pipeline/tokenizer/hf_tokenizer.py's `load_hf_tokenizer`, generation stopping
+at generation_config.json's eos ids. SIGTERM or Ctrl-C lets the requests in flight
 finish for --timeout-graceful-shutdown seconds, then aborts the rest with OpenAI's 503 body.
 """
 
@@ -15,23 +17,25 @@ from pathlib import Path
 import uvicorn
 
 from pipeline.artifacts import check_inputs
-from pipeline.hf import load_hf, tokenizer_from_hf
+from pipeline.hf import load_hf
 from pipeline.inference.engine import Engine
 from pipeline.inference.server import AsyncEngine, create_app
 from pipeline.model.gpt import GPT, load_final
 from pipeline.tokenizer.bpe import BPETokenizer
+from pipeline.tokenizer.hf_tokenizer import load_hf_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def load_model(path: str | Path, device: str) -> tuple[GPT, dict]:
-    """A final.pt (`load_final`) or an export-hf folder (`load_hf`): the GPT and its metadata."""
+    """A final.pt (`load_final`) or a transformers folder (`load_hf`): the GPT and its metadata."""
     return load_hf(path, device) if Path(path).is_dir() else load_final(path, device)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True,
-                        help="final.pt (pretrain, sft or grpo), or a folder written by export-hf (weights and tokenizer)")
+                        help="final.pt (pretrain, sft or grpo), or a transformers folder (GPT2LMHeadModel as "
+                             "export-hf writes, LlamaForCausalLM, Qwen2ForCausalLM) with its tokenizer.json")
     parser.add_argument("--tokenizer", help="tokenizer.json (the tokenizer stage's); needed with a final.pt, "
                                             "default with an exported folder: the folder's own")
     parser.add_argument("--host", default="127.0.0.1")
@@ -43,6 +47,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most")
     parser.add_argument("--block-size", type=int, default=16, help="token slots per KV-cache block")
     parser.add_argument("--num-blocks", type=int, help="KV-cache blocks (default: max-batch-size full contexts)")
+    parser.add_argument("--max-model-len", type=int,
+                        help="prompt and output tokens at most per request (default: the model's context)")
     parser.add_argument("--chunked-prefill", action="store_true", help="cut long prompts to the step's token budget")
     parser.add_argument("--max-waiting", type=int, default=256, help="queued requests at most; more get 429")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request bodies larger get 413")
@@ -78,7 +84,7 @@ def run(args) -> int:
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     exported = Path(args.model).is_dir()
     if not exported and args.tokenizer is None:
-        raise SystemExit(f"--model {args.model} is not an export-hf folder: a final.pt needs --tokenizer (tokenizer.json)")
+        raise SystemExit(f"--model {args.model} is not a transformers folder: a final.pt needs --tokenizer (tokenizer.json)")
     # a file in a results folder is checked against its stage's manifest; one made by hand is served as is
     for path in check_inputs(args.model, args.tokenizer, args.draft_model, required=False):
         log.info("%s: sha256 matches its manifest", path)
@@ -87,15 +93,17 @@ def run(args) -> int:
     if args.tokenizer is not None:
         tokenizer = BPETokenizer.load(args.tokenizer)
     else:
-        tokenizer = tokenizer_from_hf(Path(args.model) / "tokenizer.json")
-    if tokenizer.n_vocab != model.config.vocab_size:
-        raise ValueError(f"{args.tokenizer or args.model}: {tokenizer.n_vocab} ids, but {args.model} was trained on "
-                         f"{model.config.vocab_size}: not this model's tokenizer")
+        tokenizer = load_hf_tokenizer(args.model)
+        log.info("%s: tokenizer backend %s", args.model, tokenizer.backend)
+    # an HF model's embedding may have more rows than its tokenizer has ids (Qwen2's), never fewer
+    if tokenizer.n_vocab > model.config.vocab_size or (not exported and tokenizer.n_vocab != model.config.vocab_size):
+        raise ValueError(f"{args.tokenizer or Path(args.model) / 'tokenizer.json'}: {tokenizer.n_vocab} ids, but "
+                         f"{args.model} has an embedding of {model.config.vocab_size}: not this model's tokenizer")
     # an HF folder's generation_config.json eos ids; else the final.pt's <|endoftext|> (none: stop at max_tokens)
     stop = meta.get("eos_ids") or ([] if meta["eos_id"] is None else [int(meta["eos_id"])])
     engine = Engine(model, max_batch_size=args.max_batch_size, block_size=args.block_size, num_blocks=args.num_blocks,
                     draft_model=draft, num_speculative_tokens=args.num_speculative_tokens,
-                    chunked_prefill=args.chunked_prefill, stop_token_ids=stop)
+                    chunked_prefill=args.chunked_prefill, max_model_len=args.max_model_len, stop_token_ids=stop)
     path = Path(args.model).resolve()
     name = args.served_model_name or (path.name if exported else path.parent.name)
     app = create_app(engine, tokenizer, name, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,

@@ -47,7 +47,7 @@ from pipeline.inference.engine import Engine
 from pipeline.inference.sampling import InvalidParam, SamplingParams
 from pipeline.inference.sequence import RequestOutput
 from pipeline.tokenizer.bpe import ASSISTANT_END, BPETokenizer
-from pipeline.tokenizer.chat import render_prompt
+from pipeline.tokenizer.chat_template import chat_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -518,7 +518,7 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, model_name: str, *, max_
             check_length("messages", sum(len(m["content"]) for m in messages
                                          if isinstance(m, dict) and isinstance(m.get("content"), str)), "characters")
         try:
-            return await asyncio.to_thread(render_prompt, tokenizer, messages)
+            return await asyncio.to_thread(chat_prompt_ids, tokenizer, messages)
         except ValueError as e:  # names the bad message: "message 1: role 'user' out of place ..."
             raise APIError(400, str(e), param="messages") from None
 

@@ -151,6 +151,15 @@ class GPTConfig:
             raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
         return cls(**{**size_shape(size), **ARCHITECTURES[architecture], **overrides})
 
+    @classmethod
+    def for_pretrain(cls, size: str, cfg: dict, vocab_size: int) -> GPTConfig:
+        """The model pretrain trains at `size` under its config section (workflow/schemas/pretrain):
+        the `architecture`'s options (gpt2 takes `rope` as set; llama is always rotary),
+        `n_kv_head`, `seq_len` and `dropout`."""
+        rope = {"rope": cfg["rope"]} if cfg["architecture"] == "gpt2" else {}
+        return cls.from_size(size, cfg["architecture"], vocab_size=vocab_size, seq_len=cfg["seq_len"],
+                             n_kv_head=cfg["n_kv_head"], dropout=cfg["dropout"], **rope)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -160,7 +169,7 @@ class GPTConfig:
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (seq_len, head_dim / 2): pair i of a head turns by angle t * base^(-2i/d),
-    computed as transformers does (so its Llama gives the same angles to the last bit), with Llama
+    computed in the order transformers computes them (so a Llama folder gets its angles), with Llama
     3's scaling of the low frequencies when `scaling` is given."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling is not None:

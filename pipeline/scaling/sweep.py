@@ -36,14 +36,16 @@ def tokens_label(tokens: int) -> str:
 
 
 @functools.cache
-def model_counts(size: str, vocab_size: int, seq_len: int, rope: bool) -> dict[str, int]:
-    """Parameters (total, non-embedding) and training FLOPs per token of a size, counted by the
-    model itself (pipeline/model/gpt.py) on the meta device."""
+def model_counts(size: str, vocab_size: int, seq_len: int, rope: bool, architecture: str = "gpt2",
+                 n_kv_head: int | None = None) -> dict[str, int]:
+    """Parameters (total, non-embedding) and training FLOPs per token of a size as pretrain builds
+    it, counted by the model itself (pipeline/model/gpt.py) on the meta device."""
     import torch
 
     from pipeline.model.gpt import GPT, GPTConfig
+    cfg = dict(seq_len=seq_len, rope=rope, architecture=architecture, n_kv_head=n_kv_head, dropout=0.0)
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_size(size, vocab_size=vocab_size, seq_len=seq_len, rope=rope))
+        model = GPT(GPTConfig.for_pretrain(size, cfg, vocab_size))
     return {"total": model.num_params(), "non_embedding": model.num_params(non_embedding=True),
             "flops_per_token": model.flops_per_token()}
 
@@ -94,7 +96,8 @@ def plan_sweep(scaling: dict[str, Any], pretrain: dict[str, Any], vocab_size: in
     for label, size in sweep_runs(scaling):
         flops, tokens = design[label, size]
         try:
-            counts = model_counts(size, vocab_size, pretrain["seq_len"], pretrain["rope"])
+            counts = model_counts(size, vocab_size, pretrain["seq_len"], pretrain["rope"], pretrain["architecture"],
+                                  pretrain["n_kv_head"])
         except ValueError as e:
             raise ConfigError(f"config key 'scaling': {e}") from e
         n = counts[scaling["params"]]

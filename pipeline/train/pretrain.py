@@ -98,7 +98,7 @@ def train(cfg: dict[str, Any], *, data: Path, out: Path, size: str, stop_at: int
     train_windows = TokenWindows(split_shards(data, "train"), vocab_size, T)
     val_windows = TokenWindows(split_shards(data, "val"), vocab_size, T)
     decode = load_decoder(tokenizer)
-    model_config = GPTConfig.from_size(size, vocab_size=vocab_size, seq_len=T, rope=cfg["rope"], dropout=cfg["dropout"])
+    model_config = GPTConfig.for_pretrain(size, cfg, vocab_size)
 
     with setup_run("pretrain", cfg, out=out, identity=run_identity(cfg, size, data / "manifest.json"),
                    wandb_config={"size": size, **cfg}) as run:
