@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -18,8 +23,8 @@ from conftest import save_chat_model
 from pipeline.config import section_config
 from pipeline.inference.bench.http_client import read_event
 from pipeline.inference.bench.metrics import Record
-from pipeline.inference.bench.peers import (compare, free_port, greedy_matches, markdown, order, random_llama,
-                                            ratios, serve_command, server)
+from pipeline.inference.bench.peers import (compare, cpu_seconds, free_port, greedy_matches, markdown, order,
+                                            random_llama, ratios, serve_command, server)
 from pipeline.inference.bench.systems import drive, kv_cache_stream, run_engine
 from pipeline.inference.bench.workload import make_workload
 from pipeline.inference.engine import Engine
@@ -84,7 +89,7 @@ def test_rounds_alternate_the_systems_order():
 
 def summary(tps: float, ttft: float, e2e: float) -> dict:
     return {"output_tokens_per_s": tps, "ttft_ms": {"mean": ttft, "p90": 2 * ttft},
-            "e2e_ms": {"mean": e2e, "p90": 2 * e2e}, "load_1min": 2.0}
+            "e2e_ms": {"mean": e2e, "p90": 2 * e2e}, "load_1min": 2.0, "cpu_ms_per_token": 1000 / tps}
 
 
 def test_ratios_are_paired_by_round_and_tabled():
@@ -96,10 +101,10 @@ def test_ratios_are_paired_by_round_and_tabled():
     assert ratios(result, "serve", "vllm", 32, "TTFT p90") == pytest.approx([0.5, 3.0, 2.0])
     table = markdown(result, "tiny")
     # medians over the rounds, and the ratios' median with their range
-    assert "| 32 | serve | 90 | 20 / 40 | 200 / 400 | 2.0 |" in table
-    assert "| 32 | vllm | 100 | 10 / 20 | 100 / 200 | 2.0 |" in table
+    assert "| 32 | serve | 90 | 20 / 40 | 200 / 400 | 11.11 | 2.0 |" in table
+    assert "| 32 | vllm | 100 | 10 / 20 | 100 / 200 | 10.00 | 2.0 |" in table
     assert "| 32 | serve / vllm | 0.90 (0.50-1.20) | 2.00 (0.50-3.00) | 2.00 (0.50-3.00) | 2.00 (1.00-3.00) | " \
-           "2.00 (1.00-3.00) | 11 / 12 |" in table
+           "2.00 (1.00-3.00) | 1.11 (0.83-2.00) | 11 / 12 |" in table
 
 
 @pytest.mark.parametrize("concurrency", [1, 2, None])
@@ -127,7 +132,7 @@ def test_serve_process_driven_as_vllm_is(export):
     requests = workload(vocab=model.config.vocab_size)
     expected = run_engine(Engine(model, max_batch_size=4, block_size=8), requests)
     port = free_port()
-    with server(serve_command(export, port, max_batch_size=4), port, export.parent / "serve.log") as url:
+    with server(serve_command(export, port, max_batch_size=4), port, export.parent / "serve.log") as (url, _):
         records = drive(url, "bench", requests, max_concurrency=2, token_ids=True)
         assert [r.tokens for r in records] == [q.output_len for q in requests]
         assert greedy_matches(records, expected) == len(requests)
@@ -153,9 +158,32 @@ def test_compare_without_vllm_runs_each_round_and_system(export, tmp_path):
     for system in ("serve", "engine"):
         for c in ("1", "4"):
             runs = result["runs"][system][c]
-            assert len(runs) == 2 and all(r["output_tokens"] == 4 * 5 for r in runs)
+            assert len(runs) == 2 and all(r["output_tokens"] == 4 * 5 and r["cpu_ms_per_token"] > 0 for r in runs)
     assert (tmp_path / "serve.log").exists()
     assert "| 4 | engine |" in markdown(result, "nano") and "Ratios" not in markdown(result, "nano")
+
+
+def test_cpu_seconds_count_a_process_and_its_children():
+    """A parent that sleeps while its child spins: the tree's CPU time grows past what the
+    parent alone spent."""
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "c = subprocess.Popen([sys.executable, '-c', 'while True: pass']); time.sleep(60)"])
+    try:
+        time.sleep(0.5)
+        own = cpu_seconds(parent.pid) - sum(cpu_seconds(int(p)) for p in child_pids(parent.pid))
+        start = time.monotonic()
+        while cpu_seconds(parent.pid) < own + 1.0 and time.monotonic() - start < 30:
+            time.sleep(0.1)
+        assert cpu_seconds(parent.pid) >= own + 1.0
+    finally:
+        for pid in child_pids(parent.pid):
+            os.kill(int(pid), signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+
+
+def child_pids(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
 
 
 def test_a_server_that_dies_names_its_log(tmp_path):

@@ -9,7 +9,9 @@ streamed, greedy, `ignore_eos` completions, at most `c` requests in flight for e
 `c` (`vllm bench serve --max-concurrency`). Rounds are interleaved and the systems' order
 alternates from round to round, so a change of load on a shared machine falls on each alike;
 the ratios are taken within a round. Every request asks for its token ids (vLLM's
-`return_token_ids`), so greedy outputs are compared token for token.
+`return_token_ids`), so greedy outputs are compared token for token. Beside the latencies, each
+run counts the CPU time its server spent per output token (all of its processes; the client's
+not), which a loaded machine changes far less than it changes wall time.
 
 vLLM is a peer, never a dependency: its CPU build lives in a venv of its own
 (docs/benchmarks.md has the install commands), whose python is given here.
@@ -43,6 +45,24 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE
 NO_SLO = {"ttft_s": float("inf"), "tpot_s": float("inf")}  # goodput is not compared here
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its descendants (Linux's /proc): a server's cost
+    per token that, unlike its latency, other work on the machine hardly changes."""
+    tree, stats = {pid}, {}
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = path.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:  # gone meanwhile
+            continue
+        stats[int(path.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    grew = True
+    while grew:
+        size = len(tree)
+        tree |= {p for p, (ppid, _) in stats.items() if ppid in tree}
+        grew = len(tree) > size
+    return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,9 +82,9 @@ def vllm_command(python: str, folder: Path, port: int) -> list[str]:
 
 @contextmanager
 def server(command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None,
-           timeout: float = 600.0) -> Iterator[str]:
+           timeout: float = 600.0) -> Iterator[tuple[str, int]]:
     """A server process, its output in `log_path`, until it answers /v1/models; yields its URL
-    and stops it (SIGTERM, then SIGKILL) on the way out."""
+    and pid, and stops it (SIGTERM, then SIGKILL) on the way out."""
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -85,7 +105,7 @@ def server(command: list[str], port: int, log_path: Path, env: dict[str, str] | 
                 raise RuntimeError(f"{command[0]} {' '.join(command[1:4])} did not answer within {timeout:.0f} s "
                                    f"(its log: {log_path})")
             time.sleep(0.5)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         try:
@@ -125,13 +145,18 @@ def compare(folder: Path, workload: list[BenchRequest], *, vllm_python: str | No
     runs: dict[str, dict[str, list[dict]]] = {s: {str(c): [] for c in concurrency} for s in systems}
     records: dict[tuple[str, int, int], list[Record]] = {}
     with ExitStack() as stack:
-        urls = {s: stack.enter_context(server(command, ports[s], log_dir / f"{s}.log", env))
-                for s, (command, env) in commands.items() if s in systems}
+        servers = {s: stack.enter_context(server(command, ports[s], log_dir / f"{s}.log", env))
+                   for s, (command, env) in commands.items() if s in systems}
 
-        def run(system: str, c: int) -> list[Record]:
+        def run(system: str, c: int) -> tuple[list[Record], float]:
+            """The run's records and the CPU seconds its server (or this process, for the engine) spent."""
             if system == "engine":
-                return run_engine(engine, workload, max_concurrency=c)
-            return drive(urls[system], SERVED_NAME, workload, max_concurrency=c, token_ids=True)
+                start = time.process_time()
+                return run_engine(engine, workload, max_concurrency=c), time.process_time() - start
+            url, pid = servers[system]
+            start = cpu_seconds(pid)
+            recs = drive(url, SERVED_NAME, workload, max_concurrency=c, token_ids=True)
+            return recs, cpu_seconds(pid) - start
 
         for system in systems:
             run(system, max(concurrency))
@@ -139,8 +164,11 @@ def compare(folder: Path, workload: list[BenchRequest], *, vllm_python: str | No
             for c in concurrency:
                 for system in order(systems, r):
                     load = os.getloadavg()[0]
-                    recs = records[system, c, r] = run(system, c)
-                    runs[system][str(c)].append({**summarize(recs, NO_SLO), "load_1min": load})
+                    recs, cpu = run(system, c)
+                    records[system, c, r] = recs
+                    figures = summarize(recs, NO_SLO)
+                    runs[system][str(c)].append({**figures, "load_1min": load,
+                                                 "cpu_ms_per_token": 1000 * cpu / figures["output_tokens"]})
     matches = {f"{s}/vllm": {str(c): [greedy_matches(records[s, c, r], records["vllm", c, r]) for r in range(rounds)]
                              for c in concurrency} for s in systems if s != "vllm" and "vllm" in systems}
     return {"folder": str(folder), "systems": systems, "concurrency": concurrency, "rounds": rounds,
@@ -151,7 +179,7 @@ def compare(folder: Path, workload: list[BenchRequest], *, vllm_python: str | No
 
 FIGURES = {"tok/s": lambda s: s["output_tokens_per_s"], "TTFT mean": lambda s: s["ttft_ms"]["mean"],
            "TTFT p90": lambda s: s["ttft_ms"]["p90"], "E2E mean": lambda s: s["e2e_ms"]["mean"],
-           "E2E p90": lambda s: s["e2e_ms"]["p90"]}
+           "E2E p90": lambda s: s["e2e_ms"]["p90"], "CPU/token": lambda s: s["cpu_ms_per_token"]}
 
 
 def ratios(result: dict[str, Any], system: str, base: str, c: int, figure: str) -> list[float]:
@@ -170,21 +198,23 @@ def markdown(result: dict[str, Any], name: str) -> str:
     """One folder's table (medians over the rounds, with their range) and the ratios to vLLM."""
     systems, conc, rounds = result["systems"], result["concurrency"], result["rounds"]
     lines = [f"#### {name}", "", "| concurrency | system | out tok/s | TTFT mean / p90 ms | E2E mean / p90 ms | "
-             "load (1 min) |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
+             "CPU ms / token | load (1 min) |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for c in conc:
         for s in systems:
             runs = result["runs"][s][str(c)]
 
             def med(figure: str) -> str:
                 return f"{np.median([FIGURES[figure](r) for r in runs]):.0f}"
+            cpu = np.median([r["cpu_ms_per_token"] for r in runs])
             lines.append(f"| {c} | {s} | {med('tok/s')} | {med('TTFT mean')} / {med('TTFT p90')} | "
-                         f"{med('E2E mean')} / {med('E2E p90')} | {np.mean([r['load_1min'] for r in runs]):.1f} |")
+                         f"{med('E2E mean')} / {med('E2E p90')} | {cpu:.2f} | "
+                         f"{np.mean([r['load_1min'] for r in runs]):.1f} |")
     lines.append("")
     if "vllm" in systems:
         lines += [f"Ratios to vLLM, round by round: median (range over {rounds} rounds); tokens/s above 1 is faster, "
-                  "latency below 1 is faster.", "",
-                  "| concurrency | system | out tok/s | TTFT mean | TTFT p90 | E2E mean | E2E p90 | greedy tokens equal |",
-                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "latency and CPU time per token below 1 are faster.", "",
+                  "| concurrency | system | out tok/s | TTFT mean | TTFT p90 | E2E mean | E2E p90 | CPU / token | "
+                  "greedy tokens equal |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for c in conc:
             for s in (s for s in systems if s != "vllm"):
                 same = result["greedy_matches"][f"{s}/vllm"][str(c)]
