@@ -169,9 +169,9 @@ class GPTConfig:
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (seq_len, head_dim / 2): pair i of a head turns by angle t * base^(-2i/d),
-    computed in the order transformers computes them (so a Llama folder gets its angles), with Llama
-    3's scaling of the low frequencies when `scaling` is given."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    with Llama 3's scaling of the low frequencies when `scaling` is given. (transformers computes
+    1 / base^(2i/d), which can differ in the last bit: logits move by ~1e-7, far inside parity.)"""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     if scaling is not None:
         inv_freq = llama3_scaled(inv_freq, **{k: scaling[k] for k in LLAMA3_ROPE_SCALING})
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
