@@ -422,6 +422,20 @@ class GPT(nn.Module):
 
 # --- loading ---------------------------------------------------------------------------------------
 
+def gpt_from_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
+    """A GPT of `config` holding the tensors of `state` (strict: every name and shape), built on the
+    meta device and given the tensors themselves, so no weight is drawn only to be overwritten and
+    none is held twice: a 1B model's load costs its weights once. Raises RuntimeError on a misfit."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:  # assign gives each name its own Parameter: tie them again
+        model.lm_head.weight = model.wte.weight
+    if config.rope:  # derived, not in the state: computed for real now
+        model.cos, model.sin = rope_tables(config.seq_len, config.head_dim, config.rope_theta, config.rope_scaling)
+    return model
+
+
 def load_final(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """Load a final.pt (pretrain's export: a torch.save of FINAL_KEYS) with weights_only=True,
     which unpickles only tensors and plain containers, never code. Returns the GPT in eval mode on
