@@ -208,7 +208,21 @@ PATHOLOGICAL = [  # raw body, status, param, a word of the message
     ('{"prompt": "hi", "stop_token_ids": [true]}', 400, "stop_token_ids", "list of token ids"),
     ('{"prompt": [1, 2, 100000]}', 400, "prompt", "outside the vocabulary"),
     ('{"prompt": [1, true]}', 400, "prompt", "list of token ids"),
-    ('{"prompt": [[1, 2], [3]]}', 400, "prompt", "one prompt per request"),
+    ('{"prompt": [[1, 2], "x", 3]}', 400, "prompt", "non-empty list of either"),
+    ('{"prompt": []}', 400, "prompt", "empty"),
+    ('{"prompt": [[1, 2], []]}', 400, "prompt", "empty"),
+    ('{"prompt": "hi", "n": 0}', 400, "n", ">= 1"),
+    ('{"prompt": "hi", "n": 1000}', 400, "n", "at most 256"),
+    ('{"prompt": "hi", "stop": ["a", ""]}', 400, "stop", "non-empty string"),
+    ('{"prompt": "hi", "stop": 5}', 400, "stop", "non-empty string"),
+    ('{"prompt": "hi", "stop": ["x"] * 17}'.replace('["x"] * 17', json.dumps(["x"] * 17)), 400, "stop", "at most 16"),
+    ('{"prompt": "hi", "logprobs": 21}', 400, "logprobs", "[0, 20]"),
+    ('{"prompt": "hi", "logprobs": true}', 400, "logprobs", "must be a number"),
+    ('{"prompt": "hi", "echo": 1}', 400, "echo", "wrong type"),
+    ('{"prompt": "hi", "presence_penalty": 2.5}', 400, "presence_penalty", "[-2, 2]"),
+    ('{"prompt": "hi", "frequency_penalty": -3}', 400, "frequency_penalty", "[-2, 2]"),
+    ('{"prompt": "hi", "top_logprobs": 2}', 400, "top_logprobs", "not supported"),
+    ('{"prompt": "hi", "seed": 9223372036854775807, "n": 2}', 400, "seed", "siblings"),
     ('{"prompt": ""}', 400, "prompt", "empty"),
     ('{"prompt": "hi", "temperature": Infinity}', 400, "temperature", "[0, 2]"),
     ('{"prompt": "hi", "temperature": NaN}', 400, "temperature", "[0, 2]"),
@@ -236,18 +250,21 @@ def test_pathological_requests_get_4xx_with_openai_bodies(served, body, status, 
     assert_openai_error(raw_post(served, body), status, param, match)
 
 
-@pytest.mark.parametrize("field, default, value", [
-    ("n", 1, 2), ("best_of", 1, 3), ("stop", [], ["\n"]), ("echo", False, True), ("logprobs", False, 1),
-    ("top_logprobs", None, 2), ("suffix", "", "end"), ("presence_penalty", 0, 0.5), ("frequency_penalty", 0.0, -1),
-    ("logit_bias", {}, {"5": 10}), ("response_format", {"type": "text"}, {"type": "json_object"}),
-    ("tools", [], [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "none", "auto"),
+BOTH = ("/v1/completions", "/v1/chat/completions")
+
+
+@pytest.mark.parametrize("field, default, value, paths", [
+    ("best_of", 1, 3, BOTH), ("suffix", "", "end", BOTH), ("logit_bias", {}, {"5": 10}, BOTH),
+    ("response_format", {"type": "text"}, {"type": "json_object"}, BOTH),
+    ("tools", [], [{"type": "function", "function": {"name": "f"}}], BOTH), ("tool_choice", "none", "auto", BOTH),
+    ("echo", False, True, BOTH[1:]), ("top_logprobs", None, 2, BOTH[:1]),
 ])
-def test_every_field_is_honoured_or_refused(served, field, default, value):
+def test_every_field_is_honoured_or_refused(served, field, default, value, paths):
     """A field the server does not build is refused with a 400 naming it, unless it carries the
     default that asks for nothing (which clients send), which is answered as without it."""
-    for path, body in [("/v1/completions", {"prompt": "hi"}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
-        body = {**body, "max_tokens": 3, "temperature": 0}
+    bodies = {"/v1/completions": {"prompt": "hi"}, "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]}}
+    for path in paths:
+        body = {**bodies[path], "max_tokens": 3, "temperature": 0}
         assert_openai_error(httpx.post(served.url + path, json={**body, field: value}), 400, field, "not supported")
         r = httpx.post(served.url + path, json={**body, field: default})
         assert r.status_code == 200, r.text
