@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipeline.eval.loss import token_logprobs
+from pipeline.eval.multiple_choice import Question, encode_pair, evaluate
 from pipeline.inference import Engine, SamplingParams
 from pipeline.tokenizer.bpe import ASSISTANT_END
 from pipeline.tokenizer.chat import render_prompt
@@ -271,3 +272,34 @@ def test_full_queue_answers_429_with_retry_after_and_counts_it(model, tokenizer)
         assert json.loads(s.http.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2}).text)["choices"]
     finally:
         s.close()
+
+
+# --- lm-evaluation-harness's requests -----------------------------------------------------------
+
+def test_lm_eval_loglikelihood_requests_score_as_the_in_process_eval(served, model, tokenizer, stories):
+    """The loglikelihood requests lm-evaluation-harness's `local-completions` sends (its
+    `_create_payload`: a batch of token-id prompts, echo, logprobs 1, max_tokens 1, temperature
+    0, seed 1234), read as its `parse_logprobs` reads them (token_logprobs[ctxlen:-1] summed, in
+    choice-index order): every choice's sum and every question's pick are those of
+    pipeline.eval.multiple_choice on the same questions (benchmarks/peer_check_lm_eval_server.py
+    runs lm-eval itself)."""
+    items = []
+    for k, story in enumerate(stories[:12]):
+        words = story.split()
+        options = [" " + w for w in (words[8], words[20], words[30], words[40])]
+        items.append(Question(" ".join(words[:8]), options[k % 4:] + options[:k % 4], (4 - k % 4) % 4))
+    ours = evaluate(model, tokenizer, items)
+    pairs = [encode_pair(tokenizer, q.context, c) for q in items for c in q.choices]
+    sums = []
+    for first in range(0, len(pairs), 5):  # lm-eval's --batch_size 5
+        batch = pairs[first:first + 5]
+        body = {"model": "nano", "prompt": [ctx + cont for ctx, cont in batch], "temperature": 0, "max_tokens": 1,
+                "logprobs": 1, "seed": 1234, "echo": True}
+        r = served.http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        for choice, (ctx, _) in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), batch):
+            sums.append(sum(choice["logprobs"]["token_logprobs"][len(ctx):-1]))
+    torch.testing.assert_close(torch.tensor(sums, dtype=torch.float64),
+                               torch.tensor([s for o in ours for s in o["sums"]], dtype=torch.float64), atol=1e-4, rtol=0)
+    picks = [max(range(4), key=lambda c: sums[4 * i + c]) for i in range(len(items))]
+    assert [float(p == q.answer) for p, q in zip(picks, items)] == [o["acc"] for o in ours]
