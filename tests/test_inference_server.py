@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -523,7 +524,7 @@ def save_final(model: GPT, tokenizer: BPETokenizer, folder: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def serve_process(args: list[str], log: Path):
+def serve_process(args: list[str], log: Path, env: dict[str, str] | None = None):
     """`python -m pipeline serve <args>` on a free port, as a user runs it, its output in `log`
     (a file: a pipe nobody reads would fill and block it); yields (process, url) once /health
     answers 200, and kills it at the end if it still runs."""
@@ -532,7 +533,7 @@ def serve_process(args: list[str], log: Path):
         port = s.getsockname()[1]
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", *args, "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -555,16 +556,20 @@ def serve_process(args: list[str], log: Path):
 def test_serve_command_on_a_saved_model(model, tokenizer, tmp_path, source):
     """`python -m pipeline serve --model final.pt --tokenizer tokenizer.json --port N`, and
     `serve --model <export-hf folder>` alone, as a user runs them: both complete greedily as the
-    engine on the model in memory (so as each other), and chat through the same template."""
+    engine on the model in memory (so as each other), and chat through the same template. The
+    API key comes from $WETSTONE_API_KEY, or from --api-key."""
     from pipeline.export_hf import export_hf
 
     args = save_final(model, tokenizer, tmp_path / "tiny")
+    env = {**os.environ, "WETSTONE_API_KEY": "sekrit"}
     if source == "exported folder":
         seal(tmp_path / "tiny" / "final.pt", tmp_path / "tiny" / "tokenizer.json")  # as the training stages leave them
         export_hf(tmp_path / "tiny" / "final.pt", tmp_path / "tiny" / "tokenizer.json", tmp_path / "export" / "tiny")
-        args = ["--model", str(tmp_path / "export" / "tiny")]
-    with serve_process(args, tmp_path / "serve.log") as (proc, url):
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        args, env = ["--model", str(tmp_path / "export" / "tiny"), "--api-key", "sekrit"], None
+    with serve_process(args, tmp_path / "serve.log", env) as (proc, url):
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny"]  # named after the model's folder
         text, _ = greedy_text(model, tokenizer, "Once upon a time", 12)
         assert client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12,
