@@ -217,6 +217,7 @@ PATHOLOGICAL = [  # raw body, status, param, a word of the message
     ('{"prompt": "hi", "stop": ["a", ""]}', 400, "stop", "non-empty string"),
     ('{"prompt": "hi", "stop": 5}', 400, "stop", "non-empty string"),
     ('{"prompt": "hi", "stop": ["x"] * 17}'.replace('["x"] * 17', json.dumps(["x"] * 17)), 400, "stop", "at most 16"),
+    ('{"prompt": "hi", "stop": "%s"}' % ("x" * 257), 400, "stop", "at most 256 characters"),
     ('{"prompt": "hi", "logprobs": 21}', 400, "logprobs", "[0, 20]"),
     ('{"prompt": "hi", "logprobs": true}', 400, "logprobs", "must be a number"),
     ('{"prompt": "hi", "echo": 1}', 400, "echo", "wrong type"),

@@ -83,7 +83,7 @@ NOT_BUILT: dict[str, tuple] = {
     "tool_choice": ("none",),
 }
 NOT_BUILT_BY_ENDPOINT = {"completions": NOT_BUILT | {"top_logprobs": ()}, "chat": NOT_BUILT | {"echo": (False,)}}
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 MESSAGE_FIELDS = {"role", "content", "name"}
 RETRY_AFTER_S = 1  # a full queue drains in about this long at the batch sizes served here
 
@@ -430,13 +430,15 @@ def check_fields(body: dict, endpoint: str) -> None:
 
 
 def stop_strings(body: dict) -> list[str]:
-    """`stop`: a string or a list of up to MAX_STOP_STRINGS non-empty ones ("" alone: none)."""
+    """`stop`: a string or a list of up to MAX_STOP_STRINGS non-empty ones ("" alone: none), each
+    at most MAX_STOP_CHARS long (the held-back tail of a stream is matched against each)."""
     stop = body.get("stop")
     stops = [] if stop is None or stop == "" else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
         raise APIError(400, f"'stop' must be a non-empty string or a list of them, got {stop!r:.80}", param="stop")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise APIError(400, f"'stop' has {len(stops)} strings; at most {MAX_STOP_STRINGS}", param="stop")
+    if len(stops) > MAX_STOP_STRINGS or max(map(len, stops), default=0) > MAX_STOP_CHARS:
+        raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters",
+                       param="stop")
     return list(dict.fromkeys(stops))
 
 
@@ -547,7 +549,6 @@ class ReplyText:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
         self.text, self.sent = "", 0
         self.stopped = False  # a stop string ended it
-        self.longest = max(map(len, stop), default=0)
 
     def add(self, out: RequestOutput) -> str:
         # a stop token's text is not part of the reply (vLLM); it counts in usage
@@ -560,10 +561,10 @@ class ReplyText:
             if at != -1:
                 self.text, self.stopped = self.text[:at], True
         end = len(self.text)
-        if not (out.finished or self.stopped):
-            hold = min(self.longest - 1, len(self.text) - self.sent)
-            end -= max((k for k in range(1, hold + 1) if any(stop.startswith(self.text[-k:]) for stop in self.stop)),
-                       default=0)
+        if not (out.finished or self.stopped):  # hold back the longest unsent tail that begins a stop string
+            unsent = len(self.text) - self.sent
+            end -= max((next((k for k in range(min(len(stop) - 1, unsent), 0, -1) if self.text.endswith(stop[:k])), 0)
+                        for stop in self.stop), default=0)
         new, self.sent = self.text[self.sent:end], end
         return new
 
