@@ -37,7 +37,7 @@ from pathlib import Path
 from benchmarks.common import start_serve
 from benchmarks.peer_check_lm_eval import GROUP, arguments, write_tasks
 from pipeline.eval.mmlu import questions, summarize
-from pipeline.eval.multiple_choice import evaluate
+from pipeline.eval.multiple_choice import encode_pair, evaluate
 from pipeline.export_hf import export_hf
 from pipeline.model.gpt import load_final
 from pipeline.tokenizer.bpe import BPETokenizer
@@ -88,16 +88,23 @@ def main() -> None:
             found = sorted(output.rglob("results_*.json"))[-1]
             harness = json.loads(found.read_text())["results"][GROUP]["acc,none"]
             theirs = harness_sums(output)
+            # lm-eval keeps the last seq_len - 1 tokens (one is left for the token it asks for), our eval
+            # the last seq_len + 1: they see the same tokens only where nothing is cut
+            fits = [all(sum(map(len, encode_pair(tokenizer, q.context, c))) <= model.config.seq_len - 1
+                        for c in q.choices) for q in items]
             at: dict[str, int] = {}
-            differ, gap = 0, 0.0
-            for q, o in zip(items, ours_items):
+            differ, gap = {True: 0, False: 0}, {True: 0.0, False: 0.0}  # by whether the question fits
+            for q, o, fit in zip(items, ours_items, fits):
                 j = at[q.group] = at.get(q.group, -1) + 1
                 sums = theirs[q.group, j]
-                differ += max(range(4), key=sums.__getitem__) != max(range(4), key=o["sums"].__getitem__)
-                gap = max(gap, *(abs(a - b) for a, b in zip(sums, o["sums"])))
+                differ[fit] += max(range(4), key=sums.__getitem__) != max(range(4), key=o["sums"].__getitem__)
+                gap[fit] = max(gap[fit], *(abs(a - b) for a, b in zip(sums, o["sums"])))
+            n_fit = sum(fits)
             print(f"{shots}-shot, {ours['n']} questions: ours (in process) acc {ours['acc']['value']:.4f}; lm-eval "
-                  f"local-completions against serve acc {harness:.4f} ({seconds:.0f} s); questions picked differently "
-                  f"{differ}; largest log-likelihood difference {gap:.2e}\n  command: {' '.join(command)}")
+                  f"local-completions against serve acc {harness:.4f} ({seconds:.0f} s). Questions that fit the "
+                  f"context ({n_fit}): picked differently {differ[True]}, largest log-likelihood difference "
+                  f"{gap[True]:.2e}; cut to fit ({ours['n'] - n_fit}): picked differently {differ[False]}, largest "
+                  f"difference {gap[False]:.2e}\n  command: {' '.join(command)}")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
