@@ -430,6 +430,7 @@ def test_a_dead_engine_loop_refuses_at_once_and_says_why(long_model, tokenizer):
             s.client.completions.create(model="nano", prompt="Once", max_tokens=2)
         assert e.value.status_code == 503 and time.monotonic() - start < 2
         assert_openai_error(s.http.get("/health"), 503, None, "injected scheduler fault")
+        assert s.metrics()["wetstone:requests_rejected_total[('reason', 'engine_stopped')]"] == 1
     finally:
         start = time.monotonic()
         s.close()
