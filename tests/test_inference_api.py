@@ -144,6 +144,14 @@ def test_chat_logprobs_in_openais_content_shape(served, model, tokenizer):
         assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob and c.top_logprobs[0].bytes == c.bytes
     torch.testing.assert_close(torch.tensor([c.logprob for c in content]),
                                model_logprobs(model, ids + out)[-len(out):], atol=1e-4, rtol=0)
+    chunks = list(served.client.chat.completions.create(model="nano", messages=messages, max_tokens=8, temperature=0,
+                                                        logprobs=True, top_logprobs=2, n=2, stream=True))
+    for i in (0, 1):  # each sibling streams the same greedy reply and log-probabilities under its own index
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == r.choices[0].finish_reason
+        assert "".join(c.delta.content or "" for c in mine) == r.choices[0].message.content
+        torch.testing.assert_close(torch.tensor([e.logprob for c in mine if c.logprobs for e in c.logprobs.content]),
+                                   torch.tensor([c.logprob for c in content]), atol=1e-5, rtol=0)  # another batch
     assert served.client.chat.completions.create(model="nano", messages=messages, max_tokens=3).choices[0].logprobs is None
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         served.client.chat.completions.create(model="nano", messages=messages, max_tokens=3, top_logprobs=2)
