@@ -37,8 +37,9 @@ def write_section(title: str, body: str, doc: Path = DOC) -> None:
 
 
 def start_serve(args: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """`python -m pipeline serve <args>` on a free loopback port, its output in `log`; returns
-    (process, url) once /health answers 200, or exits with the log's tail."""
+    """`python -m pipeline serve <args>` on a free loopback port, its output in `log` (a file: a
+    pipe nobody reads would fill and block it); returns (process, url) once /health answers 200,
+    or kills it and raises RuntimeError with the log's tail."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -50,7 +51,7 @@ def start_serve(args: list[str], log: Path, env: dict[str, str] | None = None) -
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise SystemExit(f"serve did not come up: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"serve did not come up: {log.read_text()[-2000:]}")
         try:
             if httpx.get(url + "/health").status_code == 200:
                 return proc, url

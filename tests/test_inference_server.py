@@ -8,8 +8,6 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.common import start_serve
 from conftest import seal
 from pipeline.inference import Engine, SamplingParams
 from pipeline.inference.server import create_app
@@ -527,26 +526,10 @@ def save_final(model: GPT, tokenizer: BPETokenizer, folder: Path) -> list[str]:
 
 @contextlib.contextmanager
 def serve_process(args: list[str], log: Path, env: dict[str, str] | None = None):
-    """`python -m pipeline serve <args>` on a free port, as a user runs it, its output in `log`
-    (a file: a pipe nobody reads would fill and block it); yields (process, url) once /health
-    answers 200, and kills it at the end if it still runs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", *args, "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    """`python -m pipeline serve <args>` as a user runs it (`benchmarks.common.start_serve`);
+    yields (process, url) once /health answers 200, and kills it at the end if it still runs."""
+    proc, url = start_serve(args, log, env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the server did not come up"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         yield proc, url
     finally:
         if proc.poll() is None:
