@@ -17,7 +17,7 @@ run: venv
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m snakemake --cores $(CORES)
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-cluster: venv
 	workflow/cluster/start_cluster.sh

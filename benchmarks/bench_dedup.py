@@ -133,10 +133,12 @@ def timed_job(cmd: list[str], cwd: Path) -> Job:
         return Job(time.perf_counter() - start, float(user) + float(system), int(kb) / 1024)
 
 
-def dedup_jobs(root: Path, out: Path, checkout: Path, old: bool) -> dict:
+def dedup_jobs(root: Path, out: Path, checkout: Path, old: bool, memory_mb: int | None = None) -> dict:
     """The 15 band jobs, then the clusters job, of the code in `checkout` (`old`: clusters writes one
-    file), one process each; their times and peaks, and the removed ids."""
+    file), one process each; their times and peaks, and the removed ids. `memory_mb` overrides
+    `dedup.memory_mb` in every job."""
     py = [sys.executable, "-m", "pipeline", "dedup"]
+    job_config = ["--config", json.dumps({"memory_mb": memory_mb})] if memory_mb else []
     buckets = sorted(str(p) for p in (root / "buckets").glob("*.parquet"))
     manifests = sorted(str(p) for p in (root / "signatures").glob("*.manifest.json"))
     signatures = sorted(str(p) for p in (root / "signatures").glob("*.parquet"))
@@ -144,11 +146,12 @@ def dedup_jobs(root: Path, out: Path, checkout: Path, old: bool) -> dict:
     bands = [*map(str, range(config["bands"])), EXACT]
     band_runs = [timed_job([*py, "band", "--band", band, "--input", *buckets, "--upstream", *manifests,
                             "--output", str(out / f"pairs/{band}.parquet"),
-                            "--manifest", str(out / f"pairs/{band}.manifest.json")], checkout) for band in bands]
+                            "--manifest", str(out / f"pairs/{band}.manifest.json"), *job_config], checkout)
+                 for band in bands]
     pairs = [str(out / f"pairs/{band}.parquet") for band in bands]
     clusters = out / ("clusters.parquet" if old else "clusters")
     cluster_run = timed_job([*py, "clusters", "--input", *signatures, "--pairs", *pairs, "--output", str(clusters),
-                             "--manifest", str(out / "manifest.json")], checkout)
+                             "--manifest", str(out / "manifest.json"), *job_config], checkout)
     removed = pl.read_parquet(clusters if old else clusters / "*.parquet")["id"].sort()
     return {"bands": band_runs, "clusters": cluster_run, "removed": removed,
             "metrics": read_manifest(out / "manifest.json")["metrics"],
@@ -161,22 +164,23 @@ def paired_documents(pair_files: list[str]) -> int:
                             for frame in map(pl.read_parquet, pair_files)))
 
 
-def start_up(shard_docs: int, exact: float, near: float) -> float:
+def start_up(shard_docs: int, exact: float, near: float, memory_mb: int | None) -> float:
     """The clusters job's peak RSS on one shard of 10,000 documents: what it holds whatever the size."""
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         root = Path(tmp)
         make_shards(root, range(1), 10_000, exact, near)
-        return dedup_jobs(root, root / "new", ROOT, old=False)["clusters"].mb
+        return dedup_jobs(root, root / "new", ROOT, old=False, memory_mb=memory_mb)["clusters"].mb
 
 
-def run_size(root: Path, docs: int, shard_docs: int, exact: float, near: float, baseline: Path | None) -> dict:
+def run_size(root: Path, docs: int, shard_docs: int, exact: float, near: float, baseline: Path | None,
+             memory_mb: int | None) -> dict:
     """Every job on `docs` documents in shards of `shard_docs` (written to `root` unless already there)."""
     shards = docs // shard_docs
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         first = make_shards(Path(tmp), range(1), shard_docs, exact, near)
     if not (root / f"signatures/shard{shards - 1:05d}.manifest.json").exists():
         make_shards(root, range(shards), shard_docs, exact, near)
-    ours = dedup_jobs(root, root / "new", ROOT, old=False)
+    ours = dedup_jobs(root, root / "new", ROOT, old=False, memory_mb=memory_mb)
     theirs = dedup_jobs(root, root / "old", baseline, old=True) if baseline else None
     disk = {folder: sum(p.stat().st_size for p in (root / folder).glob("*.parquet")) / 1e6
             for folder in ("signatures", "buckets", "new/pairs")}
@@ -190,7 +194,8 @@ def peak(runs: list[Job]) -> str:
 
 
 def scale_section(results: list[dict], startup: float, args: argparse.Namespace) -> str:
-    lines = [f"`python -m benchmarks.bench_dedup --docs {' '.join(map(str, args.docs))}` on {machine()}; "
+    memory = f" --memory-mb {args.memory_mb}" if args.memory_mb else ""
+    lines = [f"`python -m benchmarks.bench_dedup --docs {' '.join(map(str, args.docs))}{memory}` on {machine()}; "
              f"synthetic signatures, {args.exact:.0%} exact and {args.near:.0%} near copies of a random earlier "
              f"document, {args.shard_docs:,} documents per shard; each job a process of its own, run one at a "
              f"time. The clusters job's start-up (its peak on 10,000 documents): {startup:,.0f} MB.", "",
@@ -244,6 +249,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="keep the synthetic shards here, a folder per size, for later runs")
     parser.add_argument("--make-shards", type=int, nargs=2, help=argparse.SUPPRESS)  # run by this script
     parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-mb", type=int, help="dedup.memory_mb for our jobs (default: the config's)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     if args.make_shards is not None:
@@ -257,12 +263,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
             root = args.data / f"{docs}-{shard_docs}" if args.data else Path(tmp)
             baseline = args.baseline if docs <= (args.baseline_docs or docs) else None
-            results.append(run_size(root, docs, shard_docs, args.exact, args.near, baseline))
+            results.append(run_size(root, docs, shard_docs, args.exact, args.near, baseline, args.memory_mb))
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("ours", "theirs")}), flush=True)
     if args.shards:
         title, body = "Dedup band jobs and shard count", shards_section(results, args)
     else:
-        title, body = "Dedup at scale", scale_section(results, start_up(args.shard_docs, args.exact, args.near), args)
+        title, body = "Dedup at scale", scale_section(results, start_up(args.shard_docs, args.exact, args.near,
+                                                                                  args.memory_mb), args)
     print(body)
     if not args.no_write:
         write_section(title, body)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores,
+# and so do the processes its tests start (they inherit OMP_NUM_THREADS): torch's threads spin while
+# they wait, so two workers of two threads each on two cores run far slower than one of each.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 ROOT = Path(__file__).resolve().parent.parent
 RESOURCES = ROOT / "resources"
