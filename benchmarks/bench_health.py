@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import httpx
 import openai
 import torch
 
-from benchmarks.common import machine, write_section
+from benchmarks.common import machine, start_serve, write_section
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tokenizer import BPETokenizer
 
@@ -42,24 +41,8 @@ def start_server(folder: Path, tokenizer: BPETokenizer) -> tuple[subprocess.Pope
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 0,
                 "vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id}, folder / "final.pt")
     tokenizer.save(folder / "tokenizer.json")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(folder / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", str(folder / "final.pt"),
-                             "--tokenizer", str(folder / "tokenizer.json"), "--served-model-name", "nano",
-                             "--max-batch-size", "32", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"serve did not come up: {(folder / 'serve.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
+    return start_serve(["--model", str(folder / "final.pt"), "--tokenizer", str(folder / "tokenizer.json"),
+                        "--served-model-name", "nano", "--max-batch-size", "32"], folder / "serve.log")
 
 
 def load(url: str, stop: threading.Event, refused: list[int]) -> None:

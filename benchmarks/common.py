@@ -1,12 +1,18 @@
-"""Shared by the benchmarks: machine description and writing a section of docs/benchmarks.md."""
+"""Shared by the benchmarks: machine description, writing a section of docs/benchmarks.md, and
+starting `python -m pipeline serve`."""
 
 from __future__ import annotations
 
 import os
 import platform
 import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import torch
 
 from pipeline.artifacts import atomic_write_text
@@ -28,3 +34,26 @@ def write_section(title: str, body: str, doc: Path = DOC) -> None:
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     atomic_write_text(doc, text.rstrip("\n") + "\n")
+
+
+def start_serve(args: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`python -m pipeline serve <args>` on a free loopback port, its output in `log` (a file: a
+    pipe nobody reads would fill and block it); returns (process, url) once /health answers 200,
+    or kills it and raises RuntimeError with the log's tail."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", *args, "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"serve did not come up: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)

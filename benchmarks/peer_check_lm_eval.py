@@ -83,15 +83,20 @@ class HFScorer(torch.nn.Module):
         return self.hf(x).logits
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str, max_questions: int, work: str) -> argparse.ArgumentParser:
+    """The options of both peer checks: the model, its tokenizer, and the MMLU items to score."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--tokenizer", required=True, type=Path)
     parser.add_argument("--mmlu", type=Path, default=Path("resources/mmlu"))
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 5])
-    parser.add_argument("--max-questions", type=int, default=120)
-    parser.add_argument("--work", type=Path, default=Path("results/peer_check"))
-    args = parser.parse_args()
+    parser.add_argument("--max-questions", type=int, default=max_questions)
+    parser.add_argument("--work", type=Path, default=Path(work))
+    return parser
+
+
+def main() -> None:
+    args = arguments(__doc__, 120, "results/peer_check").parse_args()
 
     from transformers import AutoModelForCausalLM
 

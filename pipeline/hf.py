@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.gpt import GPT, LLAMA3_ROPE_SCALING, GPTConfig
+from pipeline.model.gpt import GPT, LLAMA3_ROPE_SCALING, GPTConfig, gpt_from_state
 from pipeline.tokenizer.bpe import (ASSISTANT_END, ASSISTANT_START, CHAT_SPECIAL_TOKENS, ENDOFTEXT, USER_END,
                                     USER_START, BPETokenizer, bpe_merge, str_to_token)
 
@@ -438,10 +438,11 @@ def load_hf(folder: str | os.PathLike, device: str | torch.device = "cpu",
     config = gpt_config_from_hf(hf_cfg, str(config_path))
     weights = read_safetensors(folder)
     check_weights(weights, config, f"{folder} (safetensors)")
-    model = GPT(config)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in gpt_state_dict(weights, config).items()}
+    state = gpt_state_dict(weights, config)
+    del weights  # the joined and padded tensors are copies: hold the model's weights once, not twice
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     try:
-        model.load_state_dict(state, strict=True)
+        model = gpt_from_state(config, state)
     except (KeyError, RuntimeError) as e:
         raise ValueError(f"{folder}: weights do not fit {config_path}: {e!r}") from e
     eos = hf_cfg.get("eos_token_id")

@@ -160,6 +160,22 @@ def test_serve_answers_the_openai_client_as_transformers_generates(folder, tmp_p
         reply = client.chat.completions.create(model=kind, messages=CONVERSATION, max_tokens=10, temperature=0)
         assert reply.usage.prompt_tokens == len(ids)
         assert (reply.choices[0].message.content, reply.usage.completion_tokens) == (text, n)
+
+        # the fields lm-eval and other clients send, on this model: echo's prompt log-probs are transformers'
+        ids = tokenizer.encode("Once upon a time, a little dog")
+        reply = client.completions.create(model=kind, prompt=[ids], max_tokens=1, temperature=0, echo=True, logprobs=1)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        got = reply.choices[0].logprobs.token_logprobs
+        assert got[0] is None
+        assert got[1:len(ids)] == pytest.approx([logp[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=1e-4)
+        full = client.completions.create(model=kind, prompt="The little dog", max_tokens=10, temperature=0).choices[0].text
+        assert len(full) >= 4, full
+        stop = full[len(full) // 2:len(full) // 2 + 2]
+        reply = client.completions.create(model=kind, prompt="The little dog", max_tokens=10, temperature=0, stop=[stop])
+        assert (reply.choices[0].text, reply.choices[0].finish_reason) == (full[:full.index(stop)], "stop")
+        reply = client.completions.create(model=kind, prompt="The little dog", max_tokens=10, temperature=0, n=2)
+        assert [c.text for c in reply.choices] == [full, full]
     log = (tmp_path / "serve.log").read_text()
     assert f"tokenizer backend {'wetstone-bpe' if kind == 'llama' else 'tokenizers'}" in log
 

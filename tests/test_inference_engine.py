@@ -303,6 +303,43 @@ def test_greedy_speculative_equals_greedy_target(draft_seed):
     assert_all_blocks_free(engine)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("options", [{}, {"chunked_prefill": True, "max_num_batched_tokens": 8},
+                                     {"num_blocks": 16, "block_size": 4}])  # chunks; a pool that preempts
+def test_logprobs_and_prompt_logprobs_are_the_models(options):
+    """logprobs=k and prompt_logprobs=k: each token's log-probability under one plain forward
+    (real vocabulary) with the k most likely ids, the prompt's first token None, whether the
+    prompt is prefilled at once, in chunks, or again after a preemption, and whether or not it
+    is in the prefix cache."""
+    model = nano(0)
+    engine = Engine(model, max_batch_size=3, **options)
+    engine.generate(PROMPTS[2:3], GREEDY)  # its blocks are cached now: prompt_logprobs must compute them anyway
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=2, prompt_logprobs=3)
+    prompts = [PROMPTS[2], PROMPTS[4][:24], PROMPTS[1]]
+    ids = [engine.add_request(p, params) for p in prompts]
+    outs: dict[int, list] = {i: [] for i in ids}
+    while engine.has_work():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    for prompt, i in zip(prompts, ids):
+        got = [o for o in outs[i] if o.new_token_ids]
+        tokens = [t for o in got for t in o.new_token_ids]
+        seq = prompt + tokens
+        logp = model(torch.tensor([seq[:-1]]))[0, :, :model.config.vocab_size].log_softmax(-1)
+        expected = logp.gather(1, torch.tensor(seq[1:])[:, None])[:, 0]
+        first = [o.prompt_logprobs for o in got]
+        assert first[0] is not None and all(p is None for p in first[1:])  # on the first token's output only
+        prompt_lp = first[0]
+        assert prompt_lp[0] is None and len(prompt_lp) == len(prompt)
+        reported = prompt_lp[1:] + [lp for o in got for lp in o.new_token_logprobs]
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in reported]), expected, atol=1e-5, rtol=0)
+        for lp, row, k in zip(reported, logp, [3] * (len(prompt) - 1) + [2] * len(tokens)):
+            assert [t for t, _ in lp.top] == row.topk(k).indices.tolist()
+    if "num_blocks" in options:
+        assert engine.stats.preemptions > 0
+    assert_all_blocks_free(engine)
+
+
 def peaked(seed: int) -> GPT:
     """A nano model over 8 tokens whose next-token distributions are far from uniform (a large
     final LayerNorm gain), so target and draft disagree a lot."""

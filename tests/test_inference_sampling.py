@@ -126,10 +126,28 @@ def test_repetition_penalty_makes_seen_tokens_less_likely():
     assert apply_repetition_penalty(logits, [0], 1.0) is logits
 
 
+def test_presence_and_frequency_penalties_are_openais_on_the_output_only():
+    """logit[j] -= count_j x frequency + (count_j > 0) x presence, counted over the generated
+    tokens (not the prompt); -inf stays -inf, float32's largest stays finite."""
+    logits = torch.tensor([2.0, -1.0, 0.5, -float("inf"), 3.0])
+    params = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25)
+    out = process_logits(logits, params, history=[4, 4, 0, 1, 1, 1, 3], output=[0, 1, 1, 1, 3])
+    assert out.tolist() == [2.0 - 0.25 - 0.5, -1.0 - 0.75 - 0.5, 0.5, -float("inf"), 3.0]  # 4 is in the prompt only
+    assert process_logits(logits, params, history=[0, 1]).tolist() == logits.tolist()  # nothing generated yet
+    huge = process_logits(torch.tensor([float("inf"), 0.0]), SamplingParams(temperature=0, presence_penalty=-2.0),
+                          history=[0], output=[0])
+    assert huge.isfinite().all()
+    favoured = SamplingParams(temperature=0, presence_penalty=-2.0)  # negative: repeat what was said
+    assert sample_one(torch.tensor([1.0, 0.0]), favoured, [1], None) == 0
+    assert sample(torch.tensor([[1.0, 0.0]]), [favoured], [[1]], [None], [[1]]) == [1]
+
+
 def test_sampling_params_name_the_bad_field_checked_as_float32_holds_it():
     for field, value in [("top_p", 0.0), ("top_p", 1e-300), ("temperature", 2.5), ("temperature", float("nan")),
                          ("temperature", 10**400), ("min_p", 1.5), ("repetition_penalty", 1e-300),
-                         ("repetition_penalty", 1e39), ("max_tokens", -1), ("top_k", -2), ("seed", 2**63)]:
+                         ("repetition_penalty", 1e39), ("max_tokens", -1), ("top_k", -2), ("seed", 2**63),
+                         ("presence_penalty", 2.01), ("frequency_penalty", -float("inf")), ("logprobs", 21),
+                         ("prompt_logprobs", -1)]:
         with pytest.raises(InvalidParam, match=f"{field}=") as e:
             SamplingParams(**{field: value})
         assert e.value.param == field

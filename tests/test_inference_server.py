@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.common import start_serve
 from conftest import seal
 from pipeline.inference import Engine, SamplingParams
 from pipeline.inference.server import create_app
@@ -208,7 +208,22 @@ PATHOLOGICAL = [  # raw body, status, param, a word of the message
     ('{"prompt": "hi", "stop_token_ids": [true]}', 400, "stop_token_ids", "list of token ids"),
     ('{"prompt": [1, 2, 100000]}', 400, "prompt", "outside the vocabulary"),
     ('{"prompt": [1, true]}', 400, "prompt", "list of token ids"),
-    ('{"prompt": [[1, 2], [3]]}', 400, "prompt", "one prompt per request"),
+    ('{"prompt": [[1, 2], "x", 3]}', 400, "prompt", "non-empty list of either"),
+    ('{"prompt": []}', 400, "prompt", "empty"),
+    ('{"prompt": [[1, 2], []]}', 400, "prompt", "empty"),
+    ('{"prompt": "hi", "n": 0}', 400, "n", ">= 1"),
+    ('{"prompt": "hi", "n": 1000}', 400, "n", "at most 256"),
+    ('{"prompt": "hi", "stop": ["a", ""]}', 400, "stop", "non-empty string"),
+    ('{"prompt": "hi", "stop": 5}', 400, "stop", "non-empty string"),
+    ('{"prompt": "hi", "stop": ["x"] * 17}'.replace('["x"] * 17', json.dumps(["x"] * 17)), 400, "stop", "at most 16"),
+    ('{"prompt": "hi", "stop": "%s"}' % ("x" * 257), 400, "stop", "at most 256 characters"),
+    ('{"prompt": "hi", "logprobs": 21}', 400, "logprobs", "[0, 20]"),
+    ('{"prompt": "hi", "logprobs": true}', 400, "logprobs", "must be a number"),
+    ('{"prompt": "hi", "echo": 1}', 400, "echo", "wrong type"),
+    ('{"prompt": "hi", "presence_penalty": 2.5}', 400, "presence_penalty", "[-2, 2]"),
+    ('{"prompt": "hi", "frequency_penalty": -3}', 400, "frequency_penalty", "[-2, 2]"),
+    ('{"prompt": "hi", "top_logprobs": 2}', 400, "top_logprobs", "not supported"),
+    ('{"prompt": "hi", "seed": 9223372036854775807, "n": 2}', 400, "seed", "siblings"),
     ('{"prompt": ""}', 400, "prompt", "empty"),
     ('{"prompt": "hi", "temperature": Infinity}', 400, "temperature", "[0, 2]"),
     ('{"prompt": "hi", "temperature": NaN}', 400, "temperature", "[0, 2]"),
@@ -236,18 +251,21 @@ def test_pathological_requests_get_4xx_with_openai_bodies(served, body, status, 
     assert_openai_error(raw_post(served, body), status, param, match)
 
 
-@pytest.mark.parametrize("field, default, value", [
-    ("n", 1, 2), ("best_of", 1, 3), ("stop", [], ["\n"]), ("echo", False, True), ("logprobs", False, 1),
-    ("top_logprobs", None, 2), ("suffix", "", "end"), ("presence_penalty", 0, 0.5), ("frequency_penalty", 0.0, -1),
-    ("logit_bias", {}, {"5": 10}), ("response_format", {"type": "text"}, {"type": "json_object"}),
-    ("tools", [], [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "none", "auto"),
+BOTH = ("/v1/completions", "/v1/chat/completions")
+
+
+@pytest.mark.parametrize("field, default, value, paths", [
+    ("best_of", 1, 3, BOTH), ("suffix", "", "end", BOTH), ("logit_bias", {}, {"5": 10}, BOTH),
+    ("response_format", {"type": "text"}, {"type": "json_object"}, BOTH),
+    ("tools", [], [{"type": "function", "function": {"name": "f"}}], BOTH), ("tool_choice", "none", "auto", BOTH),
+    ("echo", False, True, BOTH[1:]), ("top_logprobs", None, 2, BOTH[:1]),
 ])
-def test_every_field_is_honoured_or_refused(served, field, default, value):
+def test_every_field_is_honoured_or_refused(served, field, default, value, paths):
     """A field the server does not build is refused with a 400 naming it, unless it carries the
     default that asks for nothing (which clients send), which is answered as without it."""
-    for path, body in [("/v1/completions", {"prompt": "hi"}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
-        body = {**body, "max_tokens": 3, "temperature": 0}
+    bodies = {"/v1/completions": {"prompt": "hi"}, "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]}}
+    for path in paths:
+        body = {**bodies[path], "max_tokens": 3, "temperature": 0}
         assert_openai_error(httpx.post(served.url + path, json={**body, field: value}), 400, field, "not supported")
         r = httpx.post(served.url + path, json={**body, field: default})
         assert r.status_code == 200, r.text
@@ -411,6 +429,7 @@ def test_a_dead_engine_loop_refuses_at_once_and_says_why(long_model, tokenizer):
             s.client.completions.create(model="nano", prompt="Once", max_tokens=2)
         assert e.value.status_code == 503 and time.monotonic() - start < 2
         assert_openai_error(s.http.get("/health"), 503, None, "injected scheduler fault")
+        assert s.metrics()["wetstone:requests_rejected_total[('reason', 'engine_stopped')]"] == 1
     finally:
         start = time.monotonic()
         s.close()
@@ -506,27 +525,11 @@ def save_final(model: GPT, tokenizer: BPETokenizer, folder: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def serve_process(args: list[str], log: Path):
-    """`python -m pipeline serve <args>` on a free port, as a user runs it, its output in `log`
-    (a file: a pipe nobody reads would fill and block it); yields (process, url) once /health
-    answers 200, and kills it at the end if it still runs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", *args, "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+def serve_process(args: list[str], log: Path, env: dict[str, str] | None = None):
+    """`python -m pipeline serve <args>` as a user runs it (`benchmarks.common.start_serve`);
+    yields (process, url) once /health answers 200, and kills it at the end if it still runs."""
+    proc, url = start_serve(args, log, env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the server did not come up"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         yield proc, url
     finally:
         if proc.poll() is None:
@@ -538,16 +541,20 @@ def serve_process(args: list[str], log: Path):
 def test_serve_command_on_a_saved_model(model, tokenizer, tmp_path, source):
     """`python -m pipeline serve --model final.pt --tokenizer tokenizer.json --port N`, and
     `serve --model <export-hf folder>` alone, as a user runs them: both complete greedily as the
-    engine on the model in memory (so as each other), and chat through the same template."""
+    engine on the model in memory (so as each other), and chat through the same template. The
+    API key comes from $WETSTONE_API_KEY, or from --api-key."""
     from pipeline.export_hf import export_hf
 
     args = save_final(model, tokenizer, tmp_path / "tiny")
+    env = {**os.environ, "WETSTONE_API_KEY": "sekrit"}
     if source == "exported folder":
         seal(tmp_path / "tiny" / "final.pt", tmp_path / "tiny" / "tokenizer.json")  # as the training stages leave them
         export_hf(tmp_path / "tiny" / "final.pt", tmp_path / "tiny" / "tokenizer.json", tmp_path / "export" / "tiny")
-        args = ["--model", str(tmp_path / "export" / "tiny")]
-    with serve_process(args, tmp_path / "serve.log") as (proc, url):
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        args, env = ["--model", str(tmp_path / "export" / "tiny"), "--api-key", "sekrit"], None
+    with serve_process(args, tmp_path / "serve.log", env) as (proc, url):
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny"]  # named after the model's folder
         text, _ = greedy_text(model, tokenizer, "Once upon a time", 12)
         assert client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12,

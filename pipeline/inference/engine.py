@@ -18,7 +18,8 @@ scheduler (scheduler.py), the model runner (model_runner.py), speculative decodi
 3. the model runner runs the target over every row's new tokens in one forward of the model's
    own code, and returns the logits of each row that reached its request's last token;
 4. each such request samples its next token (or accepts drafts) with its own generator, records
-   the token's log-probability, and finishes on a stop token (the engine's `stop_token_ids`, EOS,
+   the token's log-probability (with `logprobs`, also over the real vocabulary with the top k;
+   with `prompt_logprobs`, the prompt's, from logits of every prompt position), and finishes on a stop token (the engine's `stop_token_ids`, EOS,
    unless `ignore_eos`; the request's own `stop_token_ids`, such as chat's <|assistant_end|>,
    always), on `max_tokens`, or when the context is full; a finished request's blocks are freed
    at once.
@@ -45,7 +46,7 @@ from pipeline.inference.blocks import BlockManager
 from pipeline.inference.model_runner import ModelRunner
 from pipeline.inference.sampling import InvalidParam, SamplingParams, mask_padding, sample
 from pipeline.inference.scheduler import ScheduledRow, Scheduler
-from pipeline.inference.sequence import Completion, EngineStats, Request, RequestOutput
+from pipeline.inference.sequence import Completion, EngineStats, Request, RequestOutput, TokenLogprobs
 from pipeline.inference.speculative import Drafts, Speculator
 from pipeline.model.gpt import GPT
 
@@ -124,7 +125,8 @@ class Engine:
         prompt = [int(t) for t in prompt]
         self.check_request(prompt, params)
         eos = frozenset() if params.ignore_eos else self.stop_token_ids
-        req = Request(next(self._ids), prompt, params, params.generator(self.generator), eos | set(params.stop_token_ids))
+        req = Request(next(self._ids), prompt, params, params.generator(self.generator), eos | set(params.stop_token_ids),
+                      prompt_logprobs=None if params.prompt_logprobs is None else [None])
         self.requests[req.id] = req
         self.scheduler.add(req)
         return req.id
@@ -178,8 +180,16 @@ class Engine:
         for w in rows:
             w.tokens = w.tokens + drafts.get(w.req.id, ([], []))[0]
             end += len(w.tokens)
-            logits_at += range(end - self._num_logits(w, drafts), end)
+            logits_at += range(end - self._num_prompt_logits(w) - self._num_logits(w, drafts), end)
         return drafts, self.runner.run([(w.req.table, w.start, w.tokens) for w in rows], logits_at)
+
+    @staticmethod
+    def _num_prompt_logits(w: ScheduledRow) -> int:
+        """Positions of the row that predict a prompt token whose log-probability is asked for:
+        they come first in the row's logits, right before the sampling positions."""
+        if not w.req.needs_prompt_logprobs:
+            return 0
+        return max(0, min(w.start + len(w.tokens), len(w.req.prompt) - 1) - w.start)
 
     @staticmethod
     def _num_logits(w: ScheduledRow, drafts: Drafts) -> int:
@@ -194,18 +204,22 @@ class Engine:
         logprobs = logits.log_softmax(dim=-1)  # the model's own distribution, before any sampling transform
         mask_padding(logits, self.vocab_size)
         counts = [self._num_logits(w, drafts) for w in rows]
-        firsts = list(itertools.accumulate([0, *counts]))
+        prompt_counts = [self._num_prompt_logits(w) for w in rows]
+        # each row's logits: its prompt positions (if asked for), then its sampling positions
+        firsts = [f + p for f, p in zip(itertools.accumulate([0, *map(sum, zip(counts, prompt_counts))]), prompt_counts)]
         # the decodes and finished prefills without drafts sample together, in one call of the sampler
         plain = [k for k, w in enumerate(rows) if counts[k] and w.req.id not in drafts and w.req.id not in failed]
         sampled = dict(zip((rows[k].req.id for k in plain),
                            self._sample([rows[k].req for k in plain], logits[[firsts[k] for k in plain]])))
         outputs = []
-        for w, first, n in zip(rows, firsts, counts):
+        for w, first, n, p in zip(rows, firsts, counts, prompt_counts):
             span = slice(first, first + n)
             try:
                 token = sampled.get(w.req.id)
                 if w.req.id in failed or isinstance(token, Exception):
                     raise failed.get(w.req.id, token)
+                if p:
+                    self._record_prompt_logprobs(w, logits[first - p:first])
                 outputs.append(self._advance(w, token, logits[span], logprobs[span], drafts))
             except Exception as e:
                 outputs.append(self._fail(w.req, e))
@@ -217,12 +231,13 @@ class Engine:
         if not reqs:
             return []
         try:
-            return sample(logits, [r.params for r in reqs], [r.tokens for r in reqs], [r.generator for r in reqs])
+            return sample(logits, [r.params for r in reqs], [r.tokens for r in reqs], [r.generator for r in reqs],
+                          [r.output for r in reqs])
         except Exception:
             out: list[int | Exception] = []
             for r, row in zip(reqs, logits):
                 try:
-                    out += sample(row[None], [r.params], [r.tokens], [r.generator])
+                    out += sample(row[None], [r.params], [r.tokens], [r.generator], [r.output])
                 except Exception as e:
                     out.append(e)
             return out
@@ -247,9 +262,28 @@ class Engine:
             return RequestOutput(req.id, [], False, None, len(req.output))
         new = self.speculator.accept(req, logits, *drafts[req.id]) if req.id in drafts else [token]
         req.num_computed = len(req.tokens) + len(new) - 1
-        return self._emit(req, new, [float(logprobs[j, t]) for j, t in enumerate(new)])
+        k = req.params.logprobs
+        reported = self._token_logprobs(logits[:len(new)], new, k) if k is not None else []
+        return self._emit(req, new, [float(logprobs[j, t]) for j, t in enumerate(new)], reported)
 
-    def _emit(self, req: Request, new: list[int], logprobs: list[float]) -> RequestOutput:
+    def _token_logprobs(self, logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprobs]:
+        """Each token's log-probability under its row of logits, over the real vocabulary, with
+        the k most likely ids."""
+        logp = logits[:, :self.vocab_size].log_softmax(dim=-1)
+        picked = logp.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+        values, ids = logp.topk(min(k, self.vocab_size), dim=-1)
+        return [TokenLogprobs(lp, list(zip(i, v))) for lp, i, v in zip(picked, ids.tolist(), values.tolist())]
+
+    def _record_prompt_logprobs(self, w: ScheduledRow, logits: torch.Tensor) -> None:
+        """The log-probabilities of the prompt tokens this row's positions predict (a chunk
+        recomputed after a preemption overwrites its own)."""
+        req = w.req
+        del req.prompt_logprobs[w.start + 1:]
+        req.prompt_logprobs += self._token_logprobs(logits, req.prompt[w.start + 1:w.start + 1 + len(logits)],
+                                                    req.params.prompt_logprobs)
+
+    def _emit(self, req: Request, new: list[int], logprobs: list[float],
+              reported: list[TokenLogprobs]) -> RequestOutput:
         """Append sampled tokens, cut at a stop token or a limit; finish and free if done."""
         reason: Literal["stop", "length"] | None = None
         kept = []
@@ -261,6 +295,7 @@ class Engine:
             if len(req.output) + len(kept) >= req.params.max_tokens or len(req.tokens) + len(kept) >= self.seq_len:
                 reason = "length"
                 break
+        first = not req.output
         req.output.extend(kept)
         req.logprobs.extend(logprobs[:len(kept)])
         self.stats.generated_tokens += len(kept)
@@ -268,7 +303,9 @@ class Engine:
             req.finish_reason = reason
             self.scheduler.finish(req)
             del self.requests[req.id]
-        return RequestOutput(req.id, kept, reason is not None, reason, len(req.output), logprobs[:len(kept)])
+        return RequestOutput(req.id, kept, reason is not None, reason, len(req.output), logprobs[:len(kept)],
+                             new_token_logprobs=reported[:len(kept)],
+                             prompt_logprobs=req.prompt_logprobs if first else None)
 
     def _fail(self, req: Request, error: Exception, computed: bool = True) -> RequestOutput:
         """Finish a request whose step raised: free its blocks, report the error."""

@@ -89,7 +89,7 @@ class Scheduler:
             budget = float("inf")  # a static batch starts whole: all its prompts in one prefill
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             req = self.waiting[0]
-            if not req.table:
+            if not req.table and not req.needs_prompt_logprobs:
                 req.num_computed = self.blocks.match_prefix(req.tokens, req.table)
             n = len(req.tokens) - req.num_computed
             if n > budget:

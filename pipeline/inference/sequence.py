@@ -18,6 +18,14 @@ from pipeline.inference.sampling import SamplingParams
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability over the real vocabulary (the eval's and vLLM's reading: padding
+    ids excluded), and the k most likely ids at its position with theirs, most likely first."""
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass(eq=False)  # a request is itself: compared by identity in the queues
 class Request:
     id: int
@@ -27,6 +35,8 @@ class Request:
     stop_ids: frozenset[int]
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # of each output token, under the model
+    # params.prompt_logprobs: each prompt token's (None for the first), filled as the prefill runs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     table: list[int] = field(default_factory=list)  # block table, shared by target and draft K/V
     num_computed: int = 0  # tokens whose target K/V are in the cache
     draft_computed: int = 0  # ... whose draft K/V are
@@ -39,6 +49,12 @@ class Request:
         return self.prompt + self.output
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its prompt's log-probabilities are asked for and not all computed: every prompt token
+        must run through the model, so no prefix-cache hit."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt)
+
+    @property
     def decoding(self) -> bool:
         """Every token but the last (sampled, not yet read back) has its K/V in the cache."""
         return self.num_computed == len(self.prompt) + len(self.output) - 1
@@ -47,7 +63,8 @@ class Request:
 @dataclass
 class RequestOutput:
     """What one step did for one request: its new tokens (possibly none: a prefill chunk) and
-    their log-probabilities."""
+    their log-probabilities; with `params.logprobs`, their `TokenLogprobs` too, and with
+    `params.prompt_logprobs`, the prompt's on the output of the first token."""
     request_id: int
     new_token_ids: list[int]
     finished: bool
@@ -55,6 +72,8 @@ class RequestOutput:
     num_output_tokens: int
     new_logprobs: list[float] = field(default_factory=list)
     error: str | None = None  # finish_reason "error": what went wrong
+    new_token_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ finish for --timeout-graceful-shutdown seconds, then aborts the rest with OpenAI
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -54,6 +55,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request bodies larger get 413")
     parser.add_argument("--max-prompt-tokens", type=int,
                         help="longer prompts get 400 (default and at most: the model's context)")
+    parser.add_argument("--api-key", default=os.environ.get("WETSTONE_API_KEY"),
+                        help="require 'Authorization: Bearer <key>' on every request, else 401 (default: "
+                             "$WETSTONE_API_KEY, which keeps the key out of the process list; unset: no key)")
+    parser.add_argument("--protect-health-metrics", action="store_true",
+                        help="with --api-key, /health and /metrics need the key too (default: open to probes "
+                             "and Prometheus, as vLLM leaves them)")
     parser.add_argument("--timeout-graceful-shutdown", type=float, default=5.0,
                         help="seconds in-flight requests may run on after SIGTERM before they are aborted")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -83,6 +90,8 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     exported = Path(args.model).is_dir()
+    if args.protect_health_metrics and not args.api_key:
+        raise SystemExit("--protect-health-metrics needs --api-key (or $WETSTONE_API_KEY)")
     if not exported and args.tokenizer is None:
         raise SystemExit(f"--model {args.model} is not a transformers folder: a final.pt needs --tokenizer (tokenizer.json)")
     # a file in a results folder is checked against its stage's manifest; one made by hand is served as is
@@ -107,7 +116,8 @@ def run(args) -> int:
     path = Path(args.model).resolve()
     name = args.served_model_name or (path.name if exported else path.parent.name)
     app = create_app(engine, tokenizer, name, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
-                     max_prompt_tokens=args.max_prompt_tokens)
+                     max_prompt_tokens=args.max_prompt_tokens, api_key=args.api_key or None,
+                     protect_health_metrics=args.protect_health_metrics)
     log.info("serving %s (%s, context %d) on http://%s:%d/v1", name, args.model, model.config.seq_len, args.host,
              args.port)
     # uvicorn's own timeout is a backstop: by then the engine has aborted every request;

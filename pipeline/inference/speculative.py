@@ -55,7 +55,7 @@ class Speculator:
                 tokens, qs = out[req.id]
                 req.draft_computed = start + len(new)
                 try:
-                    q = probabilities(logits, req.params, req.tokens + tokens)
+                    q = probabilities(logits, req.params, req.tokens + tokens, req.output + tokens)
                 except Exception as e:
                     failed[req.id] = e
                     continue
@@ -70,7 +70,7 @@ class Speculator:
         if all pass, a bonus token from the last p."""
         new: list[int] = []
         for j, (d, q) in enumerate(zip(drafts, qs)):
-            p = probabilities(logits[j], req.params, req.tokens + new)
+            p = probabilities(logits[j], req.params, req.tokens + new, req.output + new)
             if not (p[d] >= q[d] or float(torch.rand(1, generator=req.generator)) < float(p[d] / q[d])):
                 residual = (p - q).clamp(min=0)
                 new.append(pick(residual / residual.sum() if residual.sum() > 0 else p, req))
@@ -78,7 +78,7 @@ class Speculator:
             new.append(d)
             self.stats.accepted_tokens += 1
         else:
-            new.append(pick(probabilities(logits[len(drafts)], req.params, req.tokens + new), req))
+            new.append(pick(probabilities(logits[len(drafts)], req.params, req.tokens + new, req.output + new), req))
         # the draft's cache is valid up to the last accepted draft token
         req.draft_computed = min(req.draft_computed, len(req.tokens) + len(new) - 1)
         return new

@@ -169,9 +169,9 @@ class GPTConfig:
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (seq_len, head_dim / 2): pair i of a head turns by angle t * base^(-2i/d),
-    computed in the order transformers computes them (so a Llama folder gets its angles), with Llama
-    3's scaling of the low frequencies when `scaling` is given."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    with Llama 3's scaling of the low frequencies when `scaling` is given. (transformers computes
+    1 / base^(2i/d), which can differ in the last bit: logits move by ~1e-7, far inside parity.)"""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     if scaling is not None:
         inv_freq = llama3_scaled(inv_freq, **{k: scaling[k] for k in LLAMA3_ROPE_SCALING})
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
@@ -421,6 +421,20 @@ class GPT(nn.Module):
 
 
 # --- loading ---------------------------------------------------------------------------------------
+
+def gpt_from_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
+    """A GPT of `config` holding the tensors of `state` (strict: every name and shape), built on the
+    meta device and given the tensors themselves, so no weight is drawn only to be overwritten and
+    none is held twice: a 1B model's load costs its weights once. Raises RuntimeError on a misfit."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:  # assign gives each name its own Parameter: tie them again
+        model.lm_head.weight = model.wte.weight
+    if config.rope:  # derived, not in the state: computed for real now
+        model.cos, model.sin = rope_tables(config.seq_len, config.head_dim, config.rope_theta, config.rope_scaling)
+    return model
+
 
 def load_final(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """Load a final.pt (pretrain's export: a torch.save of FINAL_KEYS) with weights_only=True,

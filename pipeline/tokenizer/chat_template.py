@@ -17,15 +17,17 @@ import functools
 import json
 from datetime import datetime
 
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from pipeline.tokenizer.bpe import BPETokenizer
 from pipeline.tokenizer.chat import render_prompt
+from pipeline.tokenizer.hf_tokenizer import HFTokenizer
 
 
 @functools.lru_cache(maxsize=8)
-def compile_template(source: str):
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+def compile_template(source: str) -> jinja2.Template:
     def raise_exception(message: str):
         raise jinja2.exceptions.TemplateError(message)
 
@@ -43,8 +45,6 @@ def render_chat_text(template: str, messages: list[dict], tokens: dict[str, str 
                      add_generation_prompt: bool = True) -> str:
     """The template's text for `messages`; a template error (its own `raise_exception`, a message
     shape it cannot read) is a ValueError saying so."""
-    import jinja2
-
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise ValueError(f"a conversation is a list of message objects, got {messages!r:.80}")
     try:
@@ -56,9 +56,9 @@ def render_chat_text(template: str, messages: list[dict], tokens: dict[str, str 
         raise ValueError(f"the model's chat template could not render the messages: {e!r}") from None
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt_ids(tokenizer: BPETokenizer | HFTokenizer, messages: list[dict]) -> list[int]:
     """The prompt ids of a conversation ending with a user turn, ready for the assistant's reply."""
-    if not hasattr(tokenizer, "chat_template"):  # our BPETokenizer: our own template
+    if isinstance(tokenizer, BPETokenizer):  # our own template
         return render_prompt(tokenizer, messages)
     template = tokenizer.chat_template
     if template is None:
