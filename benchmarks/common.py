@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import httpx
 import torch
 
 from pipeline.artifacts import atomic_write_text
+from pipeline.inference.bench.systems import free_port
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nMeasured figures, each section written by the benchmark named in it.\n"
@@ -40,9 +40,7 @@ def start_serve(args: list[str], log: Path, env: dict[str, str] | None = None) -
     """`python -m pipeline serve <args>` on a free loopback port, its output in `log` (a file: a
     pipe nobody reads would fill and block it); returns (process, url) once /health answers 200,
     or kills it and raises RuntimeError with the log's tail."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", *args, "--host", "127.0.0.1",
                                  "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)

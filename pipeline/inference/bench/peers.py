@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.inference.bench.metrics import Record, summarize
-from pipeline.inference.bench.systems import drive, run_engine
+from pipeline.inference.bench.systems import drive, free_port, run_engine
 from pipeline.inference.bench.workload import BenchRequest
 
 SYSTEMS = ("serve", "vllm", "engine")
@@ -61,12 +60,6 @@ def cpu_seconds(pid: int) -> float:
         tree |= {p for p, (ppid, _) in stats.items() if ppid in tree}
         grew = len(tree) > size
     return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_command(folder: Path, port: int, max_batch_size: int) -> list[str]:

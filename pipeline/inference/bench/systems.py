@@ -182,15 +182,20 @@ def drive(url: str, model: str, workload: list[BenchRequest], max_concurrency: i
             for r, d in zip(workload, json.loads(done.stdout))]
 
 
+def free_port() -> int:
+    """A loopback port free now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_http(engine: Engine, tokenizer: Any, workload: list[BenchRequest]) -> list[Record]:
     """The engine behind the server on loopback, in a thread of this process, driven by `drive`."""
     import uvicorn
 
     from pipeline.inference.server import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # log_config=None: uvicorn's own logging config would close the job's log file handler
     server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, "bench", max_waiting=len(workload)),
                                            host="127.0.0.1", port=port, log_level="warning", log_config=None))
